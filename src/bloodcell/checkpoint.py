@@ -1,0 +1,81 @@
+"""One checkpoint format that rebuilds its model from the file alone (predict, evaluate, export, serve)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bloodcell import __version__
+from bloodcell.errors import BloodcellError
+from bloodcell.info import MEAN, STD
+
+FORMAT = "bloodcell-checkpoint/1"
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, model_name: str, model_kwargs: dict,
+                    classes: list[str], image_size: int, resize: str, config: dict | None = None,
+                    epoch: int = 0, optimizer=None, scheduler=None, best_metric: float | None = None,
+                    extra: dict | None = None) -> None:
+    """Write a checkpoint atomically: a temporary file in the same folder, then a rename."""
+    ckpt = {
+        "format": FORMAT, "bloodcell_version": __version__,
+        "model": {"name": model_name, "kwargs": dict(model_kwargs)},
+        "classes": list(classes), "image_size": int(image_size), "resize": resize,
+        "mean": list(MEAN), "std": list(STD),
+        "state_dict": {k: v.detach().clone().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": int(epoch), "best_metric": best_metric, "config": config or {},
+    }
+    ckpt.update(extra or {})
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A run folder means its best.pt; a file means itself. Raise a clear error if neither exists."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise BloodcellError(f"no checkpoint (best.pt or last.pt) in run folder {p}")
+    if not p.is_file():
+        raise BloodcellError(f"checkpoint not found: {p}")
+    return p
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint dict on the CPU, checking that it is one of ours."""
+    p = resolve(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise BloodcellError(f"{p} is not a readable checkpoint ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise BloodcellError(f"{p} is not a bloodcell checkpoint")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from a run folder or checkpoint file; returns (model in eval mode, meta)."""
+    from bloodcell.models import get_model
+
+    ckpt = read_checkpoint(path)
+    kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "weights"}
+    model = get_model(ckpt["model"]["name"], **kwargs)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler")}
+    meta["path"] = str(resolve(path))
+    return model, meta

@@ -1,0 +1,159 @@
+"""Typed, frozen configs: one per concern. CLI flags map 1:1 to fields; YAML may supply them.
+
+Unknown keys are an error (nanoGPT's rule), and every run folder keeps its resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from bloodcell.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what one training run does (data, model, optimisation, runtime)."""
+
+    # data
+    data: str = "synthetic"
+    image_size: int = 64
+    resize: str = "squash"
+    val_fraction: float = 0.15
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    group_regex: str | None = None
+    cache_dir: str | None = None
+    # model
+    model: str = "cnn4x32"
+    norm: str = "batch"
+    weights: str | None = None
+    init_from: str | None = None
+    # optimisation
+    epochs: int = 12
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weights: bool = False
+    clip_grad: float = 5.0
+    augment: str = "strong"
+    ema: float = 0.0
+    patience: int = 0
+    monitor: str = "val_macro_f1"
+    tta: bool = False
+    # runtime
+    seed: int = 0
+    precision: str = "auto"
+    channels_last: bool = True
+    device: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        check = {
+            "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
+            "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+            "norm": ("batch", "none"), "augment": ("none", "light", "strong"),
+            "resize": ("squash", "crop", "pad"),
+            "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
+        }
+        for key, allowed in check.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+        positive = ("image_size", "batch_size", "epochs")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if len(self.fractions) != 3 or min(self.fractions) <= 0:
+            raise ConfigError(f"fractions must be three positive numbers, got {self.fractions}")
+
+    def to_dict(self) -> dict:
+        """A plain dict (tuples as lists), ready for YAML."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _coerce(name: str, tp, value):
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(name, next(a for a in args if a is not type(None)), value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split()]
+        try:
+            return tuple(_coerce(name, args[0], v) for v in value)
+        except TypeError as e:
+            raise ConfigError(f"{name} must be a list, got {value!r}") from e
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return tp(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must be {tp.__name__}, got {value!r}") from e
+
+
+def hints(cls) -> dict:
+    """Field name -> resolved type for a config dataclass."""
+    return typing.get_type_hints(cls)
+
+
+def make_config(cls, *sources: dict):
+    """Build a frozen config from dicts (later ones win); unknown keys are an error."""
+    known = {f.name for f in fields(cls)}
+    types_ = hints(cls)
+    merged: dict = {}
+    for src in sources:
+        for key, value in (src or {}).items():
+            k = key.replace("-", "_")
+            if k not in known:
+                close = [n for n in known if n.startswith(k[:3])]
+                hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r} for {cls.__name__}{hint}")
+            merged[k] = _coerce(k, types_[k], value)
+    return cls(**merged)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing file or non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys to values")
+    return data
+
+
+def save_yaml(data: dict, path: str | Path) -> None:
+    """Write a mapping as YAML, keys in the order given."""
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

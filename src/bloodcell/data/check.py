@@ -1,0 +1,113 @@
+"""``bloodcell data check``: what is in a data set and what is wrong with it."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+from bloodcell.data.cache import _describe, load_image
+from bloodcell.data.layouts import Problem, discover, is_synthetic
+from bloodcell.data.splits import make_splits
+
+
+def _inspect(paths: list[str]) -> list[tuple[str, str, str | None]]:
+    """(size 'WxH', mode, error) per file; a small full decode catches truncated data."""
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                size, mode = f"{im.size[0]}x{im.size[1]}", im.mode
+            load_image(p, 16, "squash")
+            out.append((size, mode, None))
+        except Exception as e:  # noqa: BLE001 - every decoder failure is reported, none is fatal
+            out.append(("?", "?", _describe(e)))
+    return out
+
+
+def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str | None = None,
+               fractions=(0.7, 0.15, 0.15), val_fraction: float = 0.15, workers: int | None = None) -> dict:
+    """Inspect a data set: classes x splits (images and groups), sizes, modes and problems."""
+    if is_synthetic(path):
+        from bloodcell.data import load_dataset
+
+        ds = load_dataset(path, image_size=64, seed=seed, fractions=fractions)
+        return {"root": "synthetic", "layout": "synthetic", "classes": ds.classes, "splits": ds.summary(),
+                "sizes": {"64x64 (generated)": sum(len(s) for s in ds.splits.values())},
+                "modes": {"RGB": sum(len(s) for s in ds.splits.values())}, "problems": [], "usable": True,
+                "synthetic": True}
+    src = discover(path, group_regex=group_regex)
+    problems = list(src.problems)
+    paths = [it.path for it in src.items]
+    chunks = [paths[i:i + 200] for i in range(0, len(paths), 200)]
+    workers = workers or min(os.cpu_count() or 1, max(1, len(chunks)))
+    if workers > 1 and len(paths) > 400:
+        with ProcessPoolExecutor(workers) as pool:
+            info = [r for chunk in pool.map(_inspect, chunks) for r in chunk]
+    else:
+        info = [r for chunk in chunks for r in _inspect(chunk)]
+    bad = [(p, e) for p, (_, _, e) in zip(paths, info, strict=True) if e]
+    if bad:
+        problems.append(Problem("unreadable_images", f"{len(bad)} file(s) could not be decoded (skipped)",
+                                [f"{p}: {e}" for p, e in bad]))
+    ok_items = [it for it, (_, _, e) in zip(src.items, info, strict=True) if not e]
+    sizes = Counter(s for s, _, e in info if not e)
+    modes = Counter(m for _, m, e in info if not e)
+    splits = {}
+    usable = not any(p.fatal for p in problems) and len({it.label for it in ok_items}) >= 2
+    if usable:
+        for name, idx in make_splits(ok_items, seed, fractions, val_fraction).items():
+            labels = np.array([ok_items[i].label for i in idx])
+            groups = np.array([ok_items[i].group for i in idx])
+            splits[name] = {
+                "images": {c: int((labels == k).sum()) for k, c in enumerate(src.classes)},
+                "groups": {c: int(len(set(groups[labels == k]))) for k, c in enumerate(src.classes)},
+            }
+    elif not any(p.fatal for p in problems):
+        problems.append(Problem("one_class", "fewer than two classes have readable images", fatal=True))
+    return {
+        "root": src.root, "layout": src.layout, "classes": src.classes, "splits": splits,
+        "sizes": dict(sizes.most_common()), "modes": dict(modes.most_common()),
+        "problems": [p.__dict__ for p in problems], "usable": usable, "excluded": src.excluded,
+    }
+
+
+def format_check(report: dict, max_paths: int = 5) -> str:
+    """The human-readable tables of a check report."""
+    lines = [f"data:   {report['root']}", f"layout: {report['layout']}",
+             f"classes ({len(report['classes'])}): {', '.join(report['classes'])}", ""]
+    splits = report["splits"]
+    if splits:
+        names = list(splits)
+        w = max(12, *(len(c) for c in report["classes"])) + 2
+        head = "class".ljust(w) + "".join(f"{n + ' img/grp':>22}" for n in names)
+        lines += [head, "-" * len(head)]
+        for c in report["classes"]:
+            row = c.ljust(w)
+            for n in names:
+                row += f"{splits[n]['images'][c]:>15,} / {splits[n]['groups'][c]:<4,}"
+            lines.append(row)
+        row = "total".ljust(w)
+        for n in names:
+            row += f"{sum(splits[n]['images'].values()):>15,} / {sum(splits[n]['groups'].values()):<4,}"
+        lines += ["-" * len(head), row, ""]
+    top = list(report["sizes"].items())[:5]
+    lines.append("image sizes: " + ", ".join(f"{s} ({n:,})" for s, n in top)
+                 + (f", and {len(report['sizes']) - 5} more" if len(report["sizes"]) > 5 else ""))
+    lines.append("image modes: " + ", ".join(f"{m} ({n:,})" for m, n in report["modes"].items())
+                 + ("  (converted to RGB)" if set(report["modes"]) - {"RGB"} else ""))
+    lines.append("")
+    if not report["problems"]:
+        lines.append("problems: none found")
+    else:
+        lines.append(f"problems ({len(report['problems'])}):")
+        for p in report["problems"]:
+            lines.append(f"  {'FATAL ' if p['fatal'] else ''}{p['kind']}: {p['detail']}")
+            for path in p["paths"][:max_paths]:
+                lines.append(f"    {path}")
+            if len(p["paths"]) > max_paths:
+                lines.append(f"    ... and {len(p['paths']) - max_paths} more (--json lists all)")
+    return "\n".join(lines)

@@ -1,0 +1,313 @@
+"""Find the images under a path and say what layout they are in.
+
+Layouts, tried in this order:
+- ``synthetic`` (or ``synthetic:N``): bloodcell's built-in generated smears, no files needed;
+- ``kaggle``: the Kaggle "Blood Cell Images" tree, ``images/{TRAIN,TEST,TEST_SIMPLE}/<CLASS>/*.jpeg``,
+  found from ``images/``, ``dataset2-master/`` or the folder that holds ``dataset2-master/``;
+- ``split-folders``: ``<root>/{train,val,test}/<class>/*`` (val optional);
+- ``class-folders``: ``<root>/<class>/*`` (PBC is one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bloodcell.errors import DataError
+from bloodcell.info import IMAGE_EXTENSIONS
+
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+    "test_simple": "test_simple",
+}
+KAGGLE_NAME = re.compile(r"^_(\d+)_(\d+)\.jpe?g$", re.IGNORECASE)
+SYNTHETIC_DEFAULT_N = 3000
+
+
+@dataclass
+class Item:
+    """One image file: where it is, its class index, its source group and its given split."""
+
+    path: str
+    label: int
+    group: str
+    split: str = ""  # "" means: to be assigned by splits.py
+    size: int = 0
+    mtime_ns: int = 0
+    sha1: str = ""
+
+
+@dataclass
+class Problem:
+    """Something wrong found in the data; ``fatal`` ones make the data unusable."""
+
+    kind: str
+    detail: str
+    paths: list[str] = field(default_factory=list)
+    fatal: bool = False
+
+
+@dataclass
+class Source:
+    """What discover() found: layout, classes, items and problems."""
+
+    root: str
+    layout: str
+    classes: list[str]
+    items: list[Item]
+    problems: list[Problem] = field(default_factory=list)
+    synthetic_n: int = 0
+    excluded: list[str] = field(default_factory=list)
+
+
+def is_synthetic(path: str | os.PathLike | None) -> bool:
+    """True for the built-in data's names: ``synthetic`` or ``synthetic:N``."""
+    return path is None or str(path) == "synthetic" or str(path).startswith("synthetic:")
+
+
+def _list_dirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DataError(f"cannot read folder {path}: {e.strerror}") from e
+
+
+def _walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """All files below folder (following links, loops cut), split into images and non-images."""
+    images, others, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop: visit each real folder once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    return images, others
+
+
+def _find_kaggle_images(path: Path) -> Path | None:
+    for cand in (path, path / "images", path / "dataset2-master" / "images",
+                 path / "dataset2-master" / "dataset2-master" / "images"):
+        if (cand / "TRAIN").is_dir() and (cand / "TEST").is_dir():
+            return cand
+    return None
+
+
+def _file_item(p: Path, label: int, group: str, split: str) -> Item:
+    st = p.stat()
+    return Item(str(p), label, group, split, st.st_size, st.st_mtime_ns)
+
+
+def discover(path: str | os.PathLike | None, group_regex: str | None = None) -> Source:
+    """Detect the layout under ``path`` and list every image with its class, group and split."""
+    if is_synthetic(path):
+        n = SYNTHETIC_DEFAULT_N
+        if path and ":" in str(path):
+            try:
+                n = int(str(path).split(":", 1)[1])
+            except ValueError as e:
+                raise DataError(f"synthetic:N needs a whole number of images, got {path!r}") from e
+            if n < 40:
+                raise DataError(f"synthetic:N needs at least 40 images, got {n}")
+        from bloodcell.info import SYNTHETIC_CLASSES
+
+        return Source("synthetic", "synthetic", list(SYNTHETIC_CLASSES), [], synthetic_n=n)
+
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise DataError(f"data path is a file, not a folder of images: {root}")
+    regex = re.compile(group_regex) if group_regex else None
+
+    kaggle = _find_kaggle_images(root)
+    if kaggle is not None:
+        src = _discover_split_folders(kaggle, regex, kaggle_names=True)
+        src.layout = "kaggle"
+    else:
+        split_dirs = [d for d in _list_dirs(root) if d.name.lower() in SPLIT_ALIASES]
+        if split_dirs and any(SPLIT_ALIASES[d.name.lower()] == "train" for d in split_dirs):
+            src = _discover_split_folders(root, regex, kaggle_names=False)
+        else:
+            src = _discover_class_folders(root, regex)
+    _hash_and_merge_duplicates(src)
+    _check_usable(src)
+    return src
+
+
+def _group_for(name: str, cls: str, regex: re.Pattern | None, kaggle_names: bool, split: str,
+               path: str) -> str:
+    if kaggle_names:
+        m = KAGGLE_NAME.match(name)
+        if m:  # _K_N.jpeg: K is the source cell within its class (TEST's K are other cells)
+            origin = "test" if split in ("test", "test_simple") else split
+            return f"{origin}/{cls}/{m.group(1)}"
+    if regex is not None:
+        m = regex.search(name)
+        if m:
+            return f"{cls}/{m.group(1) if m.groups() else m.group(0)}"
+    return path
+
+
+def _discover_split_folders(root: Path, regex, kaggle_names: bool) -> Source:
+    splits = {}
+    for d in _list_dirs(root):
+        key = d.name.lower()
+        if key in SPLIT_ALIASES:
+            splits[SPLIT_ALIASES[key]] = d
+    # Classes are matched case-insensitively across splits; names come from the train folder.
+    class_names: dict[str, str] = {}
+    for split_dir in [splits[s] for s in ("train", "val", "test", "test_simple") if s in splits]:
+        for c in _list_dirs(split_dir):
+            class_names.setdefault(c.name.lower(), c.name)
+    classes = sorted(class_names.values(), key=str.lower)
+    index = {c.lower(): i for i, c in enumerate(classes)}
+    src = Source(str(root), "split-folders", classes, [])
+    for split, split_dir in splits.items():
+        for c in _list_dirs(split_dir):
+            images, others = _walk_files(c)
+            _note_non_images(src, others)
+            for p in images:
+                label = index[c.name.lower()]
+                src.items.append(_file_item(
+                    p, label, _group_for(p.name, classes[label], regex, kaggle_names, split, str(p)),
+                    split))
+    return src
+
+
+def _discover_class_folders(root: Path, regex) -> Source:
+    dirs = _list_dirs(root)
+    classes = [d.name for d in dirs]
+    src = Source(str(root), "class-folders", classes, [])
+    for label, d in enumerate(dirs):
+        images, others = _walk_files(d)
+        _note_non_images(src, others)
+        for p in images:
+            src.items.append(_file_item(p, label, _group_for(p.name, d.name, regex, False, "", str(p)), ""))
+    return src
+
+
+def _note_non_images(src: Source, others: list[Path]) -> None:
+    if others:
+        src.problems.append(Problem(
+            "non_image_files", f"{len(others)} file(s) without an image extension skipped",
+            [str(p) for p in others]))
+
+
+def _sha1(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_and_merge_duplicates(src: Source) -> None:
+    """Byte-identical files become one group; across classes they are a label conflict and dropped."""
+    by_hash: dict[str, list[Item]] = {}
+    empty = []
+    for it in src.items:
+        if it.size == 0:
+            empty.append(it)
+            continue
+        it.sha1 = _sha1(it.path)
+        by_hash.setdefault(it.sha1, []).append(it)
+    if empty:
+        src.problems.append(Problem("empty_files", f"{len(empty)} zero-byte file(s) skipped",
+                                    [it.path for it in empty]))
+    drop = {id(it) for it in empty}
+    within, across, leak = [], [], []
+    # Union groups that share a file so that no split separates them.
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    for dups in by_hash.values():
+        if len(dups) < 2:
+            continue
+        labels = {it.label for it in dups}
+        given = {it.split for it in dups}
+        if len(labels) > 1:
+            across.append([it.path for it in dups])
+            drop.update(id(it) for it in dups)
+            continue
+        if len(given) > 1 and "" not in given:
+            leak.append([it.path for it in dups])
+            # Splits given by folders stay as given for test; the copies outside test are dropped.
+            keep_split = "test" if "test" in given else sorted(given)[0]
+            drop.update(id(it) for it in dups if it.split != keep_split and it.split != "test_simple")
+        else:
+            within.append([it.path for it in dups])
+        roots = {find(it.group) for it in dups}
+        first = min(roots)
+        for r in roots:
+            parent[r] = first
+    for it in src.items:
+        it.group = find(it.group)
+    if within:
+        src.problems.append(Problem(
+            "duplicates_within_class",
+            f"{sum(len(d) for d in within)} byte-identical files in {len(within)} sets (kept, one group each)",
+            [" == ".join(d) for d in within]))
+    if across:
+        src.problems.append(Problem(
+            "duplicates_across_classes",
+            f"{len(across)} file(s) stored under two classes (label conflict; all copies left out)",
+            [" == ".join(d) for d in across]))
+    if leak:
+        src.problems.append(Problem(
+            "duplicates_across_splits",
+            f"{len(leak)} file(s) in more than one split folder (leakage; copies outside test left out)",
+            [" == ".join(d) for d in leak]))
+    src.excluded = [it.path for it in src.items if id(it) in drop]
+    src.items = [it for it in src.items if id(it) not in drop]
+
+
+def _check_usable(src: Source) -> None:
+    counts = [0] * len(src.classes)
+    for it in src.items:
+        counts[it.label] += 1
+    empty = [c for c, n in zip(src.classes, counts, strict=True) if n == 0]
+    if empty:
+        src.problems.append(Problem("empty_classes", f"class folder(s) with no images (left out): "
+                                    f"{', '.join(empty)}", empty))
+        keep = [i for i, n in enumerate(counts) if n > 0]
+        remap = {old: new for new, old in enumerate(keep)}
+        src.classes = [src.classes[i] for i in keep]
+        counts = [counts[i] for i in keep]
+        for it in src.items:
+            it.label = remap[it.label]
+    if not src.items:
+        src.problems.append(Problem("no_images", f"no images found under {src.root} "
+                                    f"(looked for {', '.join(IMAGE_EXTENSIONS)})", fatal=True))
+    elif sum(1 for n in counts if n > 0) < 2:
+        src.problems.append(Problem("one_class", "only one class has images; a classifier needs two or more",
+                                    fatal=True))
+    if src.layout in ("split-folders", "kaggle"):
+        for split in sorted({it.split for it in src.items}):
+            present = {it.label for it in src.items if it.split == split}
+            missing = [c for i, c in enumerate(src.classes) if i not in present and counts[i] > 0]
+            if missing:
+                src.problems.append(Problem("class_missing_from_split",
+                                            f"split {split!r} has no images of: {', '.join(missing)}",
+                                            missing))
+
+
+def raise_if_fatal(src: Source) -> None:
+    """Raise DataError with the first fatal problem's one-line description."""
+    for p in src.problems:
+        if p.fatal:
+            raise DataError(p.detail)

@@ -1,0 +1,45 @@
+"""BatchLoader: shuffled, augmented, normalised float batches straight from the uint8 cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bloodcell.transforms import augment, normalize, to_float
+
+
+class BatchLoader:
+    """Iterate over a split in batches; order and augmentation depend only on (seed, epoch)."""
+
+    def __init__(self, split, batch_size: int, shuffle: bool = False, augment: str = "none",
+                 seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu"):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.images, self.labels = split.images, np.asarray(split.labels)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.seed, self.drop_last, self.device = seed, drop_last, torch.device(device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order and augmentation the next iteration reproduces."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=g).numpy() if self.shuffle else np.arange(n)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            # Sorted reads from the memory map are sequential; the batch order is restored below.
+            srt = np.sort(idx)
+            pos = np.searchsorted(srt, idx)
+            x = torch.from_numpy(np.ascontiguousarray(self.images[srt][pos]))
+            y = torch.from_numpy(self.labels[idx].astype(np.int64))
+            x = to_float(x.to(self.device, non_blocking=True))
+            if self.augment != "none":
+                x = augment(x, self.augment, g)
+            yield normalize(x), y.to(self.device, non_blocking=True)

@@ -1,0 +1,236 @@
+"""Metrics: pure numpy functions over a whole split's predictions (never averages of batch values).
+
+``compute_metrics`` gathers them into one JSON-serialisable dict. Each metric is also a small public
+function, checked in the tests against scikit-learn (which is only a test dependency here).
+
+Conventions, matching scikit-learn's defaults where it has one:
+
+- predicted label = ``argmax`` of the probabilities (first class on a tie);
+- macro F1 averages over the classes present in ``y_true`` or in the predictions; balanced accuracy
+  averages the recall of the classes present in ``y_true``; an undefined precision/recall/F1 is 0;
+- ROC AUC is one-vs-rest, macro-averaged over the classes that have both positives and negatives in
+  ``y_true`` (``None`` when there is none);
+- ECE uses 15 equal-width confidence bins, each (lo, hi];
+- a group's label is the majority label of its images (lowest class index on a tie); its prediction
+  is the majority of its images' predicted labels, a tie broken by the summed probabilities;
+- confidence intervals are 95 % percentile bootstraps; with groups, whole groups are resampled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-12
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Fraction of predictions equal to the true label."""
+    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def per_class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    tp = np.diag(cm).astype(float)
+    predicted, support = cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return precision, recall, f1, support
+
+
+def _n_classes(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None) -> int:
+    return int(max(np.max(y_true), np.max(y_pred)) + 1) if n_classes is None else n_classes
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = None) -> float:
+    """Unweighted mean F1 over the classes present in y_true or y_pred."""
+    cm = confusion_matrix(y_true, y_pred, _n_classes(y_true, y_pred, n_classes))
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    return float(per_class_scores(cm)[2][present].mean())
+
+
+def balanced_accuracy(
+    y_true: np.ndarray, y_pred: np.ndarray, n_classes: int | None = None
+) -> float:
+    """Mean recall over the classes present in y_true."""
+    cm = confusion_matrix(y_true, y_pred, _n_classes(y_true, y_pred, n_classes))
+    _, recall, _, support = per_class_scores(cm)
+    return float(recall[support > 0].mean())
+
+
+def log_loss(y_true: np.ndarray, probs: np.ndarray, eps: float = EPS) -> float:
+    """Mean negative log-likelihood of the true class, probabilities clipped at eps."""
+    p = np.asarray(probs)[np.arange(len(y_true)), np.asarray(y_true)]
+    return float(-np.mean(np.log(np.clip(p, eps, 1.0))))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new_run = np.r_[True, xs[1:] != xs[:-1]]
+    starts = np.flatnonzero(new_run)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(new_run) - 1]
+    return ranks
+
+
+def binary_auc(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney U statistic (ties count one half)."""
+    pos = np.asarray(is_positive, dtype=bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    ranks = _average_ranks(np.asarray(scores, dtype=float))
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """Macro one-vs-rest ROC AUC over classes with positives and negatives in y_true, else None."""
+    y_true = np.asarray(y_true)
+    aucs = [
+        binary_auc(y_true == c, probs[:, c])
+        for c in range(probs.shape[1])
+        if 0 < np.sum(y_true == c) < len(y_true)
+    ]
+    return float(np.mean(aucs)) if aucs else None
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Support-weighted mean |accuracy - confidence| over equal-width confidence bins (lo, hi]."""
+    probs = np.asarray(probs)
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def group_votes(
+    y_true: np.ndarray, probs: np.ndarray, groups: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (sorted ids): majority true label, majority-vote prediction, and the group ids."""
+    probs = np.asarray(probs)
+    n_classes = probs.shape[1]
+    ids, inv = np.unique(np.asarray(groups), return_inverse=True)
+    inv = inv.ravel()
+    labels = np.zeros((len(ids), n_classes))
+    np.add.at(labels, (inv, np.asarray(y_true)), 1)
+    votes = np.zeros((len(ids), n_classes))
+    np.add.at(votes, (inv, probs.argmax(1)), 1)
+    summed = np.zeros((len(ids), n_classes))
+    np.add.at(summed, inv, probs)
+    tied = votes == votes.max(1, keepdims=True)
+    preds = np.where(tied, summed, -np.inf).argmax(1)
+    return labels.argmax(1), preds, ids
+
+
+def group_accuracy(y_true: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> float:
+    """Fraction of groups whose majority-vote prediction equals the group's label."""
+    labels, preds, _ = group_votes(y_true, probs, groups)
+    return float(np.mean(labels == preds))
+
+
+def bootstrap_ci(
+    correct: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[float] | None:
+    """Percentile bootstrap CI of a mean of 0/1 outcomes, resampling whole groups if given."""
+    if n_boot <= 0:
+        return None
+    correct = np.asarray(correct, dtype=float)
+    if groups is None:
+        hits, sizes = correct, np.ones_like(correct)
+    else:
+        _, inv = np.unique(np.asarray(groups), return_inverse=True)
+        hits = np.bincount(inv.ravel(), weights=correct)
+        sizes = np.bincount(inv.ravel()).astype(float)
+    rng = np.random.default_rng(seed)
+    n = len(hits)
+    chunk = max(1, 2_000_000 // n)  # bound memory: at most ~2M resampled indices at once
+    stats = []
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
+        stats.append(hits[idx].sum(1) / sizes[idx].sum(1))
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(np.concatenate(stats), [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def _validate(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
+    if probs.ndim != 2 or y_true.ndim != 1 or len(y_true) != len(probs) or len(y_true) == 0:
+        raise ValueError(
+            f"need y_true (N,) and probs (N, C), N > 0; got {y_true.shape}, {probs.shape}"
+        )
+    if probs.shape[1] != len(classes):
+        raise ValueError(f"probs has {probs.shape[1]} columns but there are {len(classes)} classes")
+    if y_true.min() < 0 or y_true.max() >= len(classes):
+        raise ValueError(
+            f"labels must lie in [0, {len(classes)}), got {y_true.min()}..{y_true.max()}"
+        )
+    if not np.allclose(probs.sum(1), 1.0, atol=1e-3):
+        raise ValueError("probs rows must sum to 1 (pass softmax probabilities, not logits)")
+
+
+def compute_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    loss: float | None = None,
+) -> dict:
+    """All metrics of one split as plain JSON-serialisable values (see the module docstring)."""
+    y_true = np.asarray(y_true).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    _validate(y_true, probs, classes)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != y_true.shape:
+            raise ValueError(f"groups must have shape {y_true.shape}, got {groups.shape}")
+    n_classes = len(classes)
+    y_pred = probs.argmax(1)
+    correct = y_pred == y_true
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    precision, recall, f1, support = per_class_scores(cm)
+    out = {
+        "n": int(len(y_true)),
+        "accuracy": accuracy(y_true, y_pred),
+        "loss": float(loss) if loss is not None else log_loss(y_true, probs),
+        "macro_f1": macro_f1(y_true, y_pred, n_classes),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred, n_classes),
+        "auc": roc_auc_ovr(y_true, probs),
+        "ece": expected_calibration_error(y_true, probs),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion": cm.tolist(),
+        "accuracy_ci": bootstrap_ci(correct, groups, n_boot, seed),
+    }
+    if groups is not None:
+        labels, preds, ids = group_votes(y_true, probs, groups)
+        out["group_accuracy"] = float(np.mean(labels == preds))
+        out["n_groups"] = int(len(ids))
+        out["group_accuracy_ci"] = bootstrap_ci(labels == preds, None, n_boot, seed)
+    return out

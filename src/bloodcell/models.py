@@ -1,0 +1,237 @@
+"""Model registry: ``@register_model`` fills one dict, ``get_model(name, ...)`` builds from it.
+
+Every model takes a float batch N x 3 x H x W (any H, W >= its ``min_image_size``) and returns logits
+N x num_classes, for any ``num_classes >= 2``.
+
+=====================  ======  ========  ===============================================================
+name                   family  min size  description
+=====================  ======  ========  ===============================================================
+``cnn2x32``            study   32        study Model 1: 2 conv(32), each + 2x2 max-pool; dense 64
+``cnn4x64``            study   32        study Model 2: 4 conv(64), each + 2x2 max-pool; dense 256
+``cnn4x32``            study   32        study Model 3: 4 conv(32), each + 2x2 max-pool; dense 64
+``vgg3``               study   32        study Model 4: 3 VGG blocks of 2 conv (32/64/128); dense 128
+``resnet18``           modern  32        torchvision ResNet-18; CIFAR stem (3x3/1, no max-pool) <= 64 px
+``efficientnet_b0``    modern  32        torchvision EfficientNet-B0
+``mobilenet_v3_small`` modern  32        torchvision MobileNetV3-Small
+=====================  ======  ========  ===============================================================
+
+The study's four ("study" family) follow the Kaggle blood-cell study: 3x3 convolutions (padding 1),
+ReLU, 2x2 max-pooling. Where the study is silent or its choice ties a model to one input size, we
+chose, and the builders say so:
+
+- ``norm="batch"`` (default) puts BatchNorm after each convolution. Without it these plain stacks
+  train poorly from scratch, which is the likely reason two of the study's models stayed at chance
+  (25 %); ``norm="none"`` gives the study's plain stacks back.
+- The study flattened the last feature map (Keras ``Flatten``), which fixes the dense layer's size
+  to one input size. We put ``AdaptiveAvgPool2d(4)`` before the flatten: at the study's kind of
+  input this is a flatten of a 4 x 4 map, and the same weights accept any size >= 32 px (smaller
+  maps, e.g. 2 x 2 after four pools on 32 px, are replicated up to 4 x 4).
+- Each has one hidden dense layer (ReLU) whose width the builder names, then ``Dropout(dropout)``
+  (default 0.3, for all four) before the output layer.
+
+The modern baselines ("modern" family) are torchvision's, always randomly initialised: weights are
+never downloaded. ``get_model(..., weights=path)`` loads a local state_dict for any model instead
+(keys whose shapes differ, such as another classifier, are dropped and reported in a warning).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+Builder = Callable[..., nn.Module]
+
+_MODELS: dict[str, Builder] = {}
+_INFO: dict[str, dict] = {}
+
+
+def register_model(
+    fn: Builder | None = None, *, family: str = "other", min_image_size: int = 32
+) -> Builder | Callable[[Builder], Builder]:
+    """Register a builder ``fn(num_classes, image_size, **kwargs)`` under its function name."""
+
+    def add(builder: Builder) -> Builder:
+        name = builder.__name__
+        if name in _MODELS:
+            raise ValueError(f"model '{name}' is already registered")
+        doc = (builder.__doc__ or "").strip().splitlines()
+        _MODELS[name] = builder
+        _INFO[name] = {
+            "name": name,
+            "description": doc[0] if doc else "",
+            "min_image_size": min_image_size,
+            "family": family,
+            "options": tuple(
+                k for k in inspect.signature(builder).parameters if k not in ("num_classes", "image_size")
+            ),
+        }
+        return builder
+
+    return add(fn) if fn is not None else add
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def _check_name(name: str) -> None:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model '{name}'; known: {', '.join(list_models())}")
+
+
+def model_info(name: str) -> dict:
+    """Name, one-line description, minimum image size and family of a registered model."""
+    _check_name(name)
+    return dict(_INFO[name])
+
+
+def get_model(
+    name: str, num_classes: int, image_size: int = 64, weights: str | Path | None = None, **kwargs
+) -> nn.Module:
+    """Build a registered model; ``weights`` is an optional local state_dict file (never a download)."""
+    _check_name(name)
+    min_size = _INFO[name]["min_image_size"]
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if image_size < min_size:
+        raise ValueError(f"model '{name}' needs image_size >= {min_size}, got {image_size}")
+    model = _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a local state_dict non-strictly, dropping shape-mismatched keys; warn about what differs."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a checkpoint dict rather than a bare state_dict
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in mismatched]
+    for what, keys in (
+        ("shape differs, left at random init", mismatched),
+        ("missing from the file, left at random init", missing),
+        ("in the file but not in the model, ignored", result.unexpected_keys),
+    ):
+        if keys:
+            warnings.warn(f"{Path(path).name}: {what}: {', '.join(keys)}", stacklevel=2)
+    return model
+
+
+# --- the study's four ------------------------------------------------------------------------
+
+
+def conv_block(in_ch: int, out_ch: int, norm: str = "batch") -> nn.Sequential:
+    """3x3 convolution (padding 1), optional BatchNorm, ReLU."""
+    if norm not in ("batch", "none"):
+        raise ValueError(f"norm must be 'batch' or 'none', got '{norm}'")
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=norm == "none")]
+    if norm == "batch":
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def plain_cnn(
+    blocks: list[list[int]], hidden: int, num_classes: int, norm: str, dropout: float
+) -> nn.Sequential:
+    """Conv blocks (channel lists), 2x2 max-pool after each block, then pool-4 / flatten / dense head."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    features: list[nn.Module] = []
+    in_ch = 3
+    for block in blocks:
+        for out_ch in block:
+            features.append(conv_block(in_ch, out_ch, norm))
+            in_ch = out_ch
+        features.append(nn.MaxPool2d(2))
+    # Adaptive pool to 4x4 instead of the study's bare Flatten: same head at every input size.
+    head = [
+        nn.Flatten(),
+        nn.Linear(in_ch * 16, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    ]
+    return nn.Sequential(
+        OrderedDict(
+            features=nn.Sequential(*features),
+            pool=nn.AdaptiveAvgPool2d(4),
+            classifier=nn.Sequential(*head),
+        )
+    )
+
+
+@register_model(family="study")
+def cnn2x32(
+    num_classes: int, image_size: int = 64, norm: str = "batch", dropout: float = 0.3
+) -> nn.Module:
+    """Study Model 1: 2 conv (32), each + max-pool; dense 64 (our choice, the study is silent)."""
+    return plain_cnn([[32], [32]], 64, num_classes, norm, dropout)
+
+
+@register_model(family="study")
+def cnn4x64(
+    num_classes: int, image_size: int = 64, norm: str = "batch", dropout: float = 0.3
+) -> nn.Module:
+    """Study Model 2: 4 conv (64), each + max-pool; dense 256."""
+    return plain_cnn([[64]] * 4, 256, num_classes, norm, dropout)
+
+
+@register_model(family="study")
+def cnn4x32(
+    num_classes: int, image_size: int = 64, norm: str = "batch", dropout: float = 0.3
+) -> nn.Module:
+    """Study Model 3: 4 conv (32), each + max-pool; dense 64."""
+    return plain_cnn([[32]] * 4, 64, num_classes, norm, dropout)
+
+
+@register_model(family="study")
+def vgg3(
+    num_classes: int, image_size: int = 64, norm: str = "batch", dropout: float = 0.3
+) -> nn.Module:
+    """Study Model 4: 3 VGG blocks of 2 conv (32/64/128), max-pool per block; dense 128 (our choice)."""
+    return plain_cnn([[32, 32], [64, 64], [128, 128]], 128, num_classes, norm, dropout)
+
+
+# --- modern baselines (torchvision, random init, weights=None: never downloads) ----------------
+
+
+@register_model(family="modern")
+def resnet18(num_classes: int, image_size: int = 64) -> nn.Module:
+    """ResNet-18 (torchvision); at <= 64 px a CIFAR stem: 3x3 stride-1 conv1, no max-pool."""
+    model = tvm.resnet18(weights=None, num_classes=num_classes)
+    if image_size <= 64:
+        # The ImageNet stem divides by 4 before the first block: 64 px would reach layer4 at 1x1.
+        model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    return model
+
+
+@register_model(family="modern")
+def efficientnet_b0(num_classes: int, image_size: int = 64) -> nn.Module:
+    """EfficientNet-B0 (torchvision), random init."""
+    return tvm.efficientnet_b0(weights=None, num_classes=num_classes)
+
+
+@register_model(family="modern")
+def mobilenet_v3_small(num_classes: int, image_size: int = 64) -> nn.Module:
+    """MobileNetV3-Small (torchvision), random init."""
+    return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes)

@@ -1,0 +1,128 @@
+"""Every registered model builds and runs at several sizes; the registry refuses what it should."""
+
+import pytest
+import torch
+from torch import nn
+
+from bloodcell.models import (
+    count_parameters,
+    get_model,
+    list_models,
+    model_info,
+    register_model,
+)
+
+STUDY = ["cnn2x32", "cnn4x64", "cnn4x32", "vgg3"]
+
+
+def test_registry_lists_the_expected_models() -> None:
+    names = list_models()
+    assert set(STUDY + ["resnet18", "efficientnet_b0", "mobilenet_v3_small"]) <= set(names)
+    for name in names:
+        info = model_info(name)
+        assert set(info) == {"name", "description", "min_image_size", "family"}
+        assert info["name"] == name and info["description"] and info["min_image_size"] >= 1
+    assert {model_info(n)["family"] for n in STUDY} == {"study"}
+
+
+@pytest.mark.parametrize("num_classes", [4, 8])
+@pytest.mark.parametrize("image_size", [32, 64, 128])
+@pytest.mark.parametrize("name", list_models())
+def test_forward(name: str, image_size: int, num_classes: int) -> None:
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=num_classes, image_size=image_size).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, image_size, image_size))
+    assert out.shape == (2, num_classes)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_channels_last_and_non_square(name: str) -> None:
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=4, image_size=64).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_name_lists_known_names() -> None:
+    with pytest.raises(ValueError, match="unknown model 'nope'; known: .*cnn2x32.*resnet18"):
+        get_model("nope", num_classes=4)
+    with pytest.raises(ValueError, match="known:"):
+        model_info("nope")
+
+
+def test_duplicate_registration_raises() -> None:
+    def cnn2x32(num_classes: int, image_size: int = 64) -> nn.Module:
+        """An impostor."""
+        return nn.Linear(1, num_classes)
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(cnn2x32)
+    assert model_info("cnn2x32")["description"].startswith("Study Model 1")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_too_small_image_or_too_few_classes_raise(name: str) -> None:
+    min_size = model_info(name)["min_image_size"]
+    with pytest.raises(ValueError, match=f"image_size >= {min_size}"):
+        get_model(name, num_classes=4, image_size=min_size - 1)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        get_model(name, num_classes=1)
+
+
+def test_bad_options_raise() -> None:
+    with pytest.raises(ValueError, match="norm"):
+        get_model("cnn4x32", num_classes=4, norm="layer")
+    with pytest.raises(TypeError):
+        get_model("resnet18", num_classes=4, norm="batch")
+
+
+def test_norm_none_has_no_batchnorm() -> None:
+    plain = get_model("vgg3", num_classes=4, norm="none")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in get_model("vgg3", num_classes=4).modules())
+
+
+def test_parameter_counts() -> None:
+    counts = {name: count_parameters(get_model(name, 4, 64)) for name in list_models()}
+    assert all(c > 0 for c in counts.values())
+    assert counts["cnn2x32"] < counts["cnn4x64"]
+
+
+def test_local_weights_round_trip(tmp_path) -> None:
+    torch.manual_seed(0)
+    source = get_model("resnet18", num_classes=4, image_size=64)
+    path = tmp_path / "resnet18.pt"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="shape differs.*fc.weight, fc.bias"):
+        target = get_model("resnet18", num_classes=8, image_size=64, weights=path)
+    src, tgt = source.state_dict(), target.state_dict()
+    for key in src:
+        if not key.startswith("fc."):
+            assert torch.equal(src[key], tgt[key]), key
+    assert tgt["fc.weight"].shape == (8, 512)
+    torch.manual_seed(1)
+    fresh = get_model("resnet18", num_classes=8, image_size=64)
+    assert torch.equal(fresh.state_dict()["fc.weight"], tgt["fc.weight"])
+
+
+def test_training_steps_lower_the_loss() -> None:
+    torch.manual_seed(0)
+    model = get_model("cnn4x32", num_classes=4, image_size=32, dropout=0.0).train()
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        before = loss_fn(model(x), y).item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss_fn(model(x), y).item()
+    assert after < before * 0.9
