@@ -303,7 +303,8 @@ def better(monitor: str, value: float, best: float | None) -> bool:
 def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs: int, monitor: str,
         patience: int, seed: int, state: FitState, val_metrics: Callable[[np.ndarray, np.ndarray], dict],
         save_last: Callable[[FitState], None], save_best: Callable[[FitState], None],
-        log: Callable[[str], None] = print, progress: bool = True) -> FitState:
+        log: Callable[[str], None] = print, progress: bool = True,
+        on_epoch: Callable[[int, dict], None] | None = None) -> FitState:
     """Train for the remaining epochs, keeping the best checkpoint (a true copy, on disk) and the last."""
     state.history = state.history or []
     eval_model = step.ema.model if step.ema is not None else model
@@ -337,6 +338,8 @@ def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs:
         log(f"epoch {epoch:>3}/{epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}  "
             f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} f1 {val['macro_f1']:.4f}  "
             f"{train['images_per_s']:,.0f} img/s  {row['seconds']:.1f}s{'  *' if improved else ''}")
+        if on_epoch is not None:  # e.g. a tuner's pruning check; it may raise to stop the run
+            on_epoch(epoch, row)
         if patience and state.bad_epochs >= patience:
             log(f"early stop: {monitor} did not improve for {patience} epochs (best {state.best_metric:.4f} "
                 f"at epoch {state.best_epoch})")

@@ -1,0 +1,257 @@
+"""bloodcell compare: several architectures trained and evaluated under one protocol.
+
+Every model gets the same split, seed, image size, augmentation and epoch budget (per-model
+overrides come only from a YAML file, and are recorded). An interrupted comparison continues where it
+stopped: finished models are not trained again, an unfinished one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell import __version__
+from bloodcell.config import TrainConfig, load_yaml, make_config, save_yaml
+from bloodcell.errors import BloodcellError, ConfigError
+from bloodcell.info import STUDY
+
+DEFAULT_MODELS = ("cnn2x32", "cnn4x64", "cnn4x32", "vgg3", "resnet18")
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in the package (presets/compare-*.yaml)."""
+    return sorted(p.stem.removeprefix("compare-") for p in PRESETS_DIR.glob("compare-*.yaml"))
+
+
+def load_protocol(config: str | None = None, preset: str | None = None) -> tuple[dict, list[str] | None, dict]:
+    """Shared config keys, model list and per-model overrides from a preset and/or a YAML file."""
+    shared: dict = {}
+    models = None
+    overrides: dict = {}
+    sources = []
+    if preset:
+        path = PRESETS_DIR / f"compare-{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(list_presets()) or 'none'}")
+        sources.append(load_yaml(path))
+    if config:
+        sources.append(load_yaml(config))
+    for src in sources:
+        src = dict(src)
+        if "models" in src:
+            models = _model_list(src.pop("models"))
+        for name, ov in (src.pop("overrides", None) or {}).items():
+            if not isinstance(ov, dict):
+                raise ConfigError(f"overrides.{name} must be a mapping of config keys")
+            overrides.setdefault(name, {}).update(ov)
+        shared.update(src)
+    return shared, models, overrides
+
+
+def _model_list(value) -> list[str]:
+    from bloodcell.models import list_models
+
+    names = [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if str(m).strip()]
+    if not names:
+        raise ConfigError("no models to compare")
+    unknown = [m for m in names if m not in list_models()]
+    if unknown:
+        raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
+    if len(set(names)) != len(names):
+        raise ConfigError("a model is listed twice")
+    return names
+
+
+def environment(device: str, precision: str, threads: int) -> dict:
+    """Software versions and machine, for the report's protocol section."""
+    import torch
+    import torchvision
+
+    from bloodcell.engine import physical_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "bloodcell": __version__,
+            "platform": platform.platform(), "cpu": cpu, "cores": physical_cores(), "threads": threads,
+            "device": device, "precision": precision}
+
+
+def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: dict | None = None,
+            overwrite: bool = False, log=print, progress: bool = True, report: bool = True,
+            command: str | None = None) -> dict:
+    """Train and evaluate each model under one protocol; write results.json/.csv (and the report)."""
+    from bloodcell.data import load_dataset
+    from bloodcell.models import count_parameters, get_model, model_info
+    from bloodcell.train import model_kwargs, train
+
+    out = Path(out)
+    models = list(models or DEFAULT_MODELS)
+    overrides = overrides or {}
+    for name in overrides:
+        if name not in models:
+            raise ConfigError(f"overrides name model {name!r}, which is not being compared")
+    base = make_config(TrainConfig, shared)
+    cfgs = {m: make_config(TrainConfig, base.to_dict(), overrides.get(m, {}), {"model": m}) for m in models}
+    protocol = {**base.to_dict(), "models": models, "overrides": overrides}
+    protocol.pop("model")
+    saved = out / "compare.yaml"
+    if saved.exists() and not overwrite:
+        old = load_yaml(saved)
+        if old != json.loads(json.dumps(protocol)):
+            diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
+            raise BloodcellError(f"{out} holds a comparison with another protocol (differs in: "
+                                 f"{', '.join(diff)}); use --overwrite or another --out")
+    elif out.exists() and any(out.iterdir()) and not overwrite and not saved.exists():
+        raise BloodcellError(f"{out} exists and is not a compare folder; choose another --out")
+    if overwrite and out.exists():
+        import shutil
+
+        for p in ("runs", "figures"):
+            shutil.rmtree(out / p, ignore_errors=True)
+        for p in ("results.json", "results.csv", "report.html", "report.md", "compare.yaml"):
+            (out / p).unlink(missing_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    save_yaml(json.loads(json.dumps(protocol)), saved)
+
+    datasets: dict = {}
+    rows = []
+    run_info: dict = {}
+    t0 = time.perf_counter()
+    for i, m in enumerate(models, 1):
+        cfg = cfgs[m]
+        run = out / "runs" / m
+        key = (cfg.data, cfg.image_size, cfg.resize, cfg.seed)
+        if key not in datasets:
+            datasets[key] = load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
+                                         cache_dir=cfg.cache_dir, fractions=cfg.fractions,
+                                         val_fraction=cfg.val_fraction, group_regex=cfg.group_regex)
+        ds = datasets[key]
+        if (run / "DONE").exists():
+            log(f"[{i}/{len(models)}] {m}: already finished, kept")
+            metrics = json.loads((run / "metrics.json").read_text())
+        else:
+            resume = (run / "last.pt").exists() and (run / "config.yaml").exists()
+            log(f"[{i}/{len(models)}] {m}: {'resuming' if resume else 'training'}")
+            metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress,
+                            dataset=ds)
+        net = get_model(m, **model_kwargs(cfg, len(ds.classes)))
+        r = metrics["run"]
+        run_info = run_info or r
+        rows.append({
+            "model": m, "description": model_info(m)["description"], "params": count_parameters(net),
+            "image_size": cfg.image_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+            "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
+            "train_minutes": r["train_minutes"], "train_images_per_s": r["train_images_per_s"],
+            "norm": cfg.norm if "norm" in model_info(m)["options"] else None,
+            "precision": r["precision"], "run_dir": f"runs/{m}",
+            **{s: metrics[s] for s in ("val", "test", "test_simple") if s in metrics},
+            "study": dict(STUDY[m]) if m in STUDY else None,
+        })
+    ds0 = next(iter(datasets.values()))
+    results = {
+        "bloodcell_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": command or "bloodcell.compare.compare(...)",
+        "protocol": protocol,
+        "dataset": {"root": ds0.root, "layout": ds0.layout, "synthetic": ds0.layout == "synthetic",
+                    "classes": ds0.classes, "image_size": ds0.image_size, "splits": ds0.summary(),
+                    "problems": [{"kind": p.kind, "detail": p.detail, "n": len(p.paths)} for p in ds0.problems]},
+        "environment": environment(run_info["device"], run_info["precision"], run_info["threads"]),
+        "models": rows,
+        "wall_minutes_this_session": (time.perf_counter() - t0) / 60,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_results_csv(rows, out / "results.csv")
+    log(format_table(rows))
+    if report:
+        from bloodcell.report import build_report
+
+        html, md = build_report(out)
+        log(f"report: {html}\n        {md}")
+    return results
+
+
+def write_results_csv(rows: list[dict], path: Path) -> None:
+    """results.csv: one flat row per model."""
+    flat = []
+    for r in rows:
+        f = {k: r[k] for k in ("model", "params", "image_size", "batch_size", "epochs", "epochs_run",
+                               "best_epoch", "train_minutes", "train_images_per_s", "norm", "precision")}
+        for s in ("val", "test", "test_simple"):
+            m = r.get(s)
+            for k in ("accuracy", "loss", "macro_f1", "balanced_accuracy", "auc", "ece", "group_accuracy"):
+                f[f"{s}_{k}"] = None if m is None else m.get(k)
+            for k in ("accuracy_ci", "group_accuracy_ci"):
+                ci = (m or {}).get(k) or [None, None]
+                f[f"{s}_{k}_lo"], f[f"{s}_{k}_hi"] = ci
+        f["study_accuracy"] = (r["study"] or {}).get("accuracy")
+        flat.append(f)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text summary, ranked by test accuracy."""
+    def pct(v):
+        return "  -  " if v is None else f"{100 * v:5.1f}"
+
+    key = "test" if all("test" in r for r in rows) else "val"
+    lines = [f"{'model':20s} {'params':>11s} {'val':>6s} {key:>6s} {'cell':>6s} {'min':>6s} {'img/s':>7s}"]
+    for r in sorted(rows, key=lambda r: -r[key]["accuracy"]):
+        lines.append(f"{r['model']:20s} {r['params']:>11,} {pct(r['val']['accuracy']):>6s} "
+                     f"{pct(r[key]['accuracy']):>6s} {pct(r[key].get('group_accuracy')):>6s} "
+                     f"{r['train_minutes']:6.1f} {r['train_images_per_s']:7.0f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_compare(args) -> int:
+    """bloodcell compare --data PATH --models cnn2x32,cnn4x64,cnn4x32,vgg3,resnet18 --out DIR"""
+    from bloodcell.cli import given
+
+    shared, models, overrides = load_protocol(args.config, args.preset)
+    shared.update(given(args, TrainConfig))
+    if args.models:
+        models = _model_list(args.models)
+    compare(models, shared, args.out, overrides, overwrite=args.overwrite, progress=not args.quiet,
+            report=not args.no_report, command="bloodcell " + shlex.join(sys.argv[1:]))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Register `bloodcell compare`."""
+    from bloodcell.cli import add_config_flags
+
+    p = sub.add_parser("compare", help="train several models under one protocol and write a report",
+                       description=cmd_compare.__doc__ + "\n\n" + __doc__.split("\n\n")[1],
+                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)}; "
+                                    "see 'bloodcell models')")
+    p.add_argument("--out", default="runs/compare", help="compare folder (default: runs/compare)")
+    p.add_argument("--config", help="YAML: shared config keys, 'models' and per-model 'overrides'")
+    p.add_argument("--preset", help="a protocol shipped with bloodcell (see src/bloodcell/presets)")
+    p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's runs and results")
+    p.add_argument("--no-report", action="store_true", help="skip report.html/report.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, TrainConfig, skip=("model",))
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,100 @@
+"""evaluate_checkpoint: test a trained model on any data set whose classes match its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bloodcell.checkpoint import load_model
+from bloodcell.data import BatchLoader, Dataset, Split, load_dataset
+from bloodcell.engine import evaluate, resolve_device, resolve_precision, set_threads
+from bloodcell.errors import BloodcellError
+from bloodcell.train import split_metrics, write_predictions
+
+
+def parse_class_map(text: str | None) -> dict[str, str]:
+    """'data_class=model_class,...' -> {data_class_lower: model_class_lower}."""
+    out = {}
+    for pair in filter(None, (text or "").split(",")):
+        if "=" not in pair:
+            raise BloodcellError(f"--class-map entries look like DATA=MODEL, got {pair!r}")
+        a, b = pair.split("=", 1)
+        out[a.strip().lower()] = b.strip().lower()
+    return out
+
+
+def align_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, str]) -> tuple[Dataset, list[str]]:
+    """Keep the data's images whose class the model knows (case-insensitively or mapped), relabelled."""
+    index = {c.lower(): i for i, c in enumerate(model_classes)}
+    remap, dropped = {}, []
+    for i, c in enumerate(ds.classes):
+        name = class_map.get(c.lower(), c.lower())
+        if name in index:
+            remap[i] = index[name]
+        else:
+            dropped.append(c)
+    if not remap:
+        raise BloodcellError(f"no class of the data ({', '.join(ds.classes)}) matches the model's "
+                             f"({', '.join(model_classes)}); use --class-map DATA=MODEL,...")
+    splits = {}
+    for name, s in ds.splits.items():
+        keep = np.flatnonzero(np.isin(s.labels, list(remap)))
+        if len(keep) == 0:
+            continue
+        lut = np.array([remap.get(i, -1) for i in range(len(ds.classes))])
+        splits[name] = Split(np.asarray(s.images[keep]) if not isinstance(s.images, np.ndarray)
+                             else s.images[keep], lut[s.labels[keep]], s.groups[keep],
+                             [s.paths[k] for k in keep])
+    out = Dataset(ds.root, ds.layout, list(model_classes), splits, ds.image_size, ds.resize, ds.problems,
+                  ds.cached)
+    return out, dropped
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = None,
+                        class_map: str | None = None, tta: bool = False, cache_dir: str | None = None,
+                        device: str = "auto", precision: str = "auto", seed: int | None = None,
+                        out: str | Path | None = None, log=print) -> dict:
+    """Metrics of a checkpoint on a data set's split(s); a whole class-folder set counts as one split."""
+    set_threads(0)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model, meta = load_model(checkpoint, dev)
+    cfg = meta.get("config", {})
+    same_data = str(data) == str(cfg.get("data"))
+    seed = cfg.get("seed", 0) if seed is None else seed
+    ds = load_dataset(data, image_size=meta["image_size"], seed=seed, resize=meta["resize"], cache_dir=cache_dir,
+                      fractions=tuple(cfg.get("fractions", (0.7, 0.15, 0.15))),
+                      val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"))
+    ds, dropped = align_classes(ds, meta["classes"], parse_class_map(class_map))
+    if dropped:
+        log(f"left out classes the model does not know: {', '.join(dropped)}")
+    if split is None:
+        # Another data set than the one trained on: every image of it is unseen, so use them all.
+        names = ["test", "test_simple"] if same_data else ["all"]
+    else:
+        names = [split]
+    if "all" in names:
+        parts = [ds.splits[k] for k in ds.splits]
+        ds.splits["all"] = Split(np.concatenate([np.asarray(p.images) for p in parts]),
+                                 np.concatenate([p.labels for p in parts]),
+                                 np.concatenate([p.groups for p in parts]),
+                                 [q for p in parts for q in p.paths])
+    results = {}
+    for name in names:
+        if name not in ds.splits:
+            if split is not None:
+                raise BloodcellError(f"split {name!r} not in the data; it has: {', '.join(ds.splits)}, all")
+            continue
+        with torch.inference_mode():
+            r = evaluate(model, BatchLoader(ds.splits[name], 256), dev, prec, True, tta)
+        results[name] = split_metrics(ds, name, r["labels"], r["probs"])
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            write_predictions(Path(out) / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"],
+                              r["probs"], ds.classes)
+    if out:
+        (Path(out) / "metrics.json").write_text(json.dumps(results, indent=1))
+    return results

@@ -1,0 +1,226 @@
+"""train(cfg): one training run into a run folder, resumable, evaluated on every split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bloodcell.checkpoint import read_checkpoint, save_checkpoint
+from bloodcell.config import TrainConfig, load_yaml, make_config, save_yaml
+from bloodcell.data import BatchLoader, Dataset, load_dataset, save_splits
+from bloodcell.engine import (
+    EMA,
+    FitState,
+    Step,
+    TrainingDiverged,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
+from bloodcell.errors import BloodcellError
+from bloodcell.metrics import compute_metrics
+from bloodcell.models import get_model
+
+RUN_FILES = ("config.yaml", "history.csv", "best.pt", "last.pt", "splits.json", "metrics.json", "DONE")
+
+
+def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
+    """The arguments that rebuild the model (saved in every checkpoint)."""
+    from bloodcell.models import model_info
+
+    kw = {"num_classes": num_classes, "image_size": cfg.image_size}
+    if "norm" in model_info(cfg.model)["options"]:
+        kw["norm"] = cfg.norm
+    return kw
+
+
+def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a finished run unless asked; create the folder."""
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise BloodcellError(f"--resume: {out} holds no run to resume (no config.yaml)")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "a finished run" if (out / "DONE").exists() else "files (an unfinished run?)"
+            raise BloodcellError(f"{out} already holds {what}; use --overwrite to replace it"
+                                 + ("" if (out / "DONE").exists() else " or --resume to continue it"))
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for p in out.glob("predictions_*.csv"):
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, dict]:
+    """The model for a config, with local pretrained weights or another run's weights if asked."""
+    kw = model_kwargs(cfg, len(classes))
+    model = get_model(cfg.model, weights=cfg.weights, **kw) if cfg.weights else get_model(cfg.model, **kw)
+    if cfg.init_from:
+        src = read_checkpoint(cfg.init_from)
+        own = model.state_dict()
+        take = {k: v for k, v in src["state_dict"].items() if k in own and own[k].shape == v.shape}
+        if not take:
+            raise BloodcellError(f"--init-from {cfg.init_from}: no weights fit model {cfg.model}")
+        model.load_state_dict(take, strict=False)
+    return model, kw
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    """history.csv, one row per epoch."""
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: np.ndarray,
+                      classes: list[str]) -> None:
+    """predictions_<split>.csv: path, true label, predicted label, confidence and every probability."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "pred", "confidence", *[f"p_{c}" for c in classes]])
+        pred = probs.argmax(1)
+        for p, y, k, row in zip(paths, labels, pred, probs, strict=True):
+            w.writerow([p, classes[y], classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
+
+
+def split_metrics(ds: Dataset, name: str, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """compute_metrics for one split, with group-level figures where images share groups."""
+    split = ds.splits[name]
+    groups = split.groups if len(np.unique(split.groups)) < len(split.groups) else None
+    m = compute_metrics(labels, probs, ds.classes, groups=groups)
+    if groups is None:  # every image its own source: group figures are the image figures
+        m.setdefault("group_accuracy", m["accuracy"])
+        m.setdefault("group_accuracy_ci", m.get("accuracy_ci"))
+        m.setdefault("n_groups", int(len(labels)))
+    return m
+
+
+def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+          log=print, progress: bool = True, dataset: Dataset | None = None, on_epoch=None) -> dict:
+    """Train one model as cfg says, into run folder ``out``; returns the metrics per split.
+
+    ``on_epoch(epoch, history_row)`` is called after each epoch's validation (a tuner reports and
+    prunes there); ``dataset`` reuses an already loaded Dataset.
+    """
+    out = Path(out)
+    prepare_run_dir(out, overwrite, resume)
+    if resume:
+        cfg = make_config(TrainConfig, load_yaml(out / "config.yaml"))
+        if (out / "DONE").exists():
+            log(f"{out} is already finished; nothing to resume")
+            return json.loads((out / "metrics.json").read_text())
+    threads = set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+
+    # data
+    ds = dataset or load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
+                                 cache_dir=cfg.cache_dir, fractions=cfg.fractions,
+                                 val_fraction=cfg.val_fraction, group_regex=cfg.group_regex)
+    if "train" not in ds.splits or "val" not in ds.splits:
+        raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
+    resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
+                                              "threads": threads, "layout": ds.layout,
+                                              "classes": ds.classes}}
+    if not resume:
+        save_yaml(cfg.to_dict(), out / "config.yaml")
+        save_splits(ds, out / "splits.json")
+    save_yaml(resolved, out / "resolved.yaml")
+    log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
+        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads")
+
+    # model, optimiser, schedule
+    model, kw = build_model(cfg, ds.classes)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
+                               seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size)
+    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256))
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    steps = len(train_loader)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
+    weights = None
+    if cfg.class_weights:
+        counts = np.bincount(ds.splits["train"].labels, minlength=len(ds.classes)).astype(float)
+        weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32,
+                               device=device)
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    step = Step(optimizer, scheduler, device, precision, cfg.label_smoothing, weights, cfg.clip_grad,
+                cfg.channels_last, ema)
+    state = FitState()
+    if resume and (out / "last.pt").is_file():
+        ck = read_checkpoint(out / "last.pt")
+        model.load_state_dict(ck["state_dict"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if ema is not None and ck.get("ema_state_dict"):
+            ema.model.load_state_dict(ck["ema_state_dict"])
+        state = FitState(**ck["fit_state"])
+        log(f"resuming after epoch {state.epoch}")
+
+    def save(name: str, st: FitState) -> None:
+        net = ema.model if (ema is not None and name == "best.pt") else model
+        extra = {"fit_state": {**st.__dict__, "history": list(st.history)}}
+        if ema is not None and name == "last.pt":
+            extra["ema_state_dict"] = {k: v.clone() for k, v in ema.model.state_dict().items()}
+        save_checkpoint(out / name, net, model_name=cfg.model, model_kwargs=kw, classes=ds.classes,
+                        image_size=cfg.image_size, resize=ds.resize, config=cfg.to_dict(), epoch=st.epoch,
+                        optimizer=optimizer if name == "last.pt" else None,
+                        scheduler=scheduler if name == "last.pt" else None,
+                        best_metric=st.best_metric, extra=extra)
+        if name == "last.pt":
+            write_history(st.history, out / "history.csv")
+
+    try:
+        state = fit(model, train_loader, val_loader, step, epochs=cfg.epochs, monitor=cfg.monitor,
+                    patience=cfg.patience, seed=cfg.seed, state=state,
+                    val_metrics=lambda y, p: compute_metrics(y, p, ds.classes, n_boot=0),
+                    save_last=lambda s: save("last.pt", s), save_best=lambda s: save("best.pt", s),
+                    log=log, progress=progress, on_epoch=on_epoch)
+    except TrainingDiverged as e:
+        kept = f"the last good checkpoint (epoch {state.epoch}) is kept in {out / 'last.pt'}" \
+            if (out / "last.pt").exists() else "no epoch finished, so no checkpoint was written"
+        raise BloodcellError(f"training stopped: {e} in epoch {state.epoch + 1}; {kept}; "
+                             "try a lower --lr or --precision fp32") from e
+    train_minutes = (time.perf_counter() - t_start) / 60
+
+    # evaluate the best checkpoint (read back from disk: what predict and serve will use)
+    best = read_checkpoint(out / "best.pt")
+    model.load_state_dict(best["state_dict"])
+    metrics = {}
+    for name in ("val", "test", "test_simple"):
+        if name not in ds.splits:
+            continue
+        r = evaluate(model, BatchLoader(ds.splits[name], 256), device, precision, cfg.channels_last, cfg.tta)
+        metrics[name] = split_metrics(ds, name, r["labels"], r["probs"])
+        write_predictions(out / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"], r["probs"],
+                          ds.classes)
+    metrics["run"] = {"best_epoch": state.best_epoch, "epochs_run": state.epoch,
+                      "best_val_" + cfg.monitor.removeprefix("val_"): state.best_metric,
+                      "train_minutes": train_minutes,
+                      "train_images_per_s": float(np.median([h["images_per_s"] for h in state.history])),
+                      "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    for name in ("test", "test_simple", "val"):
+        if name in metrics:
+            m = metrics[name]
+            log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                f"group accuracy {m.get('group_accuracy', float('nan')):.4f}")
+    return metrics

@@ -1,0 +1,107 @@
+"""Shared fixtures: real data through BLOODCELL_TEST_DATA (skipped when unset), tiny image folders."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+KAGGLE_CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Every test session gets its own decoded-image cache, never the user's."""
+    old = os.environ.get("BLOODCELL_CACHE")
+    os.environ["BLOODCELL_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("BLOODCELL_CACHE", None)
+    else:
+        os.environ["BLOODCELL_CACHE"] = old
+
+
+def _real_root() -> Path | None:
+    root = os.environ.get("BLOODCELL_TEST_DATA")
+    return Path(root) if root else None
+
+
+@pytest.fixture(scope="session")
+def kaggle_root() -> Path:
+    """The Kaggle blood-cells copy (…/blood-cells); skips when BLOODCELL_TEST_DATA is unset."""
+    root = _real_root()
+    if root is None:
+        pytest.skip("BLOODCELL_TEST_DATA is not set")
+    p = root / "blood-cells"
+    if not p.is_dir():
+        pytest.skip(f"{p} not found")
+    return p
+
+
+@pytest.fixture(scope="session")
+def pbc_root() -> Path:
+    """The PBC share (…/PBC_dataset_normal_DIB); skips when BLOODCELL_TEST_DATA is unset."""
+    root = _real_root()
+    if root is None:
+        pytest.skip("BLOODCELL_TEST_DATA is not set")
+    p = root / "pbc" / "PBC_dataset_normal_DIB"
+    if not p.is_dir():
+        pytest.skip(f"{p} not found")
+    return p
+
+
+@pytest.fixture(scope="session")
+def kaggle_subset(kaggle_root, tmp_path_factory) -> Path:
+    """A small real Kaggle-layout subset (links to real files): a few source cells per class."""
+    src = kaggle_root / "dataset2-master" / "images"
+    dst = tmp_path_factory.mktemp("kaggle-subset") / "images"
+    rng = random.Random(0)
+    for split, n_groups, per_group in (("TRAIN", 6, 6), ("TEST", 3, 4), ("TEST_SIMPLE", 3, 1)):
+        for cls in KAGGLE_CLASSES:
+            files = sorted((src / split / cls).glob("*.jpeg"))
+            by_group: dict[str, list[Path]] = {}
+            for f in files:
+                by_group.setdefault(f.name.split("_")[1], []).append(f)
+            out = dst / split / cls
+            out.mkdir(parents=True)
+            for g in sorted(by_group, key=int)[:n_groups]:
+                for f in rng.sample(by_group[g], min(per_group, len(by_group[g]))):
+                    (out / f.name).symlink_to(f)
+    return dst
+
+
+def write_image(path: Path, size=(40, 30), mode="RGB", color=None, seed=0) -> Path:
+    """A small random image file in the given mode (format from the extension)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    if mode == "I;16":
+        arr = rng.integers(0, 65535, (h, w), dtype=np.uint16)
+        Image.fromarray(arr).save(path)
+        return path
+    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    if color is not None:  # a class colour under the noise, so classes are learnable and files differ
+        arr = (arr // 4 + np.asarray(color, dtype=np.uint16) * 3 // 4).clip(0, 255).astype(np.uint8)
+    im = Image.fromarray(arr, "RGB")
+    if mode == "P":
+        im = im.quantize(16)
+    elif mode != "RGB":
+        im = im.convert(mode)
+    im.save(path)
+    return path
+
+
+@pytest.fixture
+def class_folders(tmp_path) -> Path:
+    """<root>/<class>/*: three classes of ten small images each, mixed extensions."""
+    root = tmp_path / "cells"
+    exts = [".png", ".jpg", ".JPEG", ".bmp", ".tif"]
+    for c, cls in enumerate(("alpha", "beta", "gamma")):
+        for i in range(10):
+            write_image(root / cls / f"{cls}_{i}{exts[i % len(exts)]}", color=(80 * c, 40, 200 - 60 * c),
+                        seed=c * 100 + i)
+    return root
