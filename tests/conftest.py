@@ -70,7 +70,7 @@ def kaggle_subset(kaggle_root, tmp_path_factory) -> Path:
             out.mkdir(parents=True)
             for g in sorted(by_group, key=int)[:n_groups]:
                 for f in rng.sample(by_group[g], min(per_group, len(by_group[g]))):
-                    (out / f.name).symlink_to(f)
+                    (out / f.name).symlink_to(f.resolve())
     return dst
 
 

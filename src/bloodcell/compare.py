@@ -228,7 +228,12 @@ def cmd_compare(args) -> int:
     """bloodcell compare --data PATH --models cnn2x32,cnn4x64,cnn4x32,vgg3,resnet18 --out DIR"""
     from bloodcell.cli import given
 
-    shared, models, overrides = load_protocol(args.config, args.preset)
+    preset = args.preset
+    if preset is None and args.config is None and args.data is None:
+        preset = "demo"  # no data given: the synthetic demo, sized to finish in minutes
+        print("no --data given: running the built-in synthetic demo (preset 'demo'); "
+              "see 'bloodcell compare --help' to use your images", file=sys.stderr)
+    shared, models, overrides = load_protocol(args.config, preset)
     shared.update(given(args, TrainConfig))
     if args.models:
         models = _model_list(args.models)

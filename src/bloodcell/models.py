@@ -215,11 +215,14 @@ def vgg3(
 
 @register_model(family="modern")
 def resnet18(num_classes: int, image_size: int = 64) -> nn.Module:
-    """ResNet-18 (torchvision); at <= 64 px a CIFAR stem: 3x3 stride-1 conv1, no max-pool."""
+    """ResNet-18 (torchvision); at <= 64 px a small-input stem: one 3x3 conv, no max-pool."""
     model = tvm.resnet18(weights=None, num_classes=num_classes)
     if image_size <= 64:
-        # The ImageNet stem divides by 4 before the first block: 64 px would reach layer4 at 1x1.
-        model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        # The ImageNet stem divides by 4 before the first block: 64 px would reach layer4 at 2x2.
+        # The small stem divides by 2 above 32 px (64 px meets layer1 at 32x32, as CIFAR's 32 px
+        # does with stride 1) and by 1 at 32 px and under.
+        stride = 1 if image_size <= 32 else 2
+        model.conv1 = nn.Conv2d(3, 64, 3, stride=stride, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     return model

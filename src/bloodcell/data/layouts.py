@@ -104,7 +104,10 @@ def _find_kaggle_images(path: Path) -> Path | None:
 
 
 def _file_item(p: Path, label: int, group: str, split: str) -> Item:
-    st = p.stat()
+    try:
+        st = p.stat()
+    except OSError:  # a dangling link or a file gone since listing: counted as empty, so skipped
+        return Item(str(p), label, group, split, 0, 0)
     return Item(str(p), label, group, split, st.st_size, st.st_mtime_ns)
 
 
@@ -223,7 +226,7 @@ def _hash_and_merge_duplicates(src: Source) -> None:
         it.sha1 = _sha1(it.path)
         by_hash.setdefault(it.sha1, []).append(it)
     if empty:
-        src.problems.append(Problem("empty_files", f"{len(empty)} zero-byte file(s) skipped",
+        src.problems.append(Problem("empty_files", f"{len(empty)} empty or unreadable file(s) skipped",
                                     [it.path for it in empty]))
     drop = {id(it) for it in empty}
     within, across, leak = [], [], []

@@ -1,0 +1,166 @@
+"""Engine and train/evaluate: determinism, resume, best checkpoint, bad input, real-data CLI run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bloodcell.checkpoint import load_model, read_checkpoint
+from bloodcell.cli import main
+from bloodcell.config import TrainConfig, make_config
+from bloodcell.errors import BloodcellError, ConfigError
+from bloodcell.train import train
+
+TINY = dict(data="synthetic:96", image_size=32, batch_size=16, epochs=2, model="cnn2x32", threads=1,
+            precision="fp32")
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def tiny(**kw) -> TrainConfig:
+    return make_config(TrainConfig, TINY, kw)
+
+
+def test_run_folder_files_and_metrics(tmp_path):
+    m = train(tiny(), tmp_path / "r", log=quiet, progress=False)
+    names = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"config.yaml", "history.csv", "best.pt", "last.pt", "splits.json", "metrics.json", "DONE",
+            "predictions_test.csv"} <= names
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        for k in ("accuracy", "loss", "macro_f1", "balanced_accuracy", "group_accuracy", "ece"):
+            assert math.isfinite(saved[split][k])
+    assert saved["test"]["accuracy"] == m["test"]["accuracy"]
+    splits = json.loads((tmp_path / "r" / "splits.json").read_text())
+    assert not set(splits["train"]) & set(splits["test"])
+
+
+def test_two_runs_same_seed_same_metrics(tmp_path):
+    a = train(tiny(), tmp_path / "a", log=quiet, progress=False)
+    b = train(tiny(), tmp_path / "b", log=quiet, progress=False)
+    for split in ("val", "test"):
+        assert round(a[split]["loss"], 4) == round(b[split]["loss"], 4)
+        assert round(a[split]["accuracy"], 4) == round(b[split]["accuracy"], 4)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny(epochs=3)
+    full = train(cfg, tmp_path / "full", log=quiet, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(epoch, row):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", log=quiet, progress=False, on_epoch=stop_after_2)
+    assert read_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    assert not (tmp_path / "cut" / "DONE").exists()
+    resumed = train(cfg, tmp_path / "cut", resume=True, log=quiet, progress=False)
+    for split in ("val", "test"):
+        assert round(full[split]["loss"], 4) == round(resumed[split]["loss"], 4)
+    assert resumed["run"]["epochs_run"] == 3
+
+
+def test_best_checkpoint_is_a_true_copy(tmp_path):
+    train(tiny(epochs=3), tmp_path / "r", log=quiet, progress=False)
+    best = read_checkpoint(tmp_path / "r" / "best.pt")
+    last = read_checkpoint(tmp_path / "r" / "last.pt")
+    hist = best["fit_state"]["history"]
+    if best["epoch"] != last["epoch"]:  # best came earlier: its weights must differ from the last ones
+        assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in best["state_dict"])
+    f1 = [h["val_macro_f1"] for h in last["fit_state"]["history"]]
+    assert best["epoch"] == int(np.argmax(f1)) + 1 and len(hist) == best["epoch"]
+
+
+def test_checkpoint_rebuilds_model_alone(tmp_path):
+    train(tiny(), tmp_path / "r", log=quiet, progress=False)
+    model, meta = load_model(tmp_path / "r")
+    assert meta["classes"] == ["eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    assert meta["image_size"] == 32 and meta["model"]["name"] == "cnn2x32"
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
+    import bloodcell.engine as engine
+
+    broken = {"on": False}
+    real = engine.F.cross_entropy
+
+    def cross_entropy(*a, **kw):  # goes NaN from the second epoch on
+        loss = real(*a, **kw)
+        return loss * float("nan") if broken["on"] else loss
+
+    def after(epoch, row):
+        broken["on"] = True
+
+    monkeypatch.setattr(engine.F, "cross_entropy", cross_entropy)
+    with pytest.raises(BloodcellError, match="loss became nan.*epoch 2.*last good checkpoint .epoch 1"):
+        train(tiny(epochs=3), tmp_path / "r", log=quiet, progress=False, on_epoch=after)
+    assert read_checkpoint(tmp_path / "r" / "last.pt")["epoch"] == 1
+
+
+def test_refuses_finished_run_unless_overwrite(tmp_path):
+    train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
+    with pytest.raises(BloodcellError, match="already holds a finished run"):
+        train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
+    train(tiny(epochs=1), tmp_path / "r", overwrite=True, log=quiet, progress=False)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "nope"], "unknown model 'nope'; known: "),
+    (["--image-size", "16"], "needs image_size >= 32"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--optimizer", "adam"], "optimizer must be one of"),
+    (["--lr", "fast"], "lr must be float"),
+])
+def test_bad_train_flags_are_one_line(tmp_path, capsys, args, needle):
+    code = main(["train", "--data", "synthetic:80", "--epochs", "1", "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_unknown_config_key_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
+        make_config(TrainConfig, {"epoch": 3})
+    (tmp_path / "c.yaml").write_text("image_size: 48\nbogus: 1\n")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
+    train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
+    code = main(["evaluate", str(tmp_path / "r"), "--data", str(class_folders)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no class of the data" in err[-1]
+    # a class map makes them comparable
+    code = main(["evaluate", str(tmp_path / "r"), "--data", str(class_folders), "--json",
+                 "--class-map", "alpha=eosinophil,beta=lymphocyte,gamma=monocyte"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["all"]["n"] == 30
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_cli_train_and_evaluate_on_real_subset(kaggle_subset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(kaggle_subset), "--model", "cnn4x32", "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "16", "--out", str(out), "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test", "test_simple"}
+    assert metrics["test"]["n"] == 4 * 3 * 4 and metrics["test_simple"]["n"] == 12
+    assert metrics["test"]["n_groups"] == 12  # majority vote over each source cell
+    lo, hi = metrics["test"]["group_accuracy_ci"]
+    assert lo <= metrics["test"]["group_accuracy"] <= hi
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(kaggle_subset), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
