@@ -20,7 +20,7 @@ def test_registry_lists_the_expected_models() -> None:
     assert set(STUDY + ["resnet18", "efficientnet_b0", "mobilenet_v3_small"]) <= set(names)
     for name in names:
         info = model_info(name)
-        assert set(info) == {"name", "description", "min_image_size", "family"}
+        assert set(info) == {"name", "description", "min_image_size", "family", "options"}
         assert info["name"] == name and info["description"] and info["min_image_size"] >= 1
     assert {model_info(n)["family"] for n in STUDY} == {"study"}
 

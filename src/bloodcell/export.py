@@ -1,0 +1,209 @@
+"""Export a trained model to ONNX or TorchScript, with what a user needs stored in the file.
+
+Both formats take a normalised float batch ``input`` N x 3 x S x S (any N) and return ``logits``
+N x C. The metadata (ONNX ``metadata_props``; TorchScript extra file ``bloodcell.json``) holds the
+class names, image size, resize mode, normalisation mean/std and model name as JSON values, so a
+consumer needs nothing else. Every export is checked against PyTorch before it is reported done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bloodcell.errors import BloodcellError
+
+FORMATS = ("onnx", "torchscript")
+OPSET = 17
+META_FILE = "bloodcell.json"
+
+
+def metadata(meta: dict) -> dict:
+    """The facts stored in an exported file (from a checkpoint's meta)."""
+    from bloodcell import __version__
+
+    return {"classes": list(meta["classes"]), "image_size": int(meta["image_size"]),
+            "resize": meta.get("resize", "squash"), "mean": list(meta["mean"]), "std": list(meta["std"]),
+            "model": meta["model"]["name"], "input": "input: float32 N x 3 x S x S, normalised RGB",
+            "output": "logits: float32 N x C (softmax gives probabilities)",
+            "bloodcell_version": __version__}
+
+
+class FixedAdaptiveAvgPool2d(torch.nn.Module):
+    """AdaptiveAvgPool2d for one known input size, as two matrix products (exact, and exportable).
+
+    ONNX has no adaptive pooling whose output size does not divide the input size (a 2 x 2 map
+    pooled to 4 x 4, as the study models do at 32 px); the same averages as matrices export fine.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("ph", self.matrix(in_hw[0], out_hw[0]))
+        self.register_buffer("pw", self.matrix(in_hw[1], out_hw[1]))
+
+    @staticmethod
+    def matrix(n_in: int, n_out: int) -> torch.Tensor:
+        """Row i averages inputs floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1."""
+        m = torch.zeros(n_out, n_in)
+        for i in range(n_out):
+            a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+            m[i, a:b] = 1.0 / (b - a)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ph @ x @ self.pw.t()
+
+
+def exportable(model: torch.nn.Module, image_size: int) -> torch.nn.Module:
+    """The model, or a copy whose adaptive pools that ONNX cannot express are written as matrices."""
+    import copy
+
+    shapes: dict[str, tuple] = {}
+    pools = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)}
+    hooks = [m.register_forward_hook(lambda _m, i, o, n=n: shapes.__setitem__(n, (i[0].shape[2:], o.shape[2:])))
+             for n, m in pools.items()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    bad = {n: s for n, s in shapes.items() if any(a % b for a, b in zip(*s, strict=True))}
+    if not bad:
+        return model
+    model = copy.deepcopy(model)
+    for name, (in_hw, out_hw) in bad.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, FixedAdaptiveAvgPool2d(tuple(in_hw), tuple(out_hw)))
+    return model
+
+
+def onnx_bytes(model: torch.nn.Module, image_size: int, meta: dict | None = None) -> bytes:
+    """The model as an ONNX file in memory (dynamic batch size), with metadata if given."""
+    import onnx
+
+    model = exportable(model.cpu().eval(), image_size)
+    example = torch.zeros(2, 3, image_size, image_size)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter (dynamo=False) needs no onnxscript and handles these CNNs.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    if not meta:
+        return buf.getvalue()
+    proto = onnx.load_from_string(buf.getvalue())
+    for k, v in metadata(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, json.dumps(v)
+    return proto.SerializeToString()
+
+
+def torchscript_module(model: torch.nn.Module, image_size: int) -> torch.jit.ScriptModule:
+    """The model traced to TorchScript (these CNNs have no data-dependent control flow)."""
+    model = model.cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(model, torch.zeros(2, 3, image_size, image_size))
+
+
+def _format_of(path: Path, fmt: str | None) -> str:
+    return fmt or ("onnx" if path.suffix.lower() == ".onnx" else "torchscript")
+
+
+def read_metadata(path: str | os.PathLike, fmt: str | None = None) -> dict:
+    """The bloodcell metadata of an exported file (format from the suffix unless given)."""
+    path = Path(path)
+    if _format_of(path, fmt) == "onnx":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        return {p.key: json.loads(p.value) for p in proto.metadata_props}
+    files = {META_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files[META_FILE])
+
+
+def run_exported(path: str | os.PathLike, x: np.ndarray, fmt: str | None = None) -> np.ndarray:
+    """Logits of an exported file for a normalised float32 batch (ONNX Runtime or TorchScript)."""
+    path = Path(path)
+    if _format_of(path, fmt) == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+
+def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
+                 check: bool = True) -> dict:
+    """Write the model of a run folder/checkpoint as ONNX or TorchScript; returns a summary.
+
+    With ``check``, random batches of two sizes go through the file and through PyTorch and the
+    largest absolute difference of the logits must stay below 1e-4.
+    """
+    from bloodcell.checkpoint import load_model
+
+    if fmt not in FORMATS:
+        raise BloodcellError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
+    model, meta = load_model(checkpoint)
+    size = int(meta["image_size"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if fmt == "onnx":
+        tmp.write_bytes(onnx_bytes(model, size, meta))
+    else:
+        module = torchscript_module(model, size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(module, str(tmp), _extra_files={META_FILE: json.dumps(metadata(meta))})
+    os.replace(tmp, out)
+    summary = {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "max_abs_diff": None,
+               "metadata": metadata(meta)}
+    if check:
+        g = torch.Generator().manual_seed(0)
+        diff = 0.0
+        for n in (1, 5):
+            x = torch.randn(n, 3, size, size, generator=g)
+            with torch.no_grad():
+                ref = model(x).numpy()
+            diff = max(diff, float(np.abs(run_exported(out, x.numpy(), fmt) - ref).max()))
+        summary["max_abs_diff"] = diff
+        if not diff < 1e-4:
+            raise BloodcellError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (> 1e-4)")
+    return summary
+
+
+def cmd_export(args) -> int:
+    """bloodcell export runs/cnn4x32 --format onnx --out cnn4x32.onnx"""
+    out = args.out or f"model.{'onnx' if args.format == 'onnx' else 'pt'}"
+    s = export_model(args.checkpoint, args.format, out)
+    meta = s["metadata"]
+    print(f"wrote {s['path']} ({s['format']}, {s['bytes'] / 1e6:.2f} MB): {meta['model']}, "
+          f"{meta['image_size']} px, classes {', '.join(meta['classes'])}; "
+          f"max |difference| vs PyTorch {s['max_abs_diff']:.1e}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    """Add the ``export`` subcommand."""
+    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
+                       description=cmd_export.__doc__)
+    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--out", help="output file (default model.onnx / model.pt)")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,299 @@
+"""Predict with a trained model: files, folders or globs in, one row per image out (with TTA and Grad-CAM).
+
+``Predictor`` loads a run folder or checkpoint once and preprocesses exactly like training: decode,
+resize with the run's ``resize`` mode (``data.cache``), then ``to_float`` and ``normalize``. The
+forward pass runs on the fastest backend measured by ``bench/infer_speed.py``: ONNX Runtime where it
+is installed (the model is exported in memory, no file), PyTorch otherwise. Grad-CAM always uses the
+PyTorch model, since it needs gradients.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bloodcell.checkpoint import load_model
+from bloodcell.data.cache import _describe, load_image
+from bloodcell.engine import TTA_VIEWS, _views, physical_cores
+from bloodcell.errors import BloodcellError
+from bloodcell.info import IMAGE_EXTENSIONS
+from bloodcell.transforms import normalize, to_float
+
+BACKENDS = ("auto", "onnx", "torchscript", "torch")
+
+
+class ImageError(BloodcellError):
+    """One input could not be decoded as an image; ``kind`` is 'unsupported', 'corrupt' or 'empty'."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squash") -> np.ndarray:
+    """A path or the bytes of an image file -> (size, size, 3) uint8, as training decodes it."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        if len(src) == 0:
+            raise ImageError("empty file", "empty")
+        src = io.BytesIO(bytes(src))
+    try:
+        return load_image(src, size, resize)  # PIL opens file objects as well as paths
+    except FileNotFoundError:
+        raise ImageError("file not found", "missing") from None
+    except IsADirectoryError:
+        raise ImageError("is a folder", "missing") from None
+    except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
+        from PIL import UnidentifiedImageError
+
+        kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
+        raise ImageError(_describe(e), kind) from None
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files as given, folders searched recursively for image files, globs expanded; in input order.
+
+    A path that matches nothing is kept, so that it gets an error row of its own.
+    """
+    out: list[str] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*")
+                           if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            out.extend(found or [s])
+        elif p.exists():
+            out.append(s)
+        elif glob.has_magic(s):
+            out.extend(sorted(glob.glob(s, recursive=True)) or [s])
+        else:
+            out.append(s)
+    return out
+
+
+def select_backend(backend: str, device: torch.device) -> str:
+    """auto -> ONNX Runtime on the CPU where installed (fastest measured), else plain PyTorch."""
+    if backend not in BACKENDS:
+        raise BloodcellError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if device.type != "cpu":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnx"
+
+
+class Predictor:
+    """A loaded model that predicts class probabilities for images (paths, bytes or uint8 arrays)."""
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", backend: str = "auto",
+                 threads: int = 0):
+        self.device = torch.device(device)
+        self.threads = threads if threads > 0 else physical_cores()
+        torch.set_num_threads(self.threads)
+        self.model, self.meta = load_model(checkpoint, self.device)
+        self.classes: list[str] = list(self.meta["classes"])
+        self.image_size: int = int(self.meta["image_size"])
+        self.resize: str = self.meta.get("resize", "squash")
+        self.model_name: str = self.meta["model"]["name"]
+        self.backend = select_backend(backend, self.device)
+        self._run = self._make_runner()
+        # One forward pass at a time: each already uses every core, and Grad-CAM toggles hooks.
+        self.lock = threading.Lock()
+        self._cam = None
+
+    # -- backends -----------------------------------------------------------------------------
+
+    def _make_runner(self):
+        example = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+        if self.backend == "onnx":
+            import onnxruntime as ort
+
+            from bloodcell.export import onnx_bytes
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            # Idle ORT threads spin by default, taking the cores from decoding, Grad-CAM and
+            # other requests; on a busy or shared CPU that costs more than it saves.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(onnx_bytes(self.model, self.image_size), opts,
+                                           providers=["CPUExecutionProvider"])
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(session.run(None, {"input": x.contiguous().numpy()})[0])
+
+            return run
+        if self.backend == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.freeze(torch.jit.trace(self.model, example))
+            return traced
+        self.model.to(memory_format=torch.channels_last)  # faster oneDNN convolutions on the CPU
+        return lambda x: self.model(x.contiguous(memory_format=torch.channels_last))
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a normalised float batch N x 3 x H x W."""
+        return self._run(x.to(self.device)).float().cpu()
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 N x H x W x 3 -> the normalised float batch the model was trained on."""
+        return normalize(to_float(torch.from_numpy(np.require(images, np.uint8, ["C", "W"])))).contiguous()
+
+    def probs(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        """Class probabilities N x C for uint8 images N x H x W x 3 (8-view TTA averages flips/rotations)."""
+        x = self.preprocess(images)
+        views = TTA_VIEWS if tta else 1
+        batch = torch.cat([_views(x, k) for k in range(views)]) if views > 1 else x
+        with self.lock:
+            p = torch.softmax(self.logits(batch), 1)
+        return p.view(views, len(x), -1).mean(0).numpy()
+
+    def rows(self, images: np.ndarray, top_k: int = 1, tta: bool = False) -> list[dict]:
+        """One result dict per image: class, probability, top-k and every class's probability."""
+        probs = self.probs(images, tta)
+        k = max(1, min(top_k, len(self.classes)))
+        out = []
+        for p in probs:
+            order = np.argsort(-p, kind="stable")[:k]
+            out.append({"class": self.classes[order[0]], "probability": float(p[order[0]]),
+                        "top_k": [{"class": self.classes[i], "probability": float(p[i])} for i in order],
+                        "probs": {c: float(v) for c, v in zip(self.classes, p, strict=True)}})
+        return out
+
+    def predict_bytes(self, data: bytes, top_k: int = 1, tta: bool = False,
+                      cam: bool = False) -> dict:
+        """Predict one image given as file bytes; raises ImageError if it is not a readable image."""
+        arr = decode_image(data, self.image_size, self.resize)
+        row = self.rows(arr[None], top_k, tta)[0]
+        if cam:
+            row["cam_png"] = self.cam_png(arr, self.classes.index(row["class"]), source=data)
+        return row
+
+    def predict_paths(self, paths: list[str], top_k: int = 1, tta: bool = False,
+                      batch_size: int = 64, cam_dir: str | os.PathLike | None = None) -> list[dict]:
+        """One row per path, in order; a file that cannot be read gets a row with ``error`` set."""
+        results: list[dict] = []
+        if cam_dir is not None:
+            Path(cam_dir).mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            arrays, ok, rows = [], [], []
+            for p in chunk:
+                try:
+                    arrays.append(decode_image(p, self.image_size, self.resize))
+                    ok.append(True)
+                except ImageError as e:
+                    ok.append(False)
+                    rows.append({"path": p, "error": str(e)})
+            preds = iter(self.rows(np.stack(arrays), top_k, tta) if arrays else [])
+            err = iter(rows)
+            for i, (p, good) in enumerate(zip(chunk, ok, strict=True)):
+                row = {"path": p, **next(preds), "error": None} if good else next(err)
+                if good and cam_dir is not None:
+                    out = Path(cam_dir) / f"{start + i:05d}_{Path(p).stem}_cam.png"
+                    arr = arrays[sum(ok[:i])]
+                    out.write_bytes(self.cam_png(arr, self.classes.index(row["class"]), source=p))
+                    row["cam"] = str(out)
+                results.append(row)
+        return results
+
+    # -- Grad-CAM -----------------------------------------------------------------------------
+
+    def cam_png(self, image: np.ndarray, target: int | None = None,
+                source: str | os.PathLike | bytes | None = None) -> bytes:
+        """A PNG of the Grad-CAM heat map over the image (over the original file where given)."""
+        from bloodcell.cam import GradCAM, overlay_png
+
+        x = self.preprocess(image[None]).to(self.device)
+        with self.lock:
+            if self._cam is None:
+                self._cam = GradCAM(self.model, x)
+            heat = self._cam(x, target)[0]
+        return overlay_png(image, heat, original=source, resize=self.resize)
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def format_rows(rows: list[dict], fmt: str, classes: list[str]) -> str:
+    """Rows as an aligned table, CSV (every class's probability) or JSON."""
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        extra = ["cam"] if any("cam" in r for r in rows) else []
+        w.writerow(["path", "class", "probability", *[f"p_{c}" for c in classes], "error", *extra])
+        for r in rows:
+            if r.get("error"):
+                w.writerow([r["path"], "", "", *[""] * len(classes), r["error"], *[""] * len(extra)])
+            else:
+                w.writerow([r["path"], r["class"], f"{r['probability']:.6f}",
+                            *[f"{r['probs'][c]:.6f}" for c in classes], "",
+                            *[r.get("cam", "") for _ in extra]])
+        return buf.getvalue().rstrip("\n")
+    width = max([len("path"), *(len(r["path"]) for r in rows)])
+    k = max((len(r.get("top_k", [])) for r in rows), default=1)
+    head = f"{'path':<{width}}  {'class':<12} {'prob':>6}"
+    if k > 1:
+        head += "  " + "  ".join(f"{'top' + str(i + 1):<19}" for i in range(1, k))
+    lines = [head]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['path']:<{width}}  ERROR: {r['error']}")
+            continue
+        line = f"{r['path']:<{width}}  {r['class']:<12} {r['probability']:>6.3f}"
+        for t in r["top_k"][1:]:
+            line += f"  {t['class']:<12} {t['probability']:>6.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cmd_predict(args) -> int:
+    """bloodcell predict runs/cnn4x32 cells/*.jpeg new_cell.png --top-k 2 --cam cams/ --format table"""
+    paths = expand_inputs(args.paths)
+    t0 = time.perf_counter()
+    predictor = Predictor(args.checkpoint, device=args.device, backend=args.backend)
+    rows = predictor.predict_paths(paths, top_k=args.top_k, tta=args.tta, batch_size=args.batch_size,
+                                   cam_dir=args.cam)
+    print(format_rows(rows, args.format, predictor.classes))
+    failed = sum(1 for r in rows if r.get("error"))
+    print(f"{len(rows) - failed} predicted, {failed} failed, {time.perf_counter() - t0:.2f}s "
+          f"({predictor.model_name}, {predictor.backend})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_cli(sub) -> None:
+    """Add the ``predict`` subcommand."""
+    p = sub.add_parser("predict", help="predict the class of image files, folders or globs",
+                       description=cmd_predict.__doc__)
+    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--top-k", type=int, default=1, help="show the k most probable classes (default 1)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
+    p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="inference engine (default auto: ONNX Runtime on CPU, the fastest measured)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_predict)
+

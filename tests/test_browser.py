@@ -1,0 +1,62 @@
+"""The web page in headless Chromium: upload an image, see the predicted class and the Grad-CAM overlay."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_predict import CLASSES, make_checkpoint, png_bytes
+
+from bloodcell.predict import Predictor
+from bloodcell.serve import create_app, serving
+
+CHROMIUM = os.environ.get("BLOODCELL_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_upload_shows_class_probabilities_and_overlay(browser, tmp_path) -> None:
+    predictor = Predictor(make_checkpoint(tmp_path / "tiny.pt"))
+    image = tmp_path / "cell.png"
+    image.write_bytes(png_bytes(11, size=(120, 90)))
+    notes = tmp_path / "notes.png"
+    notes.write_text("this is not an image")
+    want = predictor.predict_bytes(image.read_bytes())["class"]
+    with serving(create_app(predictor)) as url:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("#model:has-text('cnn4x32')", timeout=10_000)
+        page.set_input_files("#file-input", str(image))
+        card = page.locator(".card").first
+        card.locator(".pred-class").wait_for(timeout=15_000)
+        assert card.locator(".pred-class").inner_text() == want
+        assert card.locator(".bar").count() == len(CLASSES)
+        assert card.locator(".name").inner_text() == "cell.png"
+        cam = card.locator("img.cam")
+        cam.wait_for(timeout=10_000)
+        page.wait_for_function("() => { const i = document.querySelector('.card img.cam');"
+                               " return i && i.complete && i.naturalWidth > 0; }", timeout=10_000)
+        assert cam.get_attribute("src").startswith("data:image/png;base64,")
+
+        page.set_input_files("#file-input", str(notes))
+        error = page.locator(".card").first.locator(".error")
+        error.wait_for(timeout=10_000)
+        assert "not an image" in error.inner_text()
+        assert page.locator(".card").count() == 2 and not errors
+        page.close()

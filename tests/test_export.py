@@ -1,0 +1,85 @@
+"""export: ONNX and TorchScript files with metadata, dynamic batch size, outputs equal to PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_predict import CLASSES, make_checkpoint, png_bytes, real_test_images
+
+from bloodcell.checkpoint import load_model
+from bloodcell.cli import main
+from bloodcell.data.cache import load_image
+from bloodcell.errors import BloodcellError
+from bloodcell.export import FixedAdaptiveAvgPool2d, export_model, read_metadata, run_exported
+from bloodcell.predict import decode_image
+from bloodcell.transforms import normalize, to_float
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def preprocess(arrays: np.ndarray) -> np.ndarray:
+    return normalize(to_float(torch.from_numpy(np.ascontiguousarray(arrays)))).numpy()
+
+
+def reference(ckpt, x: np.ndarray) -> np.ndarray:
+    model, _ = load_model(ckpt)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_stores_metadata_and_matches_pytorch(ckpt, tmp_path, fmt) -> None:
+    out = tmp_path / FORMATS[fmt]
+    summary = export_model(ckpt, fmt, out)
+    assert out.is_file() and summary["max_abs_diff"] < 1e-4
+    meta = read_metadata(out)
+    assert meta["classes"] == CLASSES and meta["image_size"] == 32 and meta["resize"] == "squash"
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["model"] == "cnn4x32"
+    # images decoded like training, at batch sizes other than the traced one (dynamic batch)
+    images = np.stack([decode_image(png_bytes(i), 32) for i in range(9)])
+    for n in (1, 3, 9):
+        x = preprocess(images[:n])
+        got = run_exported(out, x)
+        assert got.shape == (n, len(CLASSES))
+        np.testing.assert_allclose(got, reference(ckpt, x), atol=1e-4, rtol=0)
+
+
+def test_onnx_export_at_64_px_keeps_the_plain_adaptive_pool(tmp_path) -> None:
+    ckpt = make_checkpoint(tmp_path / "m64.pt", image_size=64)
+    import onnx
+
+    export_model(ckpt, "onnx", tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "MatMul" not in ops and "AveragePool" in ops  # 4 x 4 -> 4 x 4 needs no rewriting
+
+
+def test_fixed_adaptive_pool_equals_pytorch() -> None:
+    x = torch.randn(3, 5, 2, 3)
+    pool = FixedAdaptiveAvgPool2d((2, 3), (4, 4))
+    torch.testing.assert_close(pool(x), torch.nn.AdaptiveAvgPool2d(4)(x))
+    x = torch.randn(2, 4, 7, 5)
+    torch.testing.assert_close(FixedAdaptiveAvgPool2d((7, 5), (3, 2))(x), torch.nn.AdaptiveAvgPool2d((3, 2))(x))
+
+
+def test_cli_export_and_bad_format(ckpt, tmp_path, capsys) -> None:
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 0
+    assert "max |difference| vs PyTorch" in capsys.readouterr().out
+    with pytest.raises(BloodcellError, match="unknown export format"):
+        export_model(ckpt, "tflite", tmp_path / "m.tflite")
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")]) == 2
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_export_parity_on_real_images(kaggle_root, tmp_path, fmt) -> None:
+    ckpt = make_checkpoint(tmp_path / "m64.pt", image_size=64, seed=1)
+    out = tmp_path / FORMATS[fmt]
+    export_model(ckpt, fmt, out)
+    x = preprocess(np.stack([load_image(str(p), 64) for p in real_test_images(kaggle_root, 4)]))
+    np.testing.assert_allclose(run_exported(out, x), reference(ckpt, x), atol=1e-4, rtol=0)

@@ -1,0 +1,253 @@
+"""predict: decoding like training, backends that agree, error rows, TTA, top-k, Grad-CAM, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bloodcell.cam import GradCAM, grad_cam, last_conv, overlay_png
+from bloodcell.checkpoint import save_checkpoint
+from bloodcell.cli import main
+from bloodcell.data.cache import load_image
+from bloodcell.engine import _views
+from bloodcell.models import get_model, list_models
+from bloodcell.predict import ImageError, Predictor, decode_image, expand_inputs
+from bloodcell.transforms import normalize, to_float
+
+CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
+
+
+def make_checkpoint(path: Path, model: str = "cnn4x32", image_size: int = 32, seed: int = 0) -> Path:
+    """An untrained but non-trivial checkpoint (random BatchNorm statistics too), in seconds."""
+    torch.manual_seed(seed)
+    net = get_model(model, num_classes=len(CLASSES), image_size=image_size)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    save_checkpoint(path, net, model_name=model, model_kwargs={"num_classes": len(CLASSES),
+                                                               "image_size": image_size},
+                    classes=CLASSES, image_size=image_size, resize="squash")
+    return path
+
+
+def png_bytes(seed: int = 0, size=(48, 36), fmt: str = "PNG") -> bytes:
+    """A small random RGB image file's bytes."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def real_test_images(kaggle_root: Path, per_class: int = 3) -> list[Path]:
+    """A few real images of each class from the Kaggle TEST split."""
+    base = kaggle_root / "dataset2-master" / "images" / "TEST"
+    return [f for c in CLASSES for f in sorted((base / c).glob("*.jpeg"))[:per_class]]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt) -> Predictor:
+    return Predictor(ckpt, backend="torch")
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    out = []
+    for i, fmt in enumerate(["PNG", "JPEG", "BMP", "PNG", "TIFF"]):
+        p = tmp_path / "imgs" / f"cell{i}.{fmt.lower()}"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(png_bytes(i, fmt=fmt))
+        out.append(p)
+    return out
+
+
+def reference_probs(predictor: Predictor, arrays: np.ndarray) -> np.ndarray:
+    """What training's pipeline gives: to_float, normalize, the PyTorch model, softmax."""
+    x = normalize(to_float(torch.from_numpy(arrays.copy())))
+    with torch.no_grad():
+        return torch.softmax(predictor.model(x), 1).numpy()
+
+
+def test_bytes_decode_like_training_files(images) -> None:
+    for p in images:
+        assert np.array_equal(decode_image(p.read_bytes(), 32, "squash"), load_image(str(p), 32, "squash"))
+        assert np.array_equal(decode_image(p.read_bytes(), 40, "pad"), load_image(str(p), 40, "pad"))
+
+
+@pytest.mark.parametrize(("data", "kind"), [(b"", "empty"), (b"hello, not an image", "unsupported"),
+                                            (png_bytes(fmt="JPEG")[:300], "corrupt")])
+def test_bad_bytes_raise_image_error(data, kind) -> None:
+    with pytest.raises(ImageError) as e:
+        decode_image(data, 32)
+    assert e.value.kind == kind and str(e.value)
+
+
+def test_predictor_preprocesses_exactly_like_training(predictor, images) -> None:
+    arrays = np.stack([load_image(str(p), 32) for p in images])
+    rows = predictor.predict_paths([str(p) for p in images], top_k=4)
+    got = np.array([[r["probs"][c] for c in CLASSES] for r in rows])
+    np.testing.assert_allclose(got, reference_probs(predictor, arrays), atol=1e-5)
+    for r in rows:
+        assert r["class"] == max(r["probs"], key=r["probs"].get)
+        assert [t["probability"] for t in r["top_k"]] == sorted(r["probs"].values(), reverse=True)
+        assert abs(sum(r["probs"].values()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_backends_agree_with_pytorch(ckpt, predictor, images, backend) -> None:
+    other = Predictor(ckpt, backend=backend)
+    arrays = np.stack([load_image(str(p), 32) for p in images])
+    np.testing.assert_allclose(other.probs(arrays), predictor.probs(arrays), atol=1e-4)
+    np.testing.assert_allclose(other.probs(arrays, tta=True), predictor.probs(arrays, tta=True), atol=1e-4)
+
+
+def test_auto_backend_is_onnx_runtime_on_cpu(ckpt) -> None:
+    assert Predictor(ckpt).backend == "onnx"  # the fastest measured (bench/infer_speed.py)
+
+
+def test_tta_averages_the_eight_views(predictor, images) -> None:
+    arrays = np.stack([load_image(str(p), 32) for p in images])
+    x = normalize(to_float(torch.from_numpy(arrays.copy())))
+    with torch.no_grad():
+        want = np.mean([torch.softmax(predictor.model(_views(x, k)), 1).numpy() for k in range(8)], 0)
+    got = predictor.probs(arrays, tta=True)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(got, predictor.probs(arrays), atol=1e-4)  # the views do differ
+
+
+def test_a_corrupt_file_gets_an_error_row_and_the_rest_go_on(predictor, images, tmp_path) -> None:
+    bad = tmp_path / "imgs" / "broken.jpeg"
+    bad.write_bytes(images[1].read_bytes()[:200])
+    text = tmp_path / "imgs" / "notes.png"
+    text.write_text("not an image")
+    paths = [str(images[0]), str(bad), str(images[2]), str(text), str(tmp_path / "missing.png"),
+             str(images[3])]
+    rows = predictor.predict_paths(paths, batch_size=2)
+    assert [r["path"] for r in rows] == paths
+    assert [bool(r["error"]) for r in rows] == [False, True, False, True, True, False]
+    assert "truncated" in rows[1]["error"] and "not an image" in rows[3]["error"]
+    assert "not found" in rows[4]["error"]
+    good = predictor.predict_paths([paths[0], paths[2], paths[5]])
+    for r, i in zip(good, (0, 2, 5), strict=True):  # the same answers as without the bad files
+        assert r["class"] == rows[i]["class"]
+        assert r["probs"] == pytest.approx(rows[i]["probs"], abs=1e-6)
+
+
+def test_expand_inputs_files_folders_globs(images, tmp_path) -> None:
+    folder = str(tmp_path / "imgs")
+    (tmp_path / "imgs" / "readme.txt").write_text("x")
+    assert expand_inputs([folder]) == sorted(str(p) for p in images)
+    assert expand_inputs([str(tmp_path / "imgs" / "*.png")]) == [str(images[0]), str(images[3])]
+    assert expand_inputs(["nope/*.png", str(images[1])]) == ["nope/*.png", str(images[1])]
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------------
+
+
+FAST = ("cnn2x32", "cnn4x32", "cnn4x64", "vgg3")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in list_models()])
+def test_grad_cam_works_for_every_registered_model(name) -> None:
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=4, image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    layer_name, layer = last_conv(model, x)
+    assert isinstance(layer, nn.Conv2d)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert layer_name in convs
+    heat = grad_cam(model, x)
+    assert heat.shape == (2, 32, 32) and np.isfinite(heat).all()
+    assert heat.min() >= 0 and heat.max() <= 1 + 1e-6
+    with torch.no_grad():
+        before = model(x)
+    assert torch.equal(before, model(x))  # the model itself is untouched (no hooks left, same output)
+
+
+def test_last_conv_of_a_study_model_is_its_fourth_conv() -> None:
+    model = get_model("cnn4x32", num_classes=4, image_size=32)
+    assert last_conv(model, torch.zeros(1, 3, 32, 32))[0] == "features.6.0"
+
+
+def test_grad_cam_points_at_the_evidence() -> None:
+    # A model whose class 0 score is the mean brightness: the map must peak where the image is bright.
+    model = nn.Sequential(nn.Conv2d(3, 1, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        model[4].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        model[4].bias.zero_()
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 20:28, 4:12] = 1.0
+    heat = GradCAM(model, x)(x, target=0)[0]
+    assert heat[20:28, 4:12].mean() > 0.9 and heat[:16, 16:].max() < 0.1
+    assert np.unravel_index(heat.argmax(), heat.shape)[0] in range(18, 30)
+
+
+def test_overlay_png_is_a_png_of_the_original_shape(images) -> None:
+    arr = load_image(str(images[0]), 32)
+    png = overlay_png(arr, np.linspace(0, 1, 32 * 32).reshape(32, 32), original=images[0].read_bytes())
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        assert abs(im.width / im.height - 48 / 36) < 0.05  # squash: back to the file's aspect ratio
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_predict_formats_and_exit_codes(ckpt, images, tmp_path, capsys) -> None:
+    folder = str(tmp_path / "imgs")
+    assert main(["predict", str(ckpt), folder, "--format", "json", "--top-k", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(images) and all(len(r["top_k"]) == 2 and r["error"] is None for r in rows)
+
+    (tmp_path / "imgs" / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    cams = tmp_path / "cams"
+    assert main(["predict", str(ckpt), folder, "--format", "csv", "--cam", str(cams), "--tta"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("path,class,probability,p_EOSINOPHIL")
+    assert len(lines) == 1 + len(images) + 1
+    broken = [ln for ln in lines if "broken.jpeg" in ln]
+    assert len(broken) == 1 and ",," in broken[0]
+    pngs = sorted(cams.glob("*.png"))
+    assert len(pngs) == len(images)
+    with Image.open(pngs[0]) as im:
+        assert im.format == "PNG"
+
+    assert main(["predict", str(ckpt), str(images[0])]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[1] in CLASSES
+    assert main(["predict", str(tmp_path / "nothing.pt"), str(images[0])]) == 2
+
+
+# --- real data -----------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_predict_real_images_with_a_corrupt_one_in_the_batch(kaggle_root, ckpt, predictor, tmp_path) -> None:
+    real = real_test_images(kaggle_root)
+    corrupt = tmp_path / "corrupt.jpeg"
+    corrupt.write_bytes(real[0].read_bytes()[: len(real[0].read_bytes()) // 3])
+    paths = [str(p) for p in real[:6]] + [str(corrupt)] + [str(p) for p in real[6:]]
+    rows = Predictor(ckpt).predict_paths(paths, cam_dir=tmp_path / "cams")
+    assert [r["path"] for r in rows] == paths
+    assert [r["error"] is not None for r in rows] == [p == str(corrupt) for p in paths]
+    arrays = np.stack([load_image(p, 32) for p in paths if p != str(corrupt)])
+    got = np.array([[r["probs"][c] for c in CLASSES] for r in rows if not r["error"]])
+    np.testing.assert_allclose(got, reference_probs(predictor, arrays), atol=1e-4)
+    assert len(list((tmp_path / "cams").glob("*.png"))) == len(real)
