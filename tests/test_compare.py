@@ -1,0 +1,87 @@
+"""The main job end to end: compare on real images, results files, report, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from bloodcell.cli import main
+from bloodcell.compare import compare, load_protocol
+
+FAST = {"image_size": 32, "epochs": 2, "batch_size": 16, "threads": 1}
+
+
+def finite_numbers(obj, path="results"):
+    """Yield (path, value) for every number in a JSON tree that is not finite."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from finite_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from finite_numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        yield path, obj
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_compare_end_to_end_on_real_subset(kaggle_subset, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--data", str(kaggle_subset), "--models", "cnn2x32,cnn4x32", "--out", str(out),
+                 "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--quiet"])
+    assert code == 0
+    for name in ("results.json", "results.csv", "report.html", "report.md", "compare.yaml"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in res["models"]] == ["cnn2x32", "cnn4x32"]
+    assert not list(finite_numbers(res)), list(finite_numbers(res))
+    row = res["models"][0]
+    assert {"val", "test", "test_simple"} <= set(row)
+    assert row["test"]["n_groups"] == 12 and row["study"]["label"] == "Model 1"
+    assert res["dataset"]["layout"] == "kaggle" and not res["dataset"]["synthetic"]
+    html = (out / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html)
+    assert "<script src" not in html and "url(http" not in html
+    assert "SYNTHETIC DATA" not in html
+    # Interrupted or rerun: finished models are kept, not trained again.
+    mtime = (out / "runs" / "cnn2x32" / "best.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["compare", "--data", str(kaggle_subset), "--models", "cnn2x32,cnn4x32", "--out", str(out),
+                 "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--quiet"]) == 0
+    assert "already finished, kept" in capsys.readouterr().out
+    assert (out / "runs" / "cnn2x32" / "best.pt").stat().st_mtime_ns == mtime
+
+
+def test_compare_resumes_an_interrupted_model(tmp_path):
+    out = tmp_path / "cmp"
+    shared = {"data": "synthetic:96", **FAST}
+    compare(["cnn2x32"], shared, out, log=lambda m: None, progress=False, report=False)
+    (out / "runs" / "cnn2x32" / "DONE").unlink()  # as if killed after its last checkpoint
+    logs = []
+    compare(["cnn2x32"], shared, out, log=logs.append, progress=False, report=False)
+    assert any("resuming" in m for m in logs)
+
+
+def test_compare_refuses_another_protocol_in_same_folder(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    compare(["cnn2x32"], {"data": "synthetic:80", **FAST}, out, log=lambda m: None, progress=False,
+            report=False)
+    code = main(["compare", "--data", "synthetic:80", "--models", "cnn2x32", "--out", str(out),
+                 "--image-size", "48", "--epochs", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "another protocol" in err[-1] and "image_size" in err[-1]
+
+
+def test_protocol_yaml_models_overrides_and_errors(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("epochs: 3\nmodels: [cnn2x32, vgg3]\noverrides:\n  vgg3: {lr: 0.001}\n")
+    shared, models, overrides = load_protocol(str(f))
+    assert shared == {"epochs": 3} and models == ["cnn2x32", "vgg3"] and overrides == {"vgg3": {"lr": 0.001}}
+    f.write_text("models: [cnn2x32, nope]\n")
+    with pytest.raises(Exception, match="unknown model"):
+        load_protocol(str(f))
+    with pytest.raises(Exception, match="unknown preset"):
+        load_protocol(None, "no-such-preset")
