@@ -195,3 +195,16 @@ def test_bootstrap_ci_is_seeded() -> None:
     correct = np.random.default_rng(0).random(100) < 0.6
     assert bootstrap_ci(correct, seed=1) == bootstrap_ci(correct, seed=1)
     assert bootstrap_ci(correct, n_boot=0) is None
+
+
+def test_wilson_interval_is_honest_at_100_percent():
+    from bloodcell.metrics import wilson_ci
+
+    lo, hi = wilson_ci(71, 71)
+    assert hi == 1.0 and 0.94 < lo < 0.96  # 71 cells all right still leave about 5 % doubt
+    lo, hi = wilson_ci(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]])
+    m = compute_metrics(y, probs, ["a", "b"], groups=np.array([0, 0, 1, 1]))
+    assert m["group_accuracy"] == 1.0 and m["group_accuracy_ci"][0] < 0.5

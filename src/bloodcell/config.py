@@ -62,7 +62,7 @@ class TrainConfig:
             "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
             "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
             "norm": ("batch", "none"), "augment": ("none", "light", "strong"),
-            "resize": ("squash", "crop", "pad"),
+            "resize": ("squash", "crop", "pad", "cell"),
             "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
         }
         for key, allowed in check.items():
