@@ -81,9 +81,11 @@ def cmd_evaluate(args) -> int:
         return 0
     for name, m in res.items():
         ci = m.get("accuracy_ci") or [float("nan")] * 2
+        gci = m.get("group_accuracy_ci") or [float("nan")] * 2
         print(f"{name:12s} n={m['n']:<6} accuracy {m['accuracy']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  "
               f"macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
-              f"group accuracy {m.get('group_accuracy', float('nan')):.4f} (n={m.get('n_groups', '?')})")
+              f"group accuracy {m.get('group_accuracy', float('nan')):.4f} [{gci[0]:.4f}, {gci[1]:.4f}] "
+              f"(n={m.get('n_groups', '?')} groups)")
     return 0
 
 

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""python bench/accuracy.py --task kaggle|pbc|cross [--preset best] [--models a,b] [--seeds 0,1,2]
+
+The accuracy protocol: a `bloodcell compare` per seed (same preset, same data), then the mean and
+spread over seeds of every figure, written as a Markdown table. Nothing here looks at the test split
+to choose anything: the preset fixes the settings, each run's epoch is chosen on validation.
+
+Tasks:
+  kaggle  blood-cells, official TEST split (and TEST_SIMPLE), group (cell) accuracy with its interval
+  pbc     the PBC share, seeded grouped 70/15/15 split
+  cross   models trained by the kaggle and pbc tasks (same --out), each tested on the other lab's
+          images of the four shared classes (all of them: none was seen in training)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from bloodcell.compare import compare, load_protocol
+
+ROOT = Path(os.environ.get("BLOODCELL_TEST_DATA", "../shared/data"))
+DATA = {"kaggle": ROOT / "blood-cells", "pbc": ROOT / "pbc" / "PBC_dataset_normal_DIB"}
+
+
+def mean_sd(values: list[float]) -> str:
+    """'93.1 ± 0.4' in percent (sample standard deviation over seeds)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def run_task(task: str, preset: str, models: list[str] | None, seeds: list[int], out: Path,
+             extra: dict) -> list[dict]:
+    """One compare per seed; returns the per-seed results rows."""
+    shared, preset_models, overrides = load_protocol(None, preset)
+    shared.update({"data": str(DATA[task]), **extra})
+    models = models or preset_models
+    rows = []
+    for seed in seeds:
+        t = time.perf_counter()
+        res = compare(models, {**shared, "seed": seed}, out / f"{task}-seed{seed}", overrides,
+                      progress=False, report=True, command=f"bench/accuracy.py --task {task} seed {seed}")
+        wall = (time.perf_counter() - t) / 60
+        for r in res["models"]:
+            rows.append({"seed": seed, "wall_minutes": wall, **r})
+    return rows
+
+
+def table(task: str, rows: list[dict]) -> str:
+    """Mean ± sd over seeds per model."""
+    lines = [f"### {task}: {len({r['seed'] for r in rows})} seeds",
+             "",
+             "| model | image px | test acc | test cell acc | cell acc 95 % CI (per seed) | TEST_SIMPLE acc | "
+             "val acc | train min |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == m]
+        cis = "; ".join(
+            f"[{100 * r['test']['group_accuracy_ci'][0]:.1f}, {100 * r['test']['group_accuracy_ci'][1]:.1f}]"
+            for r in rs if r["test"].get("group_accuracy_ci"))
+        lines.append(
+            f"| {m} | {rs[0]['image_size']} | {mean_sd([r['test']['accuracy'] for r in rs])} | "
+            f"{mean_sd([r['test'].get('group_accuracy') for r in rs])} | {cis} | "
+            f"{mean_sd([r.get('test_simple', {}).get('accuracy') for r in rs])} | "
+            f"{mean_sd([r['val']['accuracy'] for r in rs])} | "
+            f"{statistics.mean(r['train_minutes'] for r in rs):.1f} |")
+    return "\n".join(lines)
+
+
+def cross(out: Path, seeds: list[int]) -> str:
+    """Each lab's models on the other lab's four shared classes."""
+    from bloodcell.evaluate import evaluate_checkpoint
+
+    lines = ["### cross-lab (four shared classes, every image of the other set)", "",
+             "| trained on | tested on | model | accuracy (mean ± sd) | macro-F1 |", "|---|---|---|---:|---:|"]
+    for src, dst in (("kaggle", "pbc"), ("pbc", "kaggle")):
+        runs = sorted((out).glob(f"{src}-seed*/runs/*/best.pt"))
+        by_model: dict[str, list[dict]] = {}
+        for ck in runs:
+            seed = int(ck.parts[-4].split("seed")[1])
+            if seed not in seeds:
+                continue
+            split = "test" if dst == "kaggle" else None
+            res = evaluate_checkpoint(ck.parent, str(DATA[dst]), split=split, log=lambda m: None)
+            by_model.setdefault(ck.parent.name, []).append(next(iter(res.values())))
+        for m, rs in by_model.items():
+            lines.append(f"| {src} | {dst} | {m} | {mean_sd([r['accuracy'] for r in rs])} | "
+                         f"{mean_sd([r['macro_f1'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run one task and write its table to OUT/<task>.md."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", choices=["kaggle", "pbc", "cross"], required=True)
+    ap.add_argument("--preset", default="best")
+    ap.add_argument("--models", help="comma-separated (default: the preset's)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="bench/out/accuracy")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra config keys on top of the preset (recorded in the table's heading)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    if args.task == "cross":
+        text = cross(out, seeds)
+    else:
+        rows = run_task(args.task, args.preset, args.models.split(",") if args.models else None, seeds, out,
+                        extra)
+        (out / f"{args.task}-rows.json").write_text(json.dumps(rows, indent=1))
+        text = table(args.task, rows) + f"\n\npreset `{args.preset}`" + (f", with {extra}" if extra else "")
+    stamp = time.strftime("%Y-%m-%d")
+    cmd = f"python bench/accuracy.py --task {args.task} --preset {args.preset} --seeds {args.seeds}" + (
+        f" --models {args.models}" if args.models else "") + (f" --set {' '.join(args.set)}" if args.set else "")
+    text += f"\n\n{stamp}, `{cmd}`\n"
+    (out / f"{args.task}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
