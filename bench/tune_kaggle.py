@@ -29,11 +29,13 @@ from bloodcell.train import train
 from bloodcell.tune import tune
 
 ROOT = Path(__file__).resolve().parents[1]
-# The default space, sized so 20 trials fit 30 minutes on 2 cores. Measured: one Kaggle epoch of
-# cnn4x32 at 64 px takes about 33 s there (283 img/s, bf16); 128 px costs 4 times that, so it is
-# left out, and trials get 2 to 5 epochs (early-stopped after 2 without progress, pruned by the
-# median rule from epoch 2). Every other entry is the default space's.
-SPACE = {"image_size": {"choices": [32, 48, 64, 96]}, "epochs": {"low": 2, "high": 5}, "patience": 2}
+# The default space, sized so 20 trials fit 30 minutes on 2 cores (even on one thread each, which is
+# how it was measured, so another job can share the machine). Measured on an idle machine: one
+# Kaggle epoch of cnn4x32 at 64 px takes about 12 s (about 800 img/s, bf16, 2 threads); 96 and
+# 128 px cost 2.3 and 4 times that, so they are left out, and trials get 3 to 8 epochs
+# (early-stopped after 3 without progress, pruned by the median rule). Every other entry is the
+# default space's.
+SPACE = {"image_size": {"choices": [32, 48, 64]}, "epochs": {"low": 3, "high": 8}, "patience": 3}
 
 
 def default_data() -> str:

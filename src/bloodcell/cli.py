@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("bloodcell: interrupted; 'train --resume RUN_DIR' continues a run", file=sys.stderr)
+        print("bloodcell: interrupted; finished epochs are saved: 'train --resume RUN_DIR', the same "
+              "'compare' command, or 'tune --resume DIR' continues", file=sys.stderr)
         return 130
 
 

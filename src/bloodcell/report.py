@@ -801,7 +801,9 @@ def build_blocks(d: Path, res: dict) -> list:
     blocks += [Block("h2", "Summary", id="summary-h"), summary_table(models, colors),
                Block("note", "Image px: input size. Epochs run (best): epochs trained and the epoch whose "
                              "validation score chose the checkpoint. Cell acc: majority vote over a group's "
-                             "images. Intervals are 95 % bootstraps (over groups where images share one). "
+                             "images. Intervals are 95 %: for image accuracy a bootstrap that resamples "
+                             "whole groups (so augmented twins count once), for cell accuracy a Wilson "
+                             "interval over the cells. "
                              f"{MISSING} = not recorded.")]
     blocks += [Block("h3", "The study's four models"),
                Block("p", "The study bloodcell started from reported these test figures; ours are beside "
