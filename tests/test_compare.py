@@ -85,3 +85,34 @@ def test_protocol_yaml_models_overrides_and_errors(tmp_path):
         load_protocol(str(f))
     with pytest.raises(Exception, match="unknown preset"):
         load_protocol(None, "no-such-preset")
+
+
+def test_every_shipped_preset_is_a_valid_protocol():
+    from bloodcell.compare import list_presets
+    from bloodcell.config import TrainConfig, make_config
+
+    names = list_presets()
+    assert {"demo", "best"} <= set(names)
+    for name in names:
+        shared, models, overrides = load_protocol(None, name)
+        make_config(TrainConfig, shared)  # raises on an unknown key or a bad value
+        assert models, name
+
+
+def test_ensemble_row_averages_saved_probabilities(tmp_path):
+    import numpy as np
+
+    from bloodcell.train import read_predictions
+
+    out = tmp_path / "cmp"
+    res = compare(["cnn2x32", "cnn4x32"], {"data": "synthetic:96", **FAST}, out, log=lambda m: None,
+                  progress=False, report=True, ensemble=True)
+    rows = {r["model"]: r for r in res["models"]}
+    assert rows["ensemble"]["members"] == ["cnn2x32", "cnn4x32"]
+    classes = res["dataset"]["classes"]
+    a, labels, _ = read_predictions(out / "runs" / "cnn2x32" / "predictions_test.csv", classes)
+    b, _, _ = read_predictions(out / "runs" / "cnn4x32" / "predictions_test.csv", classes)
+    expect = float(((a + b).argmax(1) == labels).mean())
+    assert rows["ensemble"]["test"]["accuracy"] == expect
+    assert np.isfinite(rows["ensemble"]["test"]["loss"])
+    assert "ensemble" in (out / "report.html").read_text()

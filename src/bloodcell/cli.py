@@ -1,7 +1,8 @@
-"""bloodcell's command line: a thin layer over the library's functions.
+"""bloodcell: train, compare, tune and serve CNNs for blood-cell image classification.
 
 Usage:
-    bloodcell compare --out runs/compare            # the main job, on built-in synthetic data
+    bloodcell compare --out runs/compare            # the main job (built-in synthetic data)
+    bloodcell compare --data PATH --out runs/mine   # ... on your images
     bloodcell train --data PATH --model cnn4x32 --epochs 10 --out runs/cnn4x32
     bloodcell evaluate runs/cnn4x32 --data PATH
     bloodcell data check PATH
@@ -122,7 +123,7 @@ def cmd_models(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
-    ap = argparse.ArgumentParser(prog="bloodcell", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="bloodcell", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Run 'bloodcell COMMAND --help' for a command's options.")
     from bloodcell import __version__

@@ -91,10 +91,43 @@ def environment(device: str, precision: str, threads: int) -> dict:
             "device": device, "precision": precision}
 
 
+def ensemble_row(out: Path, rows: list[dict], ds) -> dict | None:
+    """A row for the mean of the compared models' probabilities (uniform: no weight is fitted,
+    so the test split chooses nothing), computed from their saved predictions."""
+    from bloodcell.train import read_predictions, split_metrics, write_predictions
+
+    members = [r["model"] for r in rows]
+    run = out / "runs" / "ensemble"
+    run.mkdir(parents=True, exist_ok=True)
+    metrics = {}
+    for split in ("val", "test", "test_simple"):
+        files = [out / r["run_dir"] / f"predictions_{split}.csv" for r in rows]
+        if split not in ds.splits or not all(f.exists() for f in files):
+            continue
+        parts = [read_predictions(f, ds.classes) for f in files]
+        if any(p[2] != parts[0][2] for p in parts):  # members saw other images (per-model data)
+            return None
+        probs = sum(p[0] for p in parts) / len(parts)
+        metrics[split] = split_metrics(ds, split, parts[0][1], probs)
+        write_predictions(run / f"predictions_{split}.csv", parts[0][2], parts[0][1], probs, ds.classes)
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return {
+        "model": "ensemble", "description": "mean of the probabilities of " + ", ".join(members),
+        "params": sum(r["params"] for r in rows), "image_size": rows[0]["image_size"],
+        "batch_size": rows[0]["batch_size"], "epochs": rows[0]["epochs"], "epochs_run": None,
+        "best_epoch": None, "train_minutes": sum(r["train_minutes"] for r in rows),
+        "train_images_per_s": None, "norm": None, "precision": rows[0]["precision"],
+        "run_dir": "runs/ensemble", **metrics, "study": None, "members": members,
+    }
+
+
 def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: dict | None = None,
             overwrite: bool = False, log=print, progress: bool = True, report: bool = True,
-            command: str | None = None) -> dict:
-    """Train and evaluate each model under one protocol; write results.json/.csv (and the report)."""
+            command: str | None = None, ensemble: bool = False) -> dict:
+    """Train and evaluate each model under one protocol; write results.json/.csv (and the report).
+
+    With ``ensemble`` (and two or more models) a last row averages the models' probabilities.
+    """
     from bloodcell.data import load_dataset
     from bloodcell.models import count_parameters, get_model, model_info
     from bloodcell.train import model_kwargs, train
@@ -163,11 +196,15 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
             "study": dict(STUDY[m]) if m in STUDY else None,
         })
     ds0 = next(iter(datasets.values()))
+    if ensemble and len(rows) > 1 and len(datasets) == 1:
+        row = ensemble_row(out, rows, ds0)
+        if row is not None:
+            rows.append(row)
     results = {
         "bloodcell_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": command or "bloodcell.compare.compare(...)",
-        "protocol": protocol,
+        "protocol": {**protocol, "ensemble": ensemble},
         "dataset": {"root": ds0.root, "layout": ds0.layout, "synthetic": ds0.layout == "synthetic",
                     "classes": ds0.classes, "image_size": ds0.image_size, "splits": ds0.summary(),
                     "problems": [{"kind": p.kind, "detail": p.detail, "n": len(p.paths)} for p in ds0.problems]},
@@ -215,9 +252,10 @@ def format_table(rows: list[dict]) -> str:
     key = "test" if all("test" in r for r in rows) else "val"
     lines = [f"{'model':20s} {'params':>11s} {'val':>6s} {key:>6s} {'cell':>6s} {'min':>6s} {'img/s':>7s}"]
     for r in sorted(rows, key=lambda r: -r[key]["accuracy"]):
+        ips = r["train_images_per_s"]
         lines.append(f"{r['model']:20s} {r['params']:>11,} {pct(r['val']['accuracy']):>6s} "
                      f"{pct(r[key]['accuracy']):>6s} {pct(r[key].get('group_accuracy')):>6s} "
-                     f"{r['train_minutes']:6.1f} {r['train_images_per_s']:7.0f}")
+                     f"{r['train_minutes']:6.1f} {'-' if ips is None else f'{ips:.0f}':>7s}")
     return "\n".join(lines)
 
 
@@ -234,11 +272,13 @@ def cmd_compare(args) -> int:
         print("no --data given: running the built-in synthetic demo (preset 'demo'); "
               "see 'bloodcell compare --help' to use your images", file=sys.stderr)
     shared, models, overrides = load_protocol(args.config, preset)
+    ensemble = bool(shared.pop("ensemble", False))
     shared.update(given(args, TrainConfig))
     if args.models:
         models = _model_list(args.models)
     compare(models, shared, args.out, overrides, overwrite=args.overwrite, progress=not args.quiet,
-            report=not args.no_report, command="bloodcell " + shlex.join(sys.argv[1:]))
+            report=not args.no_report, command="bloodcell " + shlex.join(sys.argv[1:]),
+            ensemble=args.ensemble or ensemble)
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
 
@@ -256,6 +296,8 @@ def add_cli(sub) -> None:
     p.add_argument("--config", help="YAML: shared config keys, 'models' and per-model 'overrides'")
     p.add_argument("--preset", help="a protocol shipped with bloodcell (see src/bloodcell/presets)")
     p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's runs and results")
+    p.add_argument("--ensemble", action="store_true",
+                   help="add a row for the mean of all models' probabilities (uniform weights)")
     p.add_argument("--no-report", action="store_true", help="skip report.html/report.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p, TrainConfig, skip=("model",))

@@ -27,7 +27,7 @@ from bloodcell.engine import (
     set_threads,
 )
 from bloodcell.errors import BloodcellError
-from bloodcell.metrics import compute_metrics
+from bloodcell.metrics import compute_metrics, wilson_ci
 from bloodcell.models import get_model
 
 RUN_FILES = ("config.yaml", "history.csv", "best.pt", "last.pt", "splits.json", "metrics.json", "DONE")
@@ -103,9 +103,19 @@ def split_metrics(ds: Dataset, name: str, labels: np.ndarray, probs: np.ndarray)
     m = compute_metrics(labels, probs, ds.classes, groups=groups)
     if groups is None:  # every image its own source: group figures are the image figures
         m.setdefault("group_accuracy", m["accuracy"])
-        m.setdefault("group_accuracy_ci", m.get("accuracy_ci"))
+        m.setdefault("group_accuracy_ci", wilson_ci(int(round(m["accuracy"] * len(labels))), len(labels)))
         m.setdefault("n_groups", int(len(labels)))
     return m
+
+
+def read_predictions(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read predictions_<split>.csv back: (probabilities N x C, label indices, paths)."""
+    index = {c: i for i, c in enumerate(classes)}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+    probs /= probs.sum(1, keepdims=True)  # undo the rounding of the 6-decimal file
+    return probs, np.array([index[r["label"]] for r in rows], dtype=np.int64), [r["path"] for r in rows]
 
 
 def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
