@@ -145,6 +145,13 @@ def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
                  "--class-map", "alpha=eosinophil,beta=lymphocyte,gamma=monocyte"])
     res = json.loads(capsys.readouterr().out)
     assert code == 0 and res["all"]["n"] == 30
+    assert len(res["all"]["confusion"]) == 4  # the model's four classes
+    # --restrict scores only the classes the data has: three columns, renormalised
+    code = main(["evaluate", str(tmp_path / "r"), "--data", str(class_folders), "--json", "--restrict",
+                 "--class-map", "alpha=eosinophil,beta=lymphocyte,gamma=monocyte"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(res["all"]["confusion"]) == 3 and set(res["all"]["per_class"]) == {
+        "eosinophil", "lymphocyte", "monocyte"}
 
 
 @pytest.mark.realdata

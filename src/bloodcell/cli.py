@@ -76,6 +76,7 @@ def cmd_evaluate(args) -> int:
 
     res = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, class_map=args.class_map,
                               tta=args.tta, cache_dir=args.cache_dir, device=args.device, out=args.out,
+                              restrict=args.restrict,
                               log=lambda m: print(m, file=sys.stderr))
     if args.json:
         print(json.dumps(res, indent=1))
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "all images of another data set)")
     p.add_argument("--class-map", help="DATA=MODEL,... where class names differ beyond case")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
+    p.add_argument("--restrict", action="store_true",
+                   help="score only the classes the data has (renormalised): e.g. an 8-class model on a "
+                        "4-class set")
     p.add_argument("--cache-dir", help="decoded-image cache folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", help="folder for metrics.json and predictions CSVs")

@@ -56,8 +56,12 @@ def align_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, st
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = None,
                         class_map: str | None = None, tta: bool = False, cache_dir: str | None = None,
                         device: str = "auto", precision: str = "auto", seed: int | None = None,
-                        out: str | Path | None = None, log=print) -> dict:
-    """Metrics of a checkpoint on a data set's split(s); a whole class-folder set counts as one split."""
+                        out: str | Path | None = None, log=print, restrict: bool = False) -> dict:
+    """Metrics of a checkpoint on a data set's split(s); a whole class-folder set counts as one split.
+
+    ``restrict`` keeps only the model's outputs for the classes the data has, renormalised: the
+    fair way to test an 8-class model on a 4-class set from another lab.
+    """
     set_threads(0)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -90,11 +94,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
             continue
         with torch.inference_mode():
             r = evaluate(model, BatchLoader(ds.splits[name], 256), dev, prec, True, tta)
-        results[name] = split_metrics(ds, name, r["labels"], r["probs"])
+        view, labels, probs = ds, r["labels"], r["probs"]
+        if restrict:
+            keep = sorted({int(k) for s in ds.splits.values() for k in np.unique(s.labels)})
+            probs = probs[:, keep] / probs[:, keep].sum(1, keepdims=True)
+            labels = np.searchsorted(keep, labels)
+            view = Dataset(ds.root, ds.layout, [ds.classes[k] for k in keep],
+                           {name: Split(ds.splits[name].images, labels, ds.splits[name].groups,
+                                        ds.splits[name].paths)}, ds.image_size, ds.resize)
+        results[name] = split_metrics(view, name, labels, probs)
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
-            write_predictions(Path(out) / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"],
-                              r["probs"], ds.classes)
+            write_predictions(Path(out) / f"predictions_{name}.csv", ds.splits[name].paths, labels, probs,
+                              view.classes)
     if out:
         (Path(out) / "metrics.json").write_text(json.dumps(results, indent=1))
     return results
