@@ -207,3 +207,14 @@ def test_resume_after_kill_9_equals_uninterrupted(tmp_path):
     for split in ("val", "test"):
         assert round(a[split]["loss"], 4) == round(b[split]["loss"], 4)
         assert a[split]["accuracy"] == b[split]["accuracy"]
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path):
+    train(tiny(epochs=1), tmp_path / "a", log=quiet, progress=False)
+    src = read_checkpoint(tmp_path / "a" / "best.pt")["state_dict"]
+    fresh = train(tiny(epochs=1, lr=1e-12, weight_decay=0.0, init_from=str(tmp_path / "a")), tmp_path / "b",
+                  log=quiet, progress=False)
+    got = read_checkpoint(tmp_path / "b" / "best.pt")["state_dict"]
+    conv = [k for k in src if k.endswith("weight") and src[k].ndim == 4]
+    assert conv and all(torch.allclose(src[k], got[k], atol=1e-6) for k in conv)
+    assert fresh["run"]["epochs_run"] == 1
