@@ -300,3 +300,12 @@ def test_tune_report_command_rebuilds_the_report(tmp_path, capsys):
     assert (out / "report.html").exists() and (out / "best.yaml").exists()
     assert main(["tune", "report", str(tmp_path / "nothing")]) == 2
     assert "holds no study" in capsys.readouterr().err
+
+
+def test_bad_data_path_is_one_line_before_any_trial(tmp_path, capsys):
+    from bloodcell.cli import main
+
+    code = main(["tune", "--data", str(tmp_path / "nope"), "--model", "cnn4x32", "--trials", "1",
+                 "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"bloodcell: error: data path does not exist: {tmp_path / 'nope'}"]

@@ -592,6 +592,10 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
             if k in base:
                 raise ConfigError(f"base config: {k!r} is set by tune's own argument, not the config")
         make_config(TrainConfig, base, {"data": data, "model": model})
+        from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
+
+        if not is_synthetic(data):  # a bad path is one line now, not a failed trial's traceback
+            raise_if_fatal(discover(data, group_regex=base.get("group_regex")))
         resolved = load_space(space, model, base)
         grid_d = parse_grid(grid)
         if grid_d:
