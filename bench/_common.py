@@ -124,3 +124,16 @@ def endless(loader):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         yield from loader
+
+
+def write_outputs(out_dir: str, stem: str, md: str, result: dict) -> Path:
+    """Print the Markdown, write OUT/<stem>.md and .json; returns OUT/<stem> (no suffix)."""
+    import json
+
+    print()
+    print(md)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    return out / stem

@@ -46,6 +46,7 @@ from _common import (
     peak_rss_mb,
     proc_status_mb,
     sample_items,
+    write_outputs,
 )
 
 from bloodcell.config import TrainConfig
@@ -321,18 +322,13 @@ def main(argv: list[str] | None = None) -> dict | None:
             shutil.rmtree(work, ignore_errors=True)
 
     md = render(by_size, by_n, info, args, setup)
-    print()
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "scaling-quick" if args.quick else "scaling"
-    (out / f"{stem}.md").write_text(md)
     result = {"machine": info, "setup": setup, "image_size": by_size, "data_size": by_n,
               "model": args.model, "batch_size": args.batch_size, "subset": args.subset}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(by_size, by_n, out / f"{stem}.png",
+    base = write_outputs(args.out, stem, md, result)
+    plot(by_size, by_n, base.with_suffix(".png"),
          f"bloodcell {args.model}, batch {args.batch_size}" + (" (quick run)" if args.quick else ""))
-    print(f"wrote {out / stem}.md, .json and .png")
+    print(f"wrote {base}.md, .json and .png")
     return result
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shutil
 import statistics
@@ -43,7 +42,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import OUT, default_data, endless, machine_info, machine_md, md_table, sample_items
+from _common import (
+    OUT,
+    default_data,
+    endless,
+    machine_info,
+    machine_md,
+    md_table,
+    sample_items,
+    write_outputs,
+)
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 from torchvision import transforms as T
@@ -322,17 +330,12 @@ def main(argv: list[str] | None = None) -> dict:
         peak = {k: max(peak[k], again[k]) for k in peak}
 
     md = render(rows, caches, peak, info, args, precision, discover_s, len(src.items))
-    print()
-    print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "train_speed-quick" if args.quick else "train_speed"
-    (out / f"{stem}.md").write_text(md)
     result = {"machine": info, "peak_gflop_s": peak, "precision": precision, "batch_size": BATCH,
               "reference_workers": REF_WORKERS, "rounds": args.rounds, "steps": args.steps,
               "warmup": args.warmup, "discover_s": discover_s, "cache": caches, "configs": rows}
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / stem}.md and .json")
+    base = write_outputs(args.out, stem, md, result)
+    print(f"wrote {base}.md and .json")
     return result
 
 
