@@ -115,8 +115,6 @@ class _Rows:
         return len(self.rows)
 
     def __getitem__(self, key):
-        if isinstance(key, int | np.integer):
-            return self.base[self.rows[key]]
         return self.base[self.rows[key]]
 
     def __array__(self, dtype=None, copy=None):
