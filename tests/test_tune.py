@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy.exc
 import yaml
 
 optuna = pytest.importorskip("optuna")
@@ -232,8 +233,8 @@ def test_interrupt_and_resume_loses_no_finished_trial(tmp_path):
             try:
                 if len(finished_trials(storage, "bloodcell-cnn4x32")) >= 2:
                     break
-            except (KeyError, optuna.exceptions.StorageInternalError):
-                pass  # the study is being created
+            except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+                pass  # the study (or its tables, which this poll may race to create) is being created
     p.send_signal(signal.SIGINT)
     log = p.communicate(timeout=60)[0]
     assert p.returncode == 130, log

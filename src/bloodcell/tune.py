@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import html
 import json
 import math
@@ -471,6 +472,7 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
     def objective(trial) -> float:
+        trial.set_user_attr("worker", worker_id())
         # Trial numbers are handed out atomically by the storage, so counting the live trials
         # numbered below this one gives every worker the same answer: exactly `trials` run.
         ahead = sum(1 for t in trial.study.get_trials(deepcopy=False, states=counted)
@@ -545,6 +547,29 @@ def _stop_when_full(n: int):
             study.stop()
 
     return callback
+
+
+def worker_id() -> str:
+    """This process, as a trial records it: host and process id."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _fail_own_running(study, started) -> None:
+    """After Ctrl-C, mark this process's trials that are still RUNNING as failed, so a resume reruns
+    them at once instead of counting them as running elsewhere until their heartbeat goes stale.
+
+    An interrupt between optuna creating a trial and our objective tagging it leaves an untagged
+    trial; one created after this process started optimising is taken to be ours.
+    """
+    from optuna.trial import TrialState
+
+    me = worker_id()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker")
+        if owner == me or (owner is None and t.datetime_start and t.datetime_start >= started):
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
 def _retry_interrupted(study, log) -> None:
@@ -631,9 +656,14 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
         f"{settings.trials} trials finished, {c[TrialState.RUNNING]} running; maximising val "
         f"{settings.metric} of {settings.model} on {settings.data}")
     if finished + c[TrialState.RUNNING] < settings.trials:
-        study.optimize(make_objective(settings, out, log), n_trials=None,
-                       timeout=settings.timeout_min * 60 if settings.timeout_min else None,
-                       catch=(_Surplus,), callbacks=[_stop_when_full(settings.trials)])
+        started = datetime.datetime.now()
+        try:
+            study.optimize(make_objective(settings, out, log), n_trials=None,
+                           timeout=settings.timeout_min * 60 if settings.timeout_min else None,
+                           catch=(_Surplus,), callbacks=[_stop_when_full(settings.trials)])
+        except KeyboardInterrupt:
+            _fail_own_running(study, started)
+            raise
     return summarise(study, settings, out, report=report, log=log)
 
 
