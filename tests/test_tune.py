@@ -221,14 +221,14 @@ def test_same_folder_other_settings_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_interrupt_and_resume_loses_no_finished_trial(tmp_path):
-    out, n = tmp_path / "study", 4
+    out, n = tmp_path / "study", 8  # enough trials that the interrupt lands before the last one
     space = write_space(tmp_path / "space.yaml", {**TINY, "epochs": 2})
     storage = f"sqlite:///{out}/study.db"
     p = cli("tune", "--data", DATA, "--trials", str(n), "--space", str(space), "--out", str(out),
             "--threads", "1", "--pruner", "none")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        time.sleep(0.3)
+        time.sleep(0.1)
         if (out / "study.db").exists():
             try:
                 if len(finished_trials(storage, "bloodcell-cnn4x32")) >= 2:
