@@ -45,9 +45,8 @@ def align_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, st
         if len(keep) == 0:
             continue
         lut = np.array([remap.get(i, -1) for i in range(len(ds.classes))])
-        splits[name] = Split(np.asarray(s.images[keep]) if not isinstance(s.images, np.ndarray)
-                             else s.images[keep], lut[s.labels[keep]], s.groups[keep],
-                             [s.paths[k] for k in keep])
+        # an array or a lazy row view: indexing either gives the selected rows as an array
+        splits[name] = Split(s.images[keep], lut[s.labels[keep]], s.groups[keep], [s.paths[k] for k in keep])
     out = Dataset(ds.root, ds.layout, list(model_classes), splits, ds.image_size, ds.resize, ds.problems,
                   ds.cached)
     return out, dropped
