@@ -37,19 +37,27 @@ def mean_sd(values: list[float]) -> str:
 
 
 def run_task(task: str, preset: str, models: list[str] | None, seeds: list[int], out: Path,
-             extra: dict) -> list[dict]:
-    """One compare per seed; returns the per-seed results rows."""
+             extra: dict) -> None:
+    """One compare per seed, each into OUT/<task>-seed<N> (resumable: a finished model is kept)."""
     shared, preset_models, overrides = load_protocol(None, preset)
     shared.update({"data": str(DATA[task]), **extra})
     models = models or preset_models
+    for seed in seeds:
+        compare(models, {**shared, "seed": seed}, out / f"{task}-seed{seed}", overrides,
+                progress=False, report=True, command=f"bench/accuracy.py --task {task} seed {seed}")
+
+
+def collect(task: str, models: list[str] | None, seeds: list[int], out: Path) -> list[dict]:
+    """The per-seed results rows of every seed folder asked for (so seeds run by separate processes,
+    side by side, make one table)."""
     rows = []
     for seed in seeds:
-        t = time.perf_counter()
-        res = compare(models, {**shared, "seed": seed}, out / f"{task}-seed{seed}", overrides,
-                      progress=False, report=True, command=f"bench/accuracy.py --task {task} seed {seed}")
-        wall = (time.perf_counter() - t) / 60
-        for r in res["models"]:
-            rows.append({"seed": seed, "wall_minutes": wall, **r})
+        path = out / f"{task}-seed{seed}" / "results.json"
+        if not path.exists():
+            raise SystemExit(f"error: {path} is missing: run --seeds {seed} first")
+        for r in json.loads(path.read_text())["models"]:
+            if models is None or r["model"] in models:
+                rows.append({"seed": seed, **r})
     return rows
 
 
@@ -106,16 +114,20 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/accuracy")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config keys on top of the preset (recorded in the table's heading)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only gather the seed folders already in --out into the table (seeds run side by side)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = dict(kv.split("=", 1) for kv in args.set)
+    models = args.models.split(",") if args.models else None
     if args.task == "cross":
         text = cross(out, seeds)
     else:
-        rows = run_task(args.task, args.preset, args.models.split(",") if args.models else None, seeds, out,
-                        extra)
+        if not args.table_only:
+            run_task(args.task, args.preset, models, seeds, out, extra)
+        rows = collect(args.task, models, seeds, out)
         (out / f"{args.task}-rows.json").write_text(json.dumps(rows, indent=1))
         text = table(args.task, rows) + f"\n\npreset `{args.preset}`" + (f", with {extra}" if extra else "")
     stamp = time.strftime("%Y-%m-%d")

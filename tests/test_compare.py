@@ -75,6 +75,22 @@ def test_compare_refuses_another_protocol_in_same_folder(tmp_path, capsys):
     assert code == 2 and "another protocol" in err[-1] and "image_size" in err[-1]
 
 
+def test_compare_adds_a_model_to_a_finished_comparison(tmp_path):
+    out = tmp_path / "cmp"
+    shared = {"data": "synthetic:80", **FAST}
+    compare(["cnn2x32"], shared, out, log=lambda m: None, progress=False, report=False)
+    mtime = (out / "runs" / "cnn2x32" / "best.pt").stat().st_mtime_ns
+    logs = []
+    res = compare(["cnn2x32", "cnn4x32"], shared, out, log=logs.append, progress=False, report=False)
+    assert [r["model"] for r in res["models"]] == ["cnn2x32", "cnn4x32"]
+    assert any("cnn2x32: already finished, kept" in m for m in logs)
+    assert (out / "runs" / "cnn2x32" / "best.pt").stat().st_mtime_ns == mtime
+    # a changed override of a model already in the folder is another protocol
+    with pytest.raises(Exception, match="overrides of cnn2x32"):
+        compare(["cnn2x32"], shared, out, {"cnn2x32": {"lr": 0.01}}, log=lambda m: None, progress=False,
+                report=False)
+
+
 def test_protocol_yaml_models_overrides_and_errors(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("epochs: 3\nmodels: [cnn2x32, vgg3]\noverrides:\n  vgg3: {lr: 0.001}\n")

@@ -144,9 +144,14 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
     protocol.pop("model")
     saved = out / "compare.yaml"
     if saved.exists() and not overwrite:
-        old = load_yaml(saved)
-        if old != json.loads(json.dumps(protocol)):
-            diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
+        # The model list may grow or shrink (finished models are kept); the protocol itself may not
+        # change, nor the overrides of a model already in the folder.
+        old, new = load_yaml(saved), json.loads(json.dumps(protocol))
+        both = set(old.get("models", [])) & set(models)
+        diff = sorted(k for k in (set(old) | set(new)) - {"models", "overrides"} if old.get(k) != new.get(k))
+        diff += [f"overrides of {m}" for m in sorted(both)
+                 if old.get("overrides", {}).get(m) != new["overrides"].get(m)]
+        if diff:
             raise BloodcellError(f"{out} holds a comparison with another protocol (differs in: "
                                  f"{', '.join(diff)}); use --overwrite or another --out")
     elif out.exists() and any(out.iterdir()) and not overwrite and not saved.exists():
