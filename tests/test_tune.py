@@ -310,3 +310,28 @@ def test_bad_data_path_is_one_line_before_any_trial(tmp_path, capsys):
                  "--out", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"bloodcell: error: data path does not exist: {tmp_path / 'nope'}"]
+
+
+@pytest.mark.parametrize("name", ["median", "hyperband"])
+def test_pruners_wait_for_the_end_of_the_warm_up(name):
+    from bloodcell.tune import PRUNE_FROM_EPOCH, _make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=_make_pruner(name, 9),
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(6):  # good trials: 0.9 at every epoch
+        t = study.ask()
+        for epoch in range(1, 10):
+            t.report(0.9, epoch)
+        study.tell(t, 0.9)
+    bad = study.ask()
+    pruned_at = None
+    for epoch in range(1, 10):
+        bad.report(0.1, epoch)
+        if bad.should_prune():
+            pruned_at = epoch
+            break
+    assert PRUNE_FROM_EPOCH == 2
+    if name == "median":  # pruned as soon as allowed: not inside the first (warm-up) epoch, not later
+        assert pruned_at == PRUNE_FROM_EPOCH
+    else:  # Hyperband's rungs start at PRUNE_FROM_EPOCH (a trial's bracket may start later)
+        assert pruned_at is None or pruned_at >= PRUNE_FROM_EPOCH

@@ -349,12 +349,20 @@ def open_storage(url: str):
     raise BloodcellError(f"cannot open storage {_masked(url)}: {str(last).splitlines()[0]}")
 
 
+# The first epoch a pruner may stop a trial after. Epoch 1 runs inside the default one-epoch
+# learning-rate warm-up, where a trial's score says little about where it ends: in the 20-trial
+# Kaggle study, 9 trials were pruned there when pruning began at epoch 1 (bench/RESULTS.md).
+PRUNE_FROM_EPOCH = 2
+
+
 def _make_pruner(name: str, max_epochs: int):
     optuna = _quiet_optuna()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # Optuna prunes once a trial's step >= n_warmup_steps; steps are 1-based epochs here.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=PRUNE_FROM_EPOCH)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 2),
+        return optuna.pruners.HyperbandPruner(min_resource=PRUNE_FROM_EPOCH,
+                                              max_resource=max(max_epochs, PRUNE_FROM_EPOCH + 1),
                                               reduction_factor=3)
     return optuna.pruners.NopPruner()
 
@@ -984,8 +992,8 @@ def add_cli(sub) -> None:
     p.add_argument("--study", metavar="NAME", help="study name in the storage (default: bloodcell-MODEL)")
     p.add_argument("--metric", default="macro_f1", choices=sorted(METRICS),
                    help="validation metric to maximise (default: macro_f1)")
-    p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop poor trials early "
-                                                                        "(default: median)")
+    p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop poor trials early, from "
+                   "epoch 2 on, after the learning-rate warm-up (default: median)")
     p.add_argument("--config", metavar="FILE", help="YAML of train config keys every trial shares")
     p.add_argument("--cache-dir", help="decoded-image cache folder")
     p.add_argument("--seed", type=int, help="split and training seed shared by every trial (default 0)")
