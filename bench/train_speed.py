@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Usage: python bench/train_speed.py [--data PATH] [--configs cnn4x32@64,vgg3@64,resnet18@64,resnet18@128]
-                                   [--rounds 3] [--steps 10] [--warmup 2] [--quick]
+                                   [--rounds 3] [--steps 10] [--warmup 2] [--no-compile] [--quick]
 
 Training throughput of bloodcell's engine against a plain PyTorch loop, on the Kaggle blood cells.
 
@@ -20,6 +20,10 @@ rounds of (reference, bloodcell) -- the order alternates between rounds -- each 
 steps not timed, then ``--steps`` timed steps of batch 64. The reference's DataLoader is started
 afresh every round and shut down at its end, so its workers never run during bloodcell's turn.
 Reported: median images/s over rounds [min-max] and the ratio bloodcell / reference.
+
+A third contender (unless ``--no-compile``): the same engine with ``torch.compile(model)`` (inductor,
+default mode), its own model and batches, its compile time (the first two steps) and the images a
+run must train before compiling pays back, so the engine's default (eager) rests on a measurement.
 
 FLOP rate: the training FLOPs per image are counted by ``torch.utils.flop_counter.FlopCounterMode``
 around one forward + backward pass (convolutions and matrix products; a multiply-add is 2 FLOPs),
@@ -164,36 +168,61 @@ def bloodcell_round(model, step: Step, batches, warmup: int, steps: int) -> floa
 
 
 def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precision: str) -> dict:
-    """Interleaved rounds of reference and bloodcell for one model at one image size."""
+    """Interleaved rounds of reference and bloodcell (and bloodcell + torch.compile) for one model."""
     classes, cfg = len(ds.classes), TrainConfig()
+
+    def bloodcell_setup(compiled: bool):
+        torch.manual_seed(0)
+        model = get_model(name, num_classes=classes, image_size=size).to(memory_format=torch.channels_last)
+        step = Step(make_optimizer(model, "adamw", cfg.lr, cfg.weight_decay, cfg.momentum), None,
+                    torch.device("cpu"), precision, channels_last=True)
+        loader = BatchLoader(ds.splits["train"], BATCH, shuffle=True, augment="strong", seed=0, drop_last=True)
+        batches = endless(loader)
+        compile_s = None
+        if compiled:  # the compiled module shares its parameters with ``model``; the first steps compile
+            model = torch.compile(model)
+            t0 = time.perf_counter()
+            train_one_epoch(model, itertools.islice(batches, 2), step)
+            compile_s = time.perf_counter() - t0
+        return model, step, batches, compile_s
+
     torch.manual_seed(0)
     ref_model = get_model(name, num_classes=classes, image_size=size)
     ref_opt = make_optimizer(ref_model, "adamw", cfg.lr, cfg.weight_decay, cfg.momentum)
     ref_loader = reference_loader(train_dir, size, keep, seed=0)
+    bc = bloodcell_setup(False)
+    contenders = {"reference": [], "bloodcell": []}
+    comp = None
+    if args.compile:
+        comp = bloodcell_setup(True)
+        contenders["compiled"] = []
+        print(f"  torch.compile: first two steps (compilation) {comp[3]:.1f} s", flush=True)
 
-    torch.manual_seed(0)
-    bc_model = get_model(name, num_classes=classes, image_size=size).to(memory_format=torch.channels_last)
-    step = Step(make_optimizer(bc_model, "adamw", cfg.lr, cfg.weight_decay, cfg.momentum), None,
-                torch.device("cpu"), precision, channels_last=True)
-    loader = BatchLoader(ds.splits["train"], BATCH, shuffle=True, augment="strong", seed=0, drop_last=True)
-    bc_batches = endless(loader)
-
-    ref, bc = [], []
     for r in range(args.rounds):
-        order = ("reference", "bloodcell") if r % 2 == 0 else ("bloodcell", "reference")
+        order = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
         for who in order:
             if who == "reference":
-                ref.append(reference_round(ref_model, ref_opt, ref_loader, args.warmup, args.steps))
+                rate = reference_round(ref_model, ref_opt, ref_loader, args.warmup, args.steps)
             else:
-                bc.append(bloodcell_round(bc_model, step, bc_batches, args.warmup, args.steps))
-        print(f"  round {r + 1}/{args.rounds}: reference {ref[-1]:,.1f} img/s, bloodcell {bc[-1]:,.1f} img/s",
+                model, step, batches, _ = bc if who == "bloodcell" else comp
+                rate = bloodcell_round(model, step, batches, args.warmup, args.steps)
+            contenders[who].append(rate)
+        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.1f} img/s" for k, v in contenders.items()),
               flush=True)
     flops, fwd = train_flops_per_image(name, size, classes)
-    return {"config": f"{name}@{size}", "model": name, "image_size": size,
-            "reference_img_s": statistics.median(ref), "bloodcell_img_s": statistics.median(bc),
-            "reference_all": ref, "bloodcell_all": bc,
-            "ratio": statistics.median(bc) / statistics.median(ref),
-            "train_gflop_per_img": flops / 1e9, "forward_gflop_per_img": fwd / 1e9}
+    ref, bcs = contenders["reference"], contenders["bloodcell"]
+    row = {"config": f"{name}@{size}", "model": name, "image_size": size,
+           "reference_img_s": statistics.median(ref), "bloodcell_img_s": statistics.median(bcs),
+           "reference_all": ref, "bloodcell_all": bcs,
+           "ratio": statistics.median(bcs) / statistics.median(ref),
+           "train_gflop_per_img": flops / 1e9, "forward_gflop_per_img": fwd / 1e9}
+    if comp is not None:
+        c = statistics.median(contenders["compiled"])
+        saved_per_img = 1 / row["bloodcell_img_s"] - 1 / c  # seconds saved per image once compiled
+        row.update({"compiled_img_s": c, "compiled_all": contenders["compiled"], "compile_s": comp[3],
+                    "compiled_vs_eager": c / row["bloodcell_img_s"],
+                    "break_even_images": comp[3] / saved_per_img if saved_per_img > 0 else None})
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +252,21 @@ def render(rows: list[dict], caches: list[dict], peak: dict, info: dict, args, p
         ])
     headers = ["config (model@px)", "reference img/s", "bloodcell img/s", "ratio", "GFLOP/img (train)",
                "achieved GFLOP/s (ref / bc)", "% of fp32 peak (ref / bc)", "% of bf16 peak (ref / bc)"]
+    compile_rows = [[r["config"], f"{r['bloodcell_img_s']:,.1f}{spread(r['bloodcell_all'])}",
+                     f"{r['compiled_img_s']:,.1f}{spread(r['compiled_all'])}", f"{r['compiled_vs_eager']:.2f}x",
+                     f"{r['compile_s']:.0f}",
+                     "never" if r["break_even_images"] is None else f"{r['break_even_images']:,.0f} images"]
+                    for r in rows if "compiled_img_s" in r]
+    compile_md = "" if not compile_rows else f"""
+## torch.compile (inductor) against eager, same engine, same run
+
+Each configuration also ran `torch.compile(model)` (default mode) through the same engine, interleaved \
+with the two above. Compile time is the wall time of its first two steps. Break-even: the images a \
+run must train before the compiled model has repaid its compile time ("never" when it is not faster).
+
+{md_table(["config", "eager img/s", "compiled img/s", "compiled / eager", "compile s", "break-even"],
+          compile_rows)}
+"""
     cache_rows = [[f"{c['image_size']} px", f"{c['images']:,}", f"{c['seconds']:.1f}",
                    f"{c['img_s']:,.0f}"] for c in caches]
     mode = "QUICK development run (tiny sizes; figures not meaningful)\n\n" if args.quick else ""
@@ -245,7 +289,7 @@ multiply-add = 2 FLOPs). Dense matmul peak of this machine (torch.mm {args.peak_
 {info['torch_threads']} threads, best of several): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 \
 {peak['bf16']:,.0f} GFLOP/s. The reference runs in fp32, bloodcell in {precision}: compare each with \
 its own precision's peak.
-
+{compile_md}
 ## Decoded cache build (bloodcell.data.load_dataset, cold, {subset})
 
 Listing and hashing the files (discover, not included below): {discover_s:.1f} s. Decoding into a \
@@ -276,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: the physical cores")
     ap.add_argument("--quick", action="store_true",
                     help="a development run: cnn4x32 and vgg3 at 32 px, 256 images, 2 steps, 1 round")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the third contender, bloodcell's engine with torch.compile(model)")
     ap.add_argument("--out", default=str(OUT), help="output folder (default: %(default)s)")
     args = ap.parse_args(argv)
     quick = {"configs": QUICK_CONFIGS, "rounds": 1, "steps": 2, "warmup": 1, "limit": 256, "peak_size": 1024}
