@@ -126,6 +126,40 @@ def train_flops_per_image(name: str, size: int, classes: int, batch: int = 4) ->
     return (f + b) / batch, f / batch
 
 
+
+# Where a bloodcell training step spends its time, by kind of operation (self CPU time of the
+# profiler's ATen ops). First match wins; everything else is "other".
+OP_KINDS = (
+    ("convolution", ("convolution", "conv2d", "mkldnn_conv")),
+    ("matmul", ("addmm", "aten::mm", "aten::bmm", "linear")),
+    ("batch norm", ("batch_norm",)),
+    ("activation, pooling", ("relu", "clamp_min", "threshold", "pool", "hardswish", "hardsigmoid", "silu",
+                             "sigmoid")),
+    ("optimizer", ("addcdiv", "addcmul", "lerp", "sqrt", "_foreach", "mul_", "div_", "zero_")),
+    ("augmentation", ("grid_sampler", "affine_grid", "flip", "aten::where")),
+)
+
+
+def time_breakdown(model, step: Step, batches, steps: int = 5) -> dict[str, float]:
+    """Seconds per step by kind of operation, over ``steps`` profiled bloodcell steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    train_one_epoch(model, itertools.islice(batches, 1), step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        train_one_epoch(model, itertools.islice(batches, steps), step)
+        wall = time.perf_counter() - t0
+    kinds = dict.fromkeys([k for k, _ in OP_KINDS] + ["other"], 0.0)
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        kind = next((k for k, pats in OP_KINDS if any(pt in ev.key for pt in pats)), "other")
+        kinds[kind] += ev.self_cpu_time_total / 1e6 / steps
+    # what no ATen op accounts for: Python, the data loader's numpy reads, profiler overhead
+    kinds["other"] += max(0.0, wall / steps - sum(kinds.values()))
+    return kinds
+
+
 # ---------------------------------------------------------------------------------------------
 # the two training loops
 
@@ -210,12 +244,14 @@ def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precisio
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.1f} img/s" for k, v in contenders.items()),
               flush=True)
     flops, fwd = train_flops_per_image(name, size, classes)
+    kinds = time_breakdown(bc[0], bc[1], bc[2])
     ref, bcs = contenders["reference"], contenders["bloodcell"]
     row = {"config": f"{name}@{size}", "model": name, "image_size": size,
            "reference_img_s": statistics.median(ref), "bloodcell_img_s": statistics.median(bcs),
            "reference_all": ref, "bloodcell_all": bcs,
            "ratio": statistics.median(bcs) / statistics.median(ref),
-           "train_gflop_per_img": flops / 1e9, "forward_gflop_per_img": fwd / 1e9}
+           "train_gflop_per_img": flops / 1e9, "forward_gflop_per_img": fwd / 1e9,
+           "seconds_per_step_by_kind": kinds}
     if comp is not None:
         c = statistics.median(contenders["compiled"])
         saved_per_img = 1 / row["bloodcell_img_s"] - 1 / c  # seconds saved per image once compiled
@@ -267,6 +303,26 @@ run must train before the compiled model has repaid its compile time ("never" wh
 {md_table(["config", "eager img/s", "compiled img/s", "compiled / eager", "compile s", "break-even"],
           compile_rows)}
 """
+    kind_names = list(rows[0]["seconds_per_step_by_kind"]) if rows else []
+    kind_rows = []
+    for r in rows:
+        k = r["seconds_per_step_by_kind"]
+        total = sum(k.values())
+        conv_s = k["convolution"] + k["matmul"]
+        conv_rate = r["train_gflop_per_img"] * BATCH / conv_s if conv_s > 0 else 0.0
+        kind_rows.append([r["config"], f"{1e3 * total:.0f}"] + [f"{100 * k[n] / total:.0f} %" for n in kind_names]
+                         + [f"{conv_rate:,.0f} ({100 * conv_rate / peak['bf16']:.0f} %)"])
+    breakdown_md = "" if not kind_rows else f"""
+## Where bloodcell's step spends its time
+
+Five profiled steps per configuration (torch.profiler, self CPU time of the ATen ops, grouped by \
+kind; "other" includes what no op accounts for: Python, the loader's reads and augmentation, the \
+profiler's own cost). The last column is the FLOP rate of the convolutions and matrix products \
+alone, in the time they take (GFLOP/s, share of the bf16 peak): the ceiling of the whole step's \
+rate if everything else took no time.
+
+{md_table(["config", "ms/step (profiled)"] + kind_names + ["conv + matmul GFLOP/s (of bf16 peak)"], kind_rows)}
+"""
     cache_rows = [[f"{c['image_size']} px", f"{c['images']:,}", f"{c['seconds']:.1f}",
                    f"{c['img_s']:,.0f}"] for c in caches]
     mode = "QUICK development run (tiny sizes; figures not meaningful)\n\n" if args.quick else ""
@@ -289,7 +345,7 @@ multiply-add = 2 FLOPs). Dense matmul peak of this machine (torch.mm {args.peak_
 {info['torch_threads']} threads, best of several): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 \
 {peak['bf16']:,.0f} GFLOP/s. The reference runs in fp32, bloodcell in {precision}: compare each with \
 its own precision's peak.
-{compile_md}
+{breakdown_md}{compile_md}
 ## Decoded cache build (bloodcell.data.load_dataset, cold, {subset})
 
 Listing and hashing the files (discover, not included below): {discover_s:.1f} s. Decoding into a \
