@@ -128,6 +128,22 @@ def test_bad_train_flags_are_one_line(tmp_path, capsys, args, needle):
     assert code == 2 and len(err) == 1 and needle in err[0], err
 
 
+def test_every_train_flag_says_what_it_does(capsys):
+    from dataclasses import fields
+
+    from bloodcell.config import CHOICES, FIELD_HELP
+
+    assert {f.name for f in fields(TrainConfig)} - {"data"} == set(FIELD_HELP)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, allowed in CHOICES.items():  # the choices are shown, and each is accepted
+        assert "{" + ",".join(allowed) + "}" in text, name
+        for value in allowed:
+            make_config(TrainConfig, {name: value})
+    assert "cellfit: that square sized to the cell" in text
+
+
 def test_unknown_config_key_rejected(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'epoch'"):
         make_config(TrainConfig, {"epoch": 3})

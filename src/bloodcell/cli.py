@@ -17,7 +17,7 @@ import sys
 import typing
 from dataclasses import fields
 
-from bloodcell.config import TrainConfig, hints, load_yaml, make_config
+from bloodcell.config import CHOICES, FIELD_HELP, TrainConfig, hints, load_yaml, make_config
 from bloodcell.errors import BloodcellError
 
 DATA_HELP = ("data: a folder of images (Kaggle blood-cells layout, <class>/ folders, or "
@@ -35,12 +35,14 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         tp = types_[f.name]
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_ = (DATA_HELP if f.name == "data" else "") + f" (default: {shown})"
+        help_ = (DATA_HELP if f.name == "data" else FIELD_HELP.get(f.name, "")) + f" (default: {shown})"
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             metavar = "LIST" if typing.get_origin(tp) is tuple else f.name.upper()
-            p.add_argument(flag, default=None, metavar=metavar, help=help_)
+            if f.name in CHOICES:
+                metavar = "{" + ",".join(CHOICES[f.name]) + "}"
+            p.add_argument(flag, default=None, metavar=metavar, help=help_.strip())
 
 
 def given(args: argparse.Namespace, cls) -> dict:

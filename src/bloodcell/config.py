@@ -16,6 +16,57 @@ import yaml
 from bloodcell.errors import ConfigError
 
 
+# The allowed values of TrainConfig's string fields that take one of a few.
+CHOICES = {
+    "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
+    "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
+    "norm": ("batch", "none"), "augment": ("none", "light", "strong"),
+    "resize": ("squash", "crop", "pad", "cell", "cellfit"),
+    "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
+}
+
+# What each TrainConfig field does: the --help text of its flag.
+FIELD_HELP = {
+    "image_size": "side of the square images the model sees, in pixels",
+    "resize": "how a frame becomes a square: squash the whole frame; crop its centre; pad it "
+              "(letterbox); cell: a square of 0.8 x the short side centred on the stained white cell; "
+              "cellfit: that square sized to the cell, so every cell fills the frame alike at any zoom",
+    "val_fraction": "share of the training images (by group) held out for validation when the data "
+                    "has no val split",
+    "fractions": "train,val,test shares for a data set with no split folders",
+    "group_regex": "regular expression whose first group names an image's group (source cell); "
+                   "None: the Kaggle _K_N names where they apply; byte-identical files always share one",
+    "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
+    "model": "registered model name (bloodcell models lists them)",
+    "norm": "normalisation layers of the study's four models",
+    "weights": "a local state_dict file to start the model from (never downloaded)",
+    "init_from": "a bloodcell checkpoint to start from: every weight whose shape fits is taken (a "
+                 "classifier for other classes is not)",
+    "epochs": "passes over the training images",
+    "batch_size": "images per training step",
+    "optimizer": "optimiser",
+    "lr": "peak learning rate",
+    "weight_decay": "decoupled weight decay (not on biases or normalisation weights)",
+    "momentum": "SGD momentum (Nesterov)",
+    "schedule": "learning-rate schedule after the linear warm-up",
+    "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "class_weights": "weight the loss by inverse class frequency",
+    "clip_grad": "clip the gradient norm to this (0: off)",
+    "augment": "augmentation preset: none; light = flips and 90-degree rotations; strong = light + "
+               "affine + colour and stain jitter",
+    "ema": "decay of an exponential moving average of the weights, evaluated instead of them (0: off)",
+    "patience": "stop after this many epochs without a better validation score (0: never)",
+    "monitor": "validation score that chooses the best epoch",
+    "tta": "final evaluation averages 8 flips/rotations of each image (never used to choose anything)",
+    "seed": "seed of the split, the initialisation, the order and the augmentation",
+    "precision": "auto = bf16 autocast where the hardware has native bf16, else fp32",
+    "channels_last": "channels-last memory format (faster convolutions on CPU)",
+    "device": "auto = CUDA if available, else CPU",
+    "threads": "torch threads (0: the physical cores)",
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides what one training run does (data, model, optimisation, runtime)."""
@@ -58,14 +109,7 @@ class TrainConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        check = {
-            "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
-            "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-            "norm": ("batch", "none"), "augment": ("none", "light", "strong"),
-            "resize": ("squash", "crop", "pad", "cell"),
-            "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
-        }
-        for key, allowed in check.items():
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         positive = ("image_size", "batch_size", "epochs")
