@@ -27,13 +27,15 @@ from bloodcell.errors import DataError
 @pytest.mark.realdata
 def test_kaggle_counts_groups_and_no_leak(kaggle_root):
     src = discover(kaggle_root)
-    assert src.layout == "kaggle"
+    assert src.layout == "kaggle" and src.group_by == "similar"
     assert src.classes == list(KAGGLE_CLASSES)
     given = Counter(it.split for it in src.items)
     assert (given["train"], given["test"], given["test_simple"]) == (9957, 2487, 71)
-    train_groups = {c: len({it.group for it in src.items if it.split == "train" and it.label == i})
-                    for i, c in enumerate(src.classes)}
-    assert train_groups == {"EOSINOPHIL": 75, "LYMPHOCYTE": 27, "MONOCYTE": 16, "NEUTROPHIL": 159}
+    # the K of the _K_N names: 75 / 27 / 16 / 159 values in TRAIN (group_by name)
+    names = discover(kaggle_root, group_by="name")
+    k_values = {c: len({it.group for it in names.items if it.split == "train" and it.label == i})
+                for i, c in enumerate(names.classes)}
+    assert k_values == {"EOSINOPHIL": 75, "LYMPHOCYTE": 27, "MONOCYTE": 16, "NEUTROPHIL": 159}
     splits = make_splits(src.items, seed=0)
     tr = {src.items[i].group for i in splits["train"]}
     va = {src.items[i].group for i in splits["val"]}
@@ -44,6 +46,34 @@ def test_kaggle_counts_groups_and_no_leak(kaggle_root):
     assert {src.items[i].label for i in splits["val"]} == {0, 1, 2, 3}
     assert make_splits(src.items, seed=0) == splits
     assert make_splits(src.items, seed=1)["val"] != splits["val"]
+
+
+@pytest.mark.realdata
+def test_kaggle_groups_are_cells_not_names(kaggle_root):
+    """The _K_N names do not say which cell an image copies; look-alike groups do (data.groups)."""
+    from bloodcell.data.groups import SIMILAR_THRESHOLD, histogram
+    from bloodcell.data.layouts import KAGGLE_NAME
+
+    src = discover(kaggle_root)
+    mono = src.classes.index("MONOCYTE")
+    test = [it for it in src.items if it.split == "test" and it.label == mono]
+    simple = [it for it in src.items if it.split == "test_simple" and it.label == mono]
+    cells = {it.group for it in test}
+    # TEST's monocytes are 4 cells, as TEST_SIMPLE's 4 originals say ...
+    assert len(cells) == 4 and len(simple) == 4
+    for g in cells:  # ... and the copies of every one of them carry all four K values
+        ks = {KAGGLE_NAME.match(Path(it.path).name).group(1) for it in test if it.group == g}
+        assert ks == {"0", "1", "2", "3"}, (g, ks)
+    # Split by K, most validation monocytes have a near-twin in train; split by look-alike, none.
+    for how in ("name", "similar"):
+        s = discover(kaggle_root, group_by=how)
+        sp = make_splits(s.items, seed=0)
+        feats = {k: np.stack([histogram(s.items[i].path) for i in sp[k] if s.items[i].label == mono])
+                 for k in ("train", "val")}
+        a, b = feats["val"], feats["train"]
+        d = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).min(1)
+        twins = float((d < SIMILAR_THRESHOLD).mean())
+        assert twins > 0.9 if how == "name" else twins == 0.0, (how, twins)
 
 
 @pytest.mark.realdata
@@ -234,7 +264,7 @@ def test_cell_box_centres_on_the_stain_and_cellfit_sizes_to_it():
     assert cell_box(smear(30))[2] - cell_box(smear(30))[0] == round(0.8 * 240)  # cell: fixed side
     sides = [(lambda b: b[2] - b[0])(cell_box(smear(r), fit=True)) for r in (20, 30, 40)]
     # cellfit: side ~ CELL_FIT x sqrt(stained area) = CELL_FIT x r sqrt(pi): twice the cell, twice the side
-    for r, side in zip((20, 30, 40), sides):
+    for r, side in zip((20, 30, 40), sides, strict=True):
         assert abs(side - CELL_FIT * r * np.pi ** 0.5) <= 0.06 * side, (r, side)
     assert sides[0] < sides[1] < sides[2]
     assert cell_box(smear(4), fit=True)[2] - cell_box(smear(4), fit=True)[0] == round(CELL_FIT_MIN * 240)

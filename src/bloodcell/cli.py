@@ -97,7 +97,7 @@ def cmd_data_check(args) -> int:
     """bloodcell data check PATH [--json]"""
     from bloodcell.data.check import check_data, format_check
 
-    report = check_data(args.path, seed=args.seed, group_regex=args.group_regex)
+    report = check_data(args.path, seed=args.seed, group_regex=args.group_regex, group_by=args.group_by)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", nargs="?", default="synthetic", help=DATA_HELP)
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    q.add_argument("--group-regex", help="regex on file names whose group(1) names an image's source")
+    q.add_argument("--group-regex", help=FIELD_HELP["group_regex"])
+    q.add_argument("--group-by", default="auto", choices=CHOICES["group_by"], help=FIELD_HELP["group_by"]
+                   + " (default: auto)")
     q.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("models", help="list the registered models", description=cmd_models.__doc__)

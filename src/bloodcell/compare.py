@@ -177,7 +177,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         if key not in datasets:
             datasets[key] = load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
                                          cache_dir=cfg.cache_dir, fractions=cfg.fractions,
-                                         val_fraction=cfg.val_fraction, group_regex=cfg.group_regex)
+                                         val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
         ds = datasets[key]
         if (run / "DONE").exists():
             log(f"[{i}/{len(models)}] {m}: already finished, kept")

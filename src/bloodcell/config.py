@@ -15,13 +15,13 @@ import yaml
 
 from bloodcell.errors import ConfigError
 
-
 # The allowed values of TrainConfig's string fields that take one of a few.
 CHOICES = {
     "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
     "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
     "norm": ("batch", "none"), "augment": ("none", "light", "strong"),
     "resize": ("squash", "crop", "pad", "cell", "cellfit"),
+    "group_by": ("auto", "similar", "name", "file"),
     "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
 }
 
@@ -34,8 +34,12 @@ FIELD_HELP = {
     "val_fraction": "share of the training images (by group) held out for validation when the data "
                     "has no val split",
     "fractions": "train,val,test shares for a data set with no split folders",
-    "group_regex": "regular expression whose first group names an image's group (source cell); "
-                   "None: the Kaggle _K_N names where they apply; byte-identical files always share one",
+    "group_regex": "regular expression on file names whose first group names an image's group (its "
+                   "source cell), for --group-by name",
+    "group_by": "what makes images one group, never split apart: similar = look-alike images (augmented "
+                "copies of one cell); name = --group-regex (the Kaggle _K_N K without one); file = each "
+                "file alone; auto = name with --group-regex, similar for the Kaggle layout, else file. "
+                "Byte-identical files always share a group",
     "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
     "model": "registered model name (bloodcell models lists them)",
     "norm": "normalisation layers of the study's four models",
@@ -78,6 +82,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     group_regex: str | None = None
+    group_by: str = "auto"
     cache_dir: str | None = None
     # model
     model: str = "cnn4x32"

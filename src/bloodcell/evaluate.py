@@ -70,7 +70,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
     seed = cfg.get("seed", 0) if seed is None else seed
     ds = load_dataset(data, image_size=meta["image_size"], seed=seed, resize=meta["resize"], cache_dir=cache_dir,
                       fractions=tuple(cfg.get("fractions", (0.7, 0.15, 0.15))),
-                      val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"))
+                      val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"),
+                      group_by=cfg.get("group_by", "auto"))
     ds, dropped = align_classes(ds, meta["classes"], parse_class_map(class_map))
     if dropped:
         log(f"left out classes the model does not know: {', '.join(dropped)}")

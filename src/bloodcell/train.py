@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     # data
     ds = dataset or load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
                                  cache_dir=cfg.cache_dir, fractions=cfg.fractions,
-                                 val_fraction=cfg.val_fraction, group_regex=cfg.group_regex)
+                                 val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
     if "train" not in ds.splits or "val" not in ds.splits:
         raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,

@@ -33,7 +33,7 @@ METRICS = {"macro_f1": ("val_macro_f1", "val_macro_f1"), "accuracy": ("val_accur
 PRUNERS = ("median", "hyperband", "none")
 # Keys a study may not search: they decide the data, the split or the objective, which every trial
 # of a study must share for their values to be comparable.
-NOT_SEARCHABLE = ("data", "model", "seed", "fractions", "val_fraction", "group_regex", "cache_dir",
+NOT_SEARCHABLE = ("data", "model", "seed", "fractions", "val_fraction", "group_regex", "group_by", "cache_dir",
                   "monitor", "device", "threads", "init_from", "weights")
 NOT_IN_SPACE = ("data", "model", "monitor")  # given by --data, --model and --metric
 SPEC_KEYS = {"choices", "low", "high", "log", "step"}
@@ -449,13 +449,13 @@ def _trial_dataset(cfg: TrainConfig, datasets: dict):
     from bloodcell.data.cache import default_cache_dir
 
     key = (cfg.data, cfg.image_size, cfg.resize, cfg.seed, cfg.cache_dir, cfg.fractions,
-           cfg.val_fraction, cfg.group_regex)
+           cfg.val_fraction, cfg.group_regex, cfg.group_by)
     if key not in datasets:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         with _file_lock(cache / f".tune-{cfg.image_size}-{cfg.resize}.lock"):
             ds = load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
                               cache_dir=cfg.cache_dir, fractions=cfg.fractions,
-                              val_fraction=cfg.val_fraction, group_regex=cfg.group_regex)
+                              val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
         datasets[key] = dataclasses.replace(ds, splits={k: ds.splits[k] for k in ("train", "val")
                                                         if k in ds.splits})
     return datasets[key]
@@ -628,7 +628,7 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
         from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 
         if not is_synthetic(data):  # a bad path is one line now, not a failed trial's traceback
-            raise_if_fatal(discover(data, group_regex=base.get("group_regex")))
+            raise_if_fatal(discover(data, group_regex=base.get("group_regex"), group_by=base.get("group_by", "auto")))
         resolved = load_space(space, model, base)
         grid_d = parse_grid(grid)
         if grid_d:

@@ -49,6 +49,7 @@ class Dataset:
     resize: str
     problems: list[Problem] = field(default_factory=list)
     cached: bool = False
+    group_by: str = "file"
 
     def split_files(self) -> dict[str, list[str]]:
         """Split name -> the list of its files, as saved in every run's splits.json."""
@@ -69,13 +70,13 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
                  resize: str = "squash", cache_dir: str | os.PathLike | None = None,
                  fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), val_fraction: float = 0.15,
                  group_regex: str | None = None, workers: int | None = None, progress=None,
-                 source: Source | None = None) -> Dataset:
+                 source: Source | None = None, group_by: str = "auto") -> Dataset:
     """Discover, split and decode a data set into cached arrays; raise DataError if unusable."""
     if image_size < 8:
         raise DataError(f"image size must be at least 8 px, got {image_size}")
     if is_synthetic(path):
         return _load_synthetic(path, image_size, seed, cache_dir, fractions)
-    src = source or discover(path, group_regex=group_regex)
+    src = source or discover(path, group_regex=group_regex, group_by=group_by, cache_dir=cache_dir)
     raise_if_fatal(src)
     images, errors, cached = build_cache(src.items, image_size, resize, cache_dir, workers, progress)
     bad = [(it.path, e) for it, e in zip(src.items, errors, strict=True) if e]
@@ -100,7 +101,8 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
             groups=np.array([groups_all[good_items[i].group] for i in idx], dtype=np.int64),
             paths=[good_items[i].path for i in idx],
         )
-    return Dataset(src.root, src.layout, list(src.classes), splits, image_size, resize, problems, cached)
+    return Dataset(src.root, src.layout, list(src.classes), splits, image_size, resize, problems, cached,
+                   src.group_by)
 
 
 class _Rows:

@@ -29,7 +29,8 @@ def _inspect(paths: list[str]) -> list[tuple[str, str, str | None]]:
 
 
 def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str | None = None,
-               fractions=(0.7, 0.15, 0.15), val_fraction: float = 0.15, workers: int | None = None) -> dict:
+               fractions=(0.7, 0.15, 0.15), val_fraction: float = 0.15, workers: int | None = None,
+               group_by: str = "auto", cache_dir: str | os.PathLike | None = None) -> dict:
     """Inspect a data set: classes x splits (images and groups), sizes, modes and problems."""
     if is_synthetic(path):
         from bloodcell.data import load_dataset
@@ -39,7 +40,7 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
                 "sizes": {"64x64 (generated)": sum(len(s) for s in ds.splits.values())},
                 "modes": {"RGB": sum(len(s) for s in ds.splits.values())}, "problems": [], "usable": True,
                 "synthetic": True}
-    src = discover(path, group_regex=group_regex)
+    src = discover(path, group_regex=group_regex, group_by=group_by, cache_dir=cache_dir)
     problems = list(src.problems)
     paths = [it.path for it in src.items]
     chunks = [paths[i:i + 200] for i in range(0, len(paths), 200)]
@@ -69,7 +70,7 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
     elif not any(p.fatal for p in problems):
         problems.append(Problem("one_class", "fewer than two classes have readable images", fatal=True))
     return {
-        "root": src.root, "layout": src.layout, "classes": src.classes, "splits": splits,
+        "root": src.root, "layout": src.layout, "group_by": src.group_by, "classes": src.classes, "splits": splits,
         "sizes": dict(sizes.most_common()), "modes": dict(modes.most_common()),
         "problems": [p.__dict__ for p in problems], "usable": usable, "excluded": src.excluded,
     }
@@ -77,7 +78,8 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
 
 def format_check(report: dict, max_paths: int = 5) -> str:
     """The human-readable tables of a check report."""
-    lines = [f"data:   {report['root']}", f"layout: {report['layout']}",
+    lines = [f"data:   {report['root']}", f"layout: {report['layout']}"
+             + (f" (groups: {report['group_by']})" if report.get("group_by") else ""),
              f"classes ({len(report['classes'])}): {', '.join(report['classes'])}", ""]
     splits = report["splits"]
     if splits:

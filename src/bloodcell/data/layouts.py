@@ -63,6 +63,7 @@ class Source:
     problems: list[Problem] = field(default_factory=list)
     synthetic_n: int = 0
     excluded: list[str] = field(default_factory=list)
+    group_by: str = "file"
 
 
 def is_synthetic(path: str | os.PathLike | None) -> bool:
@@ -111,8 +112,30 @@ def _file_item(p: Path, label: int, group: str, split: str) -> Item:
     return Item(str(p), label, group, split, st.st_size, st.st_mtime_ns)
 
 
-def discover(path: str | os.PathLike | None, group_regex: str | None = None) -> Source:
-    """Detect the layout under ``path`` and list every image with its class, group and split."""
+GROUP_BY = ("auto", "similar", "name", "file")
+
+
+def resolve_group_by(group_by: str, layout: str, group_regex: str | None) -> str:
+    """``auto``: the file name's group where --group-regex says how to read it, else look-alike
+    images for the Kaggle layout (whose _K_N names do not identify the cell), else each file alone."""
+    if group_by not in GROUP_BY:
+        raise DataError(f"group_by must be one of {', '.join(GROUP_BY)}; got {group_by!r}")
+    if group_by != "auto":
+        return group_by
+    if group_regex:
+        return "name"
+    return "similar" if layout == "kaggle" else "file"
+
+
+def discover(path: str | os.PathLike | None, group_regex: str | None = None, group_by: str = "auto",
+             cache_dir: str | os.PathLike | None = None) -> Source:
+    """Detect the layout under ``path`` and list every image with its class, group and split.
+
+    Groups (images of one source, never split apart) follow ``group_by``: ``name`` (the part of the
+    file name ``group_regex`` matches; the Kaggle ``_K_N`` K without one), ``similar`` (look-alike
+    images, data.groups), ``file`` (each file alone) or ``auto`` (resolve_group_by). Byte-identical
+    files always share a group.
+    """
     if is_synthetic(path):
         n = SYNTHETIC_DEFAULT_N
         if path and ":" in str(path):
@@ -131,11 +154,11 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None) -> 
         raise DataError(f"data path does not exist: {root}")
     if not root.is_dir():
         raise DataError(f"data path is a file, not a folder of images: {root}")
-    regex = re.compile(group_regex) if group_regex else None
-
     kaggle = _find_kaggle_images(root)
+    how = resolve_group_by(group_by, "kaggle" if kaggle is not None else "", group_regex)
+    regex = re.compile(group_regex) if group_regex and how == "name" else None
     if kaggle is not None:
-        src = _discover_split_folders(kaggle, regex, kaggle_names=True)
+        src = _discover_split_folders(kaggle, regex, kaggle_names=how == "name")
         src.layout = "kaggle"
     else:
         split_dirs = [d for d in _list_dirs(root) if d.name.lower() in SPLIT_ALIASES]
@@ -143,8 +166,13 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None) -> 
             src = _discover_split_folders(root, regex, kaggle_names=False)
         else:
             src = _discover_class_folders(root, regex)
+    src.group_by = how
     _hash_and_merge_duplicates(src)
     _check_usable(src)
+    if how == "similar" and not any(p.fatal for p in src.problems):
+        from bloodcell.data.groups import similar_groups
+
+        similar_groups(src.items, cache_dir=cache_dir)
     return src
 
 
@@ -152,7 +180,7 @@ def _group_for(name: str, cls: str, regex: re.Pattern | None, kaggle_names: bool
                path: str) -> str:
     if kaggle_names:
         m = KAGGLE_NAME.match(name)
-        if m:  # _K_N.jpeg: K is the source cell within its class (TEST's K are other cells)
+        if m:  # _K_N.jpeg: K as the group (it is not the source cell: see data.groups)
             origin = "test" if split in ("test", "test_simple") else split
             return f"{origin}/{cls}/{m.group(1)}"
     if regex is not None:
