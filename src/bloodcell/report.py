@@ -716,15 +716,24 @@ def recall_table(models: list[dict], classes: list[str], colors: dict) -> Table:
     return Table(["Model", *classes], rows, numeric=set(range(1, len(classes) + 1)))
 
 
+GROUPED_BY = {
+    "similar": " Groups here are look-alike images (augmented copies of one cell, found by their colour "
+               "histograms: group_by similar).",
+    "name": " Groups here come from the file names (group_by name).",
+    "file": " Groups here are single files (byte-identical copies joined: group_by file).",
+}
+
+
 def dataset_blocks(ds: dict) -> list:
     """Classes, images and groups per split, problems found."""
     classes = list(ds.get("classes") or [])
     splits = ds.get("splits") or {}
     kind = ("bloodcell's built-in **synthetic** set" if ds.get("synthetic")
             else f"`{ds.get('root', '?')}` (layout: {ds.get('layout', '?')})")
+    how = GROUPED_BY.get(ds.get("group_by"), "")
     out: list = [Block("p", f"Data: {kind}. Classes: {', '.join(classes) or MISSING}. "
                             "A group is one source cell or slide: images of one group never straddle "
-                            "splits, and group (cell) accuracy votes over a group's images.")]
+                            f"splits, and group (cell) accuracy votes over a group's images.{how}")]
     if splits:
         headers = ["Class"]
         for s in splits:
