@@ -65,7 +65,7 @@ def table(task: str, rows: list[dict]) -> str:
     """Mean ± sd over seeds per model."""
     lines = [f"### {task}: {len({r['seed'] for r in rows})} seeds",
              "",
-             "| model | image px | test acc | test cell acc | cell acc 95 % CI (per seed) | TEST_SIMPLE acc | "
+             "| model | image px | test acc | test group acc | group acc 95 % CI (per seed) | TEST_SIMPLE acc | "
              "val acc | train min |",
              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for m in dict.fromkeys(r["model"] for r in rows):
