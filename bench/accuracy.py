@@ -43,7 +43,9 @@ def run_task(task: str, preset: str, models: list[str] | None, seeds: list[int],
     shared.update({"data": str(DATA[task]), **extra})
     models = models or preset_models
     for seed in seeds:
-        compare(models, {**shared, "seed": seed}, out / f"{task}-seed{seed}", overrides,
+        # a value may name its seed: init_from=OUT/pbc-seed{seed}/runs/cnn4x64/best.pt
+        per_seed = {k: v.format(seed=seed) if isinstance(v, str) else v for k, v in shared.items()}
+        compare(models, {**per_seed, "seed": seed}, out / f"{task}-seed{seed}", overrides,
                 progress=False, report=True, command=f"bench/accuracy.py --task {task} seed {seed}")
 
 
@@ -113,7 +115,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="bench/out/accuracy")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="extra config keys on top of the preset (recorded in the table's heading)")
+                    help="extra config keys on top of the preset (recorded in the table's heading); "
+                         "{seed} in a value becomes the run's seed")
     ap.add_argument("--table-only", action="store_true",
                     help="only gather the seed folders already in --out into the table (seeds run side by side)")
     args = ap.parse_args()
