@@ -44,7 +44,7 @@ def run_task(task: str, preset: str, models: list[str] | None, seeds: list[int],
     models = models or preset_models
     for seed in seeds:
         # a value may name its seed: init_from=OUT/pbc-seed{seed}/runs/cnn4x64/best.pt
-        per_seed = {k: v.format(seed=seed) if isinstance(v, str) else v for k, v in shared.items()}
+        per_seed = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in shared.items()}
         compare(models, {**per_seed, "seed": seed}, out / f"{task}-seed{seed}", overrides,
                 progress=False, report=True, command=f"bench/accuracy.py --task {task} seed {seed}")
 
