@@ -56,7 +56,8 @@ def pbc_root() -> Path:
 
 @pytest.fixture(scope="session")
 def kaggle_subset(kaggle_root, tmp_path_factory) -> Path:
-    """A small real Kaggle-layout subset (links to real files): a few source cells per class."""
+    """A small real Kaggle-layout subset (links to real files): a few K values per class (K is not the
+    cell, so the subset holds copies of more cells than that: data.groups)."""
     src = kaggle_root / "dataset2-master" / "images"
     dst = tmp_path_factory.mktemp("kaggle-subset") / "images"
     rng = random.Random(0)

@@ -20,6 +20,7 @@ from bloodcell.data.cache import CELL_FIT, CELL_FIT_MIN, build_cache, cell_box, 
 from bloodcell.data.layouts import discover
 from bloodcell.data.splits import grouped_split, make_splits
 from bloodcell.errors import DataError
+from bloodcell.info import INFO
 
 # --------------------------------------------------------------------------------------- real data
 
@@ -35,7 +36,11 @@ def test_kaggle_counts_groups_and_no_leak(kaggle_root):
     names = discover(kaggle_root, group_by="name")
     k_values = {c: len({it.group for it in names.items if it.split == "train" and it.label == i})
                 for i, c in enumerate(names.classes)}
-    assert k_values == {"EOSINOPHIL": 75, "LYMPHOCYTE": 27, "MONOCYTE": 16, "NEUTROPHIL": 159}
+    assert k_values == INFO["blood-cells"]["train_k_values"] == {
+        "EOSINOPHIL": 75, "LYMPHOCYTE": 27, "MONOCYTE": 16, "NEUTROPHIL": 159}
+    similar = {c: len({it.group for it in src.items if it.split == "train" and it.label == i})
+               for i, c in enumerate(src.classes)}
+    assert similar == INFO["blood-cells"]["train_similar_groups"]
     splits = make_splits(src.items, seed=0)
     tr = {src.items[i].group for i in splits["train"]}
     va = {src.items[i].group for i in splits["val"]}
