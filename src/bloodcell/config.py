@@ -15,7 +15,8 @@ import yaml
 
 from bloodcell.errors import ConfigError
 
-# The allowed values of TrainConfig's string fields that take one of a few.
+# The allowed values of TrainConfig's string fields that take one of a few: the one list, which the
+# modules that act on them (data.cache, data.layouts, transforms) read too.
 CHOICES = {
     "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
     "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),

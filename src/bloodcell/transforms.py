@@ -15,9 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bloodcell.config import CHOICES
 from bloodcell.info import MEAN, STD
 
-AUGMENT_PRESETS = ("none", "light", "strong")
+AUGMENT_PRESETS = CHOICES["augment"]
 
 
 def to_float(x_uint8_nhwc: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bloodcell.config import CHOICES
 from bloodcell.data.layouts import Item
 
 CACHE_FORMAT = 1
-RESIZE_MODES = ("squash", "crop", "pad", "cell", "cellfit")
+RESIZE_MODES = CHOICES["resize"]
 CELL_CROP = 0.8  # side of the ``cell`` crop, as a fraction of the short side
 # ``cellfit``: the crop's side is CELL_FIT x the square root of the stained (nucleus) area, in pixels,
 # kept between CELL_FIT_MIN and 1 x the short side. 2.4 frames the median Kaggle TRAIN nucleus (4.7 %

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bloodcell.config import CHOICES
 from bloodcell.errors import DataError
 from bloodcell.info import IMAGE_EXTENSIONS
 
@@ -112,7 +113,7 @@ def _file_item(p: Path, label: int, group: str, split: str) -> Item:
     return Item(str(p), label, group, split, st.st_size, st.st_mtime_ns)
 
 
-GROUP_BY = ("auto", "similar", "name", "file")
+GROUP_BY = CHOICES["group_by"]
 
 
 def resolve_group_by(group_by: str, layout: str, group_regex: str | None) -> str:
