@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -47,9 +48,7 @@ def align_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, st
         lut = np.array([remap.get(i, -1) for i in range(len(ds.classes))])
         # an array or a lazy row view: indexing either gives the selected rows as an array
         splits[name] = Split(s.images[keep], lut[s.labels[keep]], s.groups[keep], [s.paths[k] for k in keep])
-    out = Dataset(ds.root, ds.layout, list(model_classes), splits, ds.image_size, ds.resize, ds.problems,
-                  ds.cached)
-    return out, dropped
+    return dataclasses.replace(ds, classes=list(model_classes), splits=splits), dropped
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = None,
@@ -99,9 +98,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
             keep = sorted({int(k) for s in ds.splits.values() for k in np.unique(s.labels)})
             probs = probs[:, keep] / probs[:, keep].sum(1, keepdims=True)
             labels = np.searchsorted(keep, labels)
-            view = Dataset(ds.root, ds.layout, [ds.classes[k] for k in keep],
-                           {name: Split(ds.splits[name].images, labels, ds.splits[name].groups,
-                                        ds.splits[name].paths)}, ds.image_size, ds.resize)
+            view = dataclasses.replace(ds, classes=[ds.classes[k] for k in keep],
+                                       splits={name: dataclasses.replace(ds.splits[name], labels=labels)})
         results[name] = split_metrics(view, name, labels, probs)
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
