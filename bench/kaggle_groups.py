@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from _common import OUT, default_data, machine_info, machine_md, md_table, write_outputs
 
-from bloodcell.data.groups import SIMILAR_THRESHOLD, _histograms
+from bloodcell.data.groups import SIMILAR_THRESHOLD, histograms
 from bloodcell.data.layouts import KAGGLE_NAME, discover
 from bloodcell.data.splits import make_splits
 
@@ -54,7 +54,7 @@ def main() -> None:
     src = by["similar"]
     if src.layout != "kaggle":
         raise SystemExit(f"{args.data}: not the Kaggle blood-cells layout")
-    feats = _histograms([it.path for it in src.items], 2)
+    feats = histograms([it.path for it in src.items], 2)
     row_of = {it.path: i for i, it in enumerate(src.items)}
     rows, result = [], {"classes": {}}
     for label, cls in enumerate(src.classes):

@@ -993,7 +993,7 @@ def add_cli(sub) -> None:
     p.add_argument("--metric", default="macro_f1", choices=sorted(METRICS),
                    help="validation metric to maximise (default: macro_f1)")
     p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop poor trials early, from "
-                   "epoch 2 on, after the learning-rate warm-up (default: median)")
+                   f"epoch {PRUNE_FROM_EPOCH} on, after the learning-rate warm-up (default: median)")
     p.add_argument("--config", metavar="FILE", help="YAML of train config keys every trial shares")
     p.add_argument("--cache-dir", help="decoded-image cache folder")
     p.add_argument("--seed", type=int, help="split and training seed shared by every trial (default 0)")

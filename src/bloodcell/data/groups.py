@@ -64,7 +64,8 @@ def _histogram(path: str) -> np.ndarray:
     return np.sqrt(h / h.sum())
 
 
-def _histograms(paths: list[str], workers: int) -> np.ndarray:
+def histograms(paths: list[str], workers: int = 1) -> np.ndarray:
+    """histogram() of every path, in order; in ``workers`` processes from 512 paths up."""
     if workers > 1 and len(paths) >= 512:
         with ProcessPoolExecutor(workers) as ex:
             return np.stack(list(ex.map(histogram, paths, chunksize=128)))
@@ -128,7 +129,7 @@ def similar_groups(items, cache_dir=None, workers: int | None = None) -> None:
     except (OSError, ValueError):
         pass
     workers = workers or min(2, os.cpu_count() or 1)
-    feats = _histograms([it.path for it in items], workers)
+    feats = histograms([it.path for it in items], workers)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, it in enumerate(items):
         origin = "test" if it.split in ("test", "test_simple") else (it.split or "all")
