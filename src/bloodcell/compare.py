@@ -128,9 +128,8 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
 
     With ``ensemble`` (and two or more models) a last row averages the models' probabilities.
     """
-    from bloodcell.data import load_dataset
     from bloodcell.models import count_parameters, get_model, model_info
-    from bloodcell.train import model_kwargs, train
+    from bloodcell.train import config_dataset, dataset_key, model_kwargs, train
 
     out = Path(out)
     models = list(models or DEFAULT_MODELS)
@@ -173,11 +172,9 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
     for i, m in enumerate(models, 1):
         cfg = cfgs[m]
         run = out / "runs" / m
-        key = (cfg.data, cfg.image_size, cfg.resize, cfg.seed)
+        key = dataset_key(cfg)
         if key not in datasets:
-            datasets[key] = load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
-                                         cache_dir=cfg.cache_dir, fractions=cfg.fractions,
-                                         val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
+            datasets[key] = config_dataset(cfg)
         ds = datasets[key]
         if (run / "DONE").exists():
             log(f"[{i}/{len(models)}] {m}: already finished, kept")

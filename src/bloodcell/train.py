@@ -61,6 +61,23 @@ def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+# The config keys that decide the data set (what is read, how it is decoded, split and grouped).
+DATASET_KEYS = ("data", "image_size", "resize", "seed", "cache_dir", "fractions", "val_fraction",
+                "group_regex", "group_by")
+
+
+def dataset_key(cfg: TrainConfig) -> tuple:
+    """Configs with equal keys load the same data set (one load serves them all)."""
+    return tuple(getattr(cfg, k) for k in DATASET_KEYS)
+
+
+def config_dataset(cfg: TrainConfig):
+    """The data set a training config describes: its data, image size, resize, split and groups."""
+    return load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
+                        cache_dir=cfg.cache_dir, fractions=cfg.fractions, val_fraction=cfg.val_fraction,
+                        group_regex=cfg.group_regex, group_by=cfg.group_by)
+
+
 def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, dict]:
     """The model for a config, with local pretrained weights or another run's weights if asked."""
     kw = model_kwargs(cfg, len(classes))
@@ -139,9 +156,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     t_start = time.perf_counter()
 
     # data
-    ds = dataset or load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
-                                 cache_dir=cfg.cache_dir, fractions=cfg.fractions,
-                                 val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
+    ds = dataset or config_dataset(cfg)
     if "train" not in ds.splits or "val" not in ds.splits:
         raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,

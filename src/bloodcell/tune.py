@@ -445,17 +445,14 @@ def _trial_dataset(cfg: TrainConfig, datasets: dict):
     the others wait for its file), so no image is decoded twice for one size. The test split is
     dropped here: a trial cannot evaluate, let alone choose by, the test split.
     """
-    from bloodcell.data import load_dataset
     from bloodcell.data.cache import default_cache_dir
+    from bloodcell.train import config_dataset, dataset_key
 
-    key = (cfg.data, cfg.image_size, cfg.resize, cfg.seed, cfg.cache_dir, cfg.fractions,
-           cfg.val_fraction, cfg.group_regex, cfg.group_by)
+    key = dataset_key(cfg)
     if key not in datasets:
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         with _file_lock(cache / f".tune-{cfg.image_size}-{cfg.resize}.lock"):
-            ds = load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
-                              cache_dir=cfg.cache_dir, fractions=cfg.fractions,
-                              val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
+            ds = config_dataset(cfg)
         datasets[key] = dataclasses.replace(ds, splits={k: ds.splits[k] for k in ("train", "val")
                                                         if k in ds.splits})
     return datasets[key]
