@@ -33,8 +33,8 @@ METRICS = {"macro_f1": ("val_macro_f1", "val_macro_f1"), "accuracy": ("val_accur
 PRUNERS = ("median", "hyperband", "none")
 # Keys a study may not search: they decide the data, the split or the objective, which every trial
 # of a study must share for their values to be comparable.
-NOT_SEARCHABLE = ("data", "model", "seed", "fractions", "val_fraction", "group_regex", "group_by", "cache_dir",
-                  "monitor", "device", "threads", "init_from", "weights")
+NOT_SEARCHABLE = ("data", "model", "seed", "fractions", "val_fraction", "group_regex", "group_by",
+                  "cache_dir", "monitor", "device", "threads", "init_from", "weights")
 NOT_IN_SPACE = ("data", "model", "monitor")  # given by --data, --model and --metric
 SPEC_KEYS = {"choices", "low", "high", "log", "step"}
 SETTINGS_FILE = "tune.yaml"
@@ -625,7 +625,8 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
         from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 
         if not is_synthetic(data):  # a bad path is one line now, not a failed trial's traceback
-            raise_if_fatal(discover(data, group_regex=base.get("group_regex"), group_by=base.get("group_by", "auto")))
+            raise_if_fatal(discover(data, group_regex=base.get("group_regex"),
+                                    group_by=base.get("group_by", "auto")))
         resolved = load_space(space, model, base)
         grid_d = parse_grid(grid)
         if grid_d:

@@ -70,7 +70,8 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
     elif not any(p.fatal for p in problems):
         problems.append(Problem("one_class", "fewer than two classes have readable images", fatal=True))
     return {
-        "root": src.root, "layout": src.layout, "group_by": src.group_by, "classes": src.classes, "splits": splits,
+        "root": src.root, "layout": src.layout, "group_by": src.group_by, "classes": src.classes,
+        "splits": splits,
         "sizes": dict(sizes.most_common()), "modes": dict(modes.most_common()),
         "problems": [p.__dict__ for p in problems], "usable": usable, "excluded": src.excluded,
     }
