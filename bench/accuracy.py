@@ -2,7 +2,8 @@
 """python bench/accuracy.py --task kaggle|pbc|cross [--preset best] [--models a,b] [--seeds 0,1,2]
 
 The accuracy protocol: a `bloodcell compare` per seed (same preset, same data), then the mean and
-spread over seeds of every figure, written as a Markdown table. Nothing here looks at the test split
+spread over seeds of every figure, written as a Markdown table, and the test groups (copies of one
+cell) where each model's errors concentrate. Nothing here looks at the test split
 to choose anything: the preset fixes the settings, each run's epoch is chosen on validation.
 
 Tasks:
@@ -84,6 +85,40 @@ def table(task: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def hardest_groups(task: str, rows: list[dict], out: Path, top: int = 3) -> str:
+    """Per model, the test groups (copies of one cell) holding the most wrong images, averaged over
+    seeds: where the errors concentrate (read from each run's predictions_test.csv)."""
+    import csv
+
+    from bloodcell.data.layouts import discover
+
+    group_of = {it.path: it.group for it in discover(str(DATA[task])).items}
+    lines = ["### test groups holding the most errors (share of a group's images called wrong, mean over "
+             "seeds)", "",
+             "| model | class | images | example file | wrong (mean) | wholly wrong in |", "|---|---|---:|---|---:|---:|"]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == m]
+        shares: dict[str, list[float]] = {}
+        info: dict[str, tuple[str, int, str]] = {}
+        for r in rs:
+            with open(out / f"{task}-seed{r['seed']}" / r["run_dir"] / "predictions_test.csv", newline="") as f:
+                preds = list(csv.DictReader(f))
+            by_group: dict[str, list[bool]] = {}
+            for row in preds:
+                g = group_of[row["path"]]
+                by_group.setdefault(g, []).append(row["pred"] != row["label"])
+                info.setdefault(g, (row["label"], 0, Path(row["path"]).name))
+            for g, wrong in by_group.items():
+                shares.setdefault(g, []).append(sum(wrong) / len(wrong))
+                info[g] = (info[g][0], len(wrong), info[g][2])
+        for g in sorted(shares, key=lambda k: -statistics.mean(shares[k]) * info[k][1])[:top]:  # errors
+            label, n, example = info[g]
+            whole = sum(v == 1.0 for v in shares[g])
+            lines.append(f"| {m} | {label} | {n} | {example} | {100 * statistics.mean(shares[g]):.0f} % | "
+                         f"{whole} of {len(shares[g])} seeds |")
+    return "\n".join(lines)
+
+
 def cross(out: Path, seeds: list[int]) -> str:
     """Each lab's models on the other lab's four shared classes."""
     from bloodcell.evaluate import evaluate_checkpoint
@@ -136,6 +171,7 @@ def main() -> None:
         rows = collect(args.task, models, seeds, out)
         (out / f"{args.task}-rows.json").write_text(json.dumps(rows, indent=1))
         text = table(args.task, rows) + f"\n\npreset `{args.preset}`" + (f", with {extra}" if extra else "")
+        text += "\n\n" + hardest_groups(args.task, rows, out)
     stamp = time.strftime("%Y-%m-%d")
     cmd = f"python bench/accuracy.py --task {args.task} --preset {args.preset} --seeds {args.seeds}" + (
         f" --models {args.models}" if args.models else "") + (f" --set {' '.join(args.set)}" if args.set else "")
