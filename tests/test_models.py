@@ -126,3 +126,56 @@ def test_training_steps_lower_the_loss() -> None:
     with torch.no_grad():
         after = loss_fn(model(x), y).item()
     assert after < before * 0.9
+
+
+def _copy_by_kind(src: nn.Module, dst: nn.Module) -> None:
+    """Copy weights between the two layer orders, matching layers of one kind in module order."""
+    for kind in (nn.Conv2d, nn.BatchNorm2d, nn.Linear):
+        pairs = zip([m for m in src.modules() if isinstance(m, kind)],
+                    [m for m in dst.modules() if isinstance(m, kind)], strict=True)
+        for a, b in pairs:
+            b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("name", STUDY)
+def test_pool_first_is_the_same_function_where_pooling_commutes(name: str) -> None:
+    """conv-pool-BN-ReLU equals conv-BN-ReLU-pool in eval mode when every BatchNorm scale is positive
+    (max-pooling commutes with a per-channel increasing map), and always without BatchNorm; with a
+    negative scale it does not, so the check can fail."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 64)
+    for norm in ("batch", "none"):
+        late = get_model(name, num_classes=4, norm=norm, pool_first=False).eval()
+        early = get_model(name, num_classes=4, norm=norm).eval()
+        for m in late.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        _copy_by_kind(late, early)
+        with torch.no_grad():
+            torch.testing.assert_close(early(x), late(x), rtol=1e-4, atol=1e-5)
+    bns = [m for m in early.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert not bns  # the last loop ran with norm="none"
+    late = get_model(name, num_classes=4, pool_first=False).eval()
+    for m in late.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(-1.0)
+    early = get_model(name, num_classes=4).eval()
+    _copy_by_kind(late, early)
+    with torch.no_grad():
+        assert not torch.allclose(early(x), late(x), atol=1e-3)
+
+
+def test_pool_first_pools_before_normalising() -> None:
+    kinds = [type(m) for m in get_model("cnn4x32", num_classes=4).features.modules()
+             if not isinstance(m, nn.Sequential)]
+    assert kinds[:4] == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU]
+    kinds = [type(m) for m in get_model("vgg3", num_classes=4).features.modules()
+             if not isinstance(m, nn.Sequential)]
+    # a block's first convolution is not followed by a pool; its last is, before the BatchNorm
+    assert kinds[:7] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU]
+    old = [type(m) for m in get_model("cnn4x32", num_classes=4, pool_first=False).features.modules()
+           if not isinstance(m, nn.Sequential)]
+    assert old[:4] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]

@@ -13,6 +13,7 @@ from bloodcell.checkpoint import load_model, read_checkpoint
 from bloodcell.cli import main
 from bloodcell.config import TrainConfig, make_config
 from bloodcell.errors import BloodcellError, ConfigError
+from bloodcell.models import get_model
 from bloodcell.train import train
 
 TINY = dict(data="synthetic:96", image_size=32, batch_size=16, epochs=2, model="cnn2x32", threads=1,
@@ -237,3 +238,23 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
     conv = [k for k in src if k.endswith("weight") and src[k].ndim == 4]
     assert conv and all(torch.allclose(src[k], got[k], atol=1e-6) for k in conv)
     assert fresh["run"]["epochs_run"] == 1
+
+
+def test_checkpoints_from_before_pool_first_still_load(tmp_path):
+    """A checkpoint whose kwargs do not name pool_first (written before the option) rebuilds the old
+    layer order; resuming or --init-from across the two orders is refused with a clear error."""
+    train(tiny(epochs=1), tmp_path / "a", log=quiet, progress=False)
+    ck = read_checkpoint(tmp_path / "a" / "best.pt")
+    assert ck["model"]["kwargs"]["pool_first"] is True
+    old = get_model(ck["model"]["name"], **{**ck["model"]["kwargs"], "pool_first": False})
+    ck["model"]["kwargs"].pop("pool_first")
+    ck["state_dict"] = old.state_dict()
+    torch.save(ck, tmp_path / "old.pt")
+    model, _ = load_model(tmp_path / "old.pt")
+    assert isinstance(model.features[1], torch.nn.MaxPool2d)  # conv-BN-ReLU, then the pool
+    with pytest.raises(BloodcellError, match="layer order"):
+        train(tiny(epochs=1, init_from=str(tmp_path / "old.pt")), tmp_path / "b", log=quiet, progress=False)
+    torch.save(ck, tmp_path / "a" / "last.pt")
+    (tmp_path / "a" / "DONE").unlink()
+    with pytest.raises(BloodcellError, match="another model layout"):
+        train(tiny(epochs=2), tmp_path / "a", resume=True, log=quiet, progress=False)

@@ -67,13 +67,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def model_kwargs_of(ckpt: dict) -> dict:
+    """The arguments that rebuild a checkpoint's model (``get_model(name, **them)``)."""
+    from bloodcell.models import model_info
+
+    kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "weights"}
+    if "pool_first" in model_info(ckpt["model"]["name"])["options"]:
+        kwargs.setdefault("pool_first", False)  # written before the option: pooled after the ReLU
+    return kwargs
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from a run folder or checkpoint file; returns (model in eval mode, meta)."""
     from bloodcell.models import get_model
 
     ckpt = read_checkpoint(path)
-    kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "weights"}
-    model = get_model(ckpt["model"]["name"], **kwargs)
+    model = get_model(ckpt["model"]["name"], **model_kwargs_of(ckpt))
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler")}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodcell.checkpoint import read_checkpoint, save_checkpoint
+from bloodcell.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.config import TrainConfig, load_yaml, make_config, save_yaml
 from bloodcell.data import BatchLoader, Dataset, load_dataset, save_splits
 from bloodcell.engine import (
@@ -38,8 +38,11 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
     from bloodcell.models import model_info
 
     kw = {"num_classes": num_classes, "image_size": cfg.image_size}
-    if "norm" in model_info(cfg.model)["options"]:
+    options = model_info(cfg.model)["options"]
+    if "norm" in options:
         kw["norm"] = cfg.norm
+    if "pool_first" in options:
+        kw["pool_first"] = True  # saved, so a checkpoint names its layer order (load_model)
     return kw
 
 
@@ -84,6 +87,11 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, 
     model = get_model(cfg.model, weights=cfg.weights, **kw) if cfg.weights else get_model(cfg.model, **kw)
     if cfg.init_from:
         src = read_checkpoint(cfg.init_from)
+        layout = model_kwargs_of(src).get("pool_first"), kw.get("pool_first")
+        if None not in layout and layout[0] != layout[1]:
+            raise BloodcellError(f"--init-from {cfg.init_from}: written by an older bloodcell whose "
+                                 "study models pooled after the ReLU; its weights do not map onto "
+                                 "today's layer order: train it again")
         own = model.state_dict()
         take = {k: v for k, v in src["state_dict"].items() if k in own and own[k].shape == v.shape}
         if not take:
@@ -191,6 +199,9 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     state = FitState()
     if resume and (out / "last.pt").is_file():
         ck = read_checkpoint(out / "last.pt")
+        if model_kwargs_of(ck) != {k: v for k, v in kw.items() if k != "weights"}:
+            raise BloodcellError(f"--resume: {out / 'last.pt'} was written for another model layout "
+                                 f"({model_kwargs_of(ck)}); start the run afresh with --overwrite")
         model.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
