@@ -33,48 +33,91 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def flips_rot90(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random horizontal/vertical flips and 90-degree rotations, drawn per image."""
-    n = x.shape[0]
+def draw_dihedral(n: int, g: torch.Generator, square: bool) -> torch.Tensor:
+    """Per image, whether to flip horizontally, flip vertically and transpose (N x 3 bool): with
+    the transpose (square images only) the three draw all 8 symmetries of the square."""
     hflip = torch.rand(n, generator=g) < 0.5
     vflip = torch.rand(n, generator=g) < 0.5
-    x = torch.where(hflip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
-    x = torch.where(vflip.view(-1, 1, 1, 1).to(x.device), x.flip(2), x)
-    if x.shape[2] == x.shape[3]:
-        rot = torch.rand(n, generator=g) < 0.5  # flips + one optional rot90 give all 8 symmetries
-        x = torch.where(rot.view(-1, 1, 1, 1).to(x.device), x.transpose(2, 3), x)
-    return x
+    rot = torch.rand(n, generator=g) < 0.5 if square else torch.zeros(n, dtype=torch.bool)
+    return torch.stack([hflip, vflip, rot], 1)
 
 
-def random_affine(x: torch.Tensor, g: torch.Generator, degrees: float = 180.0, scale=(0.9, 1.1),
+def flips_rot90(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal/vertical flips and 90-degree rotations, drawn per image."""
+    d = draw_dihedral(x.shape[0], g, x.shape[2] == x.shape[3]).to(x.device)
+    x = torch.where(d[:, 0].view(-1, 1, 1, 1), x.flip(3), x)
+    x = torch.where(d[:, 1].view(-1, 1, 1, 1), x.flip(2), x)
+    if x.shape[2] != x.shape[3]:
+        return x
+    return torch.where(d[:, 2].view(-1, 1, 1, 1), x.transpose(2, 3), x)
+
+
+def dihedral_matrices(d: torch.Tensor) -> torch.Tensor:
+    """N x 2 x 2 maps of normalised (x, y) sampling coordinates that apply ``draw_dihedral``'s
+    flips and transposes in sampling: flip(3) negates x, flip(2) negates y, transpose swaps them."""
+    n = d.shape[0]
+    fh, fv, tr = (torch.diag_embed(torch.ones(n, 2)) for _ in range(3))
+    fh[d[:, 0], 0, 0] = -1.0
+    fv[d[:, 1], 1, 1] = -1.0
+    tr[d[:, 2]] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    return fh @ fv @ tr
+
+
+def affine_thetas(n: int, g: torch.Generator, degrees: float = 180.0, scale=(0.9, 1.1),
                   shift: float = 0.08) -> torch.Tensor:
-    """Rotate, scale and shift each image by its own random amount (reflection padding)."""
-    n = x.shape[0]
+    """N x 2 x 3 sampling matrices (``F.affine_grid``'s theta) of a random rotation (any angle),
+    scale and shift per image."""
     ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(degrees)
     s = scale[0] + torch.rand(n, generator=g) * (scale[1] - scale[0])
     t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift * 2
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
-    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
 
 
-def color_jitter(x: torch.Tensor, g: torch.Generator, brightness: float = 0.15, contrast: float = 0.15,
-                 saturation: float = 0.15, stain: float = 0.05) -> torch.Tensor:
-    """Per-image brightness, contrast, saturation and per-channel stain gain, on [0, 1] images."""
+def jitter_matrices(x: torch.Tensor, g: torch.Generator, brightness: float = 0.15, contrast: float = 0.15,
+                    saturation: float = 0.15, stain: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image colour jitter as one affine colour map (M: N x 3 x 3, v: N x 3), so that
+    ``M @ pixel + v`` is: brightness gain b, contrast c about the image's mean m (over all channels
+    and pixels), saturation s towards the luma grey, per-channel stain gain. All four are affine in
+    the pixel, so they compose into one map: M = G S c b, v = G S 1 (1 - c) b m."""
     n = x.shape[0]
 
     def draw(a: float, k: int = 1) -> torch.Tensor:
-        return (1 + (torch.rand(n, k, generator=g) * 2 - 1) * a).view(n, k, 1, 1).to(x.device, x.dtype)
+        return 1 + (torch.rand(n, k, generator=g) * 2 - 1) * a
 
-    x = x * draw(brightness)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * draw(contrast) + mean
-    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(
-        1, keepdim=True)
-    x = (x - gray) * draw(saturation) + gray
-    x = x * draw(stain, 3)
-    return x.clamp_(0, 1)
+    b, c, s, gain = draw(brightness), draw(contrast), draw(saturation), draw(stain, 3)
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    sat = s.view(n, 1, 1) * torch.eye(3) + (1 - s).view(n, 1, 1) * luma.view(1, 1, 3)  # S = sI + (1-s) 1 luma^T
+    gs = gain.view(n, 3, 1) * sat
+    m = x.mean(dim=(1, 2, 3)).float().cpu()
+    mat = gs * (c * b).view(n, 1, 1)
+    off = gs.sum(2) * ((1 - c) * b * m.view(n, 1))
+    return mat.to(x.device, x.dtype), off.to(x.device, x.dtype)
+
+
+def color_map(x: torch.Tensor, mat: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """``mat @ pixel + off`` for every pixel of each image, clamped to [0, 1], in one pass."""
+    n, ch, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        flat = x.permute(0, 2, 3, 1).reshape(n, h * w, ch)  # a view: pixels x channels
+        out = torch.baddbmm(off.unsqueeze(1), flat, mat.transpose(1, 2))
+        return out.view(n, h, w, ch).permute(0, 3, 1, 2).clamp_(0, 1)
+    out = torch.baddbmm(off.unsqueeze(2), mat, x.reshape(n, ch, h * w))
+    return out.view(n, ch, h, w).clamp_(0, 1)
+
+
+def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The ``strong`` preset in two passes over the pixels: the flips, 90-degree rotation and
+    random affine composed into one sampling matrix per image (one ``grid_sample``, reflection
+    padding), then colour and stain jitter as one colour map per image."""
+    n = x.shape[0]
+    d = draw_dihedral(n, g, x.shape[2] == x.shape[3])
+    theta = affine_thetas(n, g)
+    dm = dihedral_matrices(d)  # sampling the flipped image at p samples the image at D p
+    theta = torch.cat([dm @ theta[:, :, :2], dm @ theta[:, :, 2:]], 2)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return color_map(x, *jitter_matrices(x, g))
 
 
 def augment(x: torch.Tensor, preset: str, g: torch.Generator) -> torch.Tensor:
@@ -83,8 +126,4 @@ def augment(x: torch.Tensor, preset: str, g: torch.Generator) -> torch.Tensor:
         return x
     if preset not in AUGMENT_PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; known: {', '.join(AUGMENT_PRESETS)}")
-    x = flips_rot90(x, g)
-    if preset == "strong":
-        x = random_affine(x, g)
-        x = color_jitter(x, g)
-    return x
+    return strong(x, g) if preset == "strong" else flips_rot90(x, g)

@@ -1,0 +1,64 @@
+"""Augmentation: the fused `strong` preset equals its steps done one by one, and keeps its promises."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bloodcell.transforms import augment, flips_rot90, to_float
+
+
+def strong_step_by_step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The obvious (slow) `strong`: flips and transpose as tensor ops, then the random affine, then
+    each colour change in turn, drawing from the generator in the same order."""
+    x = flips_rot90(x, g)
+    n = x.shape[0]
+    ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(180.0)
+    s = 0.9 + torch.rand(n, generator=g) * 0.2
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.08 * 2
+    cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
+    theta = torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def draw(a: float, k: int = 1) -> torch.Tensor:
+        return (1 + (torch.rand(n, k, generator=g) * 2 - 1) * a).view(n, k, 1, 1)
+
+    x = x * draw(0.15)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * draw(0.15) + mean
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = (x - gray) * draw(0.15) + gray
+    return (x * draw(0.05, 3)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("shape", [(16, 3, 32, 32), (5, 3, 24, 40)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_strong_equals_its_steps(shape, channels_last):
+    torch.manual_seed(0)
+    x = torch.rand(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = augment(x, "strong", torch.Generator().manual_seed(3))
+    slow = strong_step_by_step(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fused, slow, rtol=0, atol=2e-5)
+    other = augment(x, "strong", torch.Generator().manual_seed(4))
+    assert (other - slow).abs().max() > 0.1  # another seed, another augmentation: the check can fail
+
+
+def test_light_draws_the_eight_symmetries_and_keeps_pixels():
+    x = to_float(torch.randint(0, 256, (400, 8, 8, 3), dtype=torch.uint8))
+    x[:] = x[0]  # one image, 400 times
+    out = augment(x, "light", torch.Generator().manual_seed(0))
+    views = {tuple(v.flatten().tolist()) for v in out}
+    assert len(views) == 8  # all 8 symmetries of the square occur, and nothing else
+    assert torch.equal(out.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+
+
+def test_strong_stays_in_range_and_unknown_preset_raises():
+    x = torch.rand(8, 3, 32, 32)
+    out = augment(x, "strong", torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        augment(x, "medium", torch.Generator())
