@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Usage: python bench/train_speed.py [--data PATH] [--configs cnn4x32@64,vgg3@64,resnet18@64,resnet18@128]
-                                   [--rounds 3] [--steps 10] [--warmup 2] [--no-compile] [--quick]
+                                   [--rounds 3] [--steps 10] [--warmup 2] [--no-compile]
+                                   [--no-layer-order] [--quick]
 
 Training throughput of bloodcell's engine against a plain PyTorch loop, on the Kaggle blood cells.
 
@@ -29,6 +30,10 @@ FLOP rate: the training FLOPs per image are counted by ``torch.utils.flop_counte
 around one forward + backward pass (convolutions and matrix products; a multiply-add is 2 FLOPs),
 times the images/s, as a share of this machine's dense matmul peak measured here (a square
 ``torch.mm`` loop, fp32 and bf16, at the physical core count, best of several, before and after).
+
+A fourth (unless ``--no-layer-order``), for the study's models: the same engine with the model in
+its earlier layer order (``pool_first=False``: conv, BN, ReLU, max-pool), so the default's
+pool-first order rests on a measurement too.
 
 Writes bench/out/train_speed.md and .json (bench/out/train_speed-quick.* with --quick).
 """
@@ -64,7 +69,7 @@ from bloodcell.config import TrainConfig
 from bloodcell.data import BatchLoader, discover, load_dataset
 from bloodcell.engine import Step, make_optimizer, resolve_precision, set_threads, train_one_epoch
 from bloodcell.info import MEAN, STD
-from bloodcell.models import get_model
+from bloodcell.models import get_model, model_info
 
 DEFAULT_CONFIGS = "cnn4x32@64,vgg3@64,resnet18@64,resnet18@128"
 QUICK_CONFIGS = "cnn4x32@32,vgg3@32"  # resnet18 alone takes ~20 s of CPU per round
@@ -205,9 +210,10 @@ def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precisio
     """Interleaved rounds of reference and bloodcell (and bloodcell + torch.compile) for one model."""
     classes, cfg = len(ds.classes), TrainConfig()
 
-    def bloodcell_setup(compiled: bool):
+    def bloodcell_setup(compiled: bool, **model_kw):
         torch.manual_seed(0)
-        model = get_model(name, num_classes=classes, image_size=size).to(memory_format=torch.channels_last)
+        model = get_model(name, num_classes=classes, image_size=size, **model_kw)
+        model = model.to(memory_format=torch.channels_last)
         step = Step(make_optimizer(model, "adamw", cfg.lr, cfg.weight_decay, cfg.momentum), None,
                     torch.device("cpu"), precision, channels_last=True)
         loader = BatchLoader(ds.splits["train"], BATCH, shuffle=True, augment="strong", seed=0, drop_last=True)
@@ -231,6 +237,10 @@ def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precisio
         comp = bloodcell_setup(True)
         contenders["compiled"] = []
         print(f"  torch.compile: first two steps (compilation) {comp[3]:.1f} s", flush=True)
+    late = None
+    if args.layer_order and "pool_first" in model_info(name)["options"]:
+        late = bloodcell_setup(False, pool_first=False)  # the study models' earlier layer order
+        contenders["pool-last"] = []
 
     for r in range(args.rounds):
         order = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
@@ -238,7 +248,7 @@ def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precisio
             if who == "reference":
                 rate = reference_round(ref_model, ref_opt, ref_loader, args.warmup, args.steps)
             else:
-                model, step, batches, _ = bc if who == "bloodcell" else comp
+                model, step, batches, _ = {"bloodcell": bc, "compiled": comp, "pool-last": late}[who]
                 rate = bloodcell_round(model, step, batches, args.warmup, args.steps)
             contenders[who].append(rate)
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.1f} img/s" for k, v in contenders.items()),
@@ -258,6 +268,10 @@ def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precisio
         row.update({"compiled_img_s": c, "compiled_all": contenders["compiled"], "compile_s": comp[3],
                     "compiled_vs_eager": c / row["bloodcell_img_s"],
                     "break_even_images": comp[3] / saved_per_img if saved_per_img > 0 else None})
+    if late is not None:
+        p = statistics.median(contenders["pool-last"])
+        row.update({"pool_last_img_s": p, "pool_last_all": contenders["pool-last"],
+                    "pool_first_vs_last": row["bloodcell_img_s"] / p})
     return row
 
 
@@ -303,6 +317,18 @@ run must train before the compiled model has repaid its compile time ("never" wh
 {md_table(["config", "eager img/s", "compiled img/s", "compiled / eager", "compile s", "break-even"],
           compile_rows)}
 """
+    order_rows = [[r["config"], f"{r['pool_last_img_s']:,.1f}{spread(r['pool_last_all'])}",
+                   f"{r['bloodcell_img_s']:,.1f}{spread(r['bloodcell_all'])}", f"{r['pool_first_vs_last']:.2f}x"]
+                  for r in rows if "pool_last_img_s" in r]
+    order_md = "" if not order_rows else f"""
+## The study models' layer order, same engine, same run
+
+bloodcell's study models pool straight after a block's last convolution (conv, max-pool, BN, ReLU; \
+`pool_first=True`, the default), so batch norm and ReLU run on a quarter of the values. The \
+earlier order (conv, BN, ReLU, max-pool; `pool_first=False`) ran interleaved with the others:
+
+{md_table(["config", "conv-BN-ReLU-pool img/s", "conv-pool-BN-ReLU img/s (default)", "speed-up"], order_rows)}
+"""
     kind_names = list(rows[0]["seconds_per_step_by_kind"]) if rows else []
     kind_rows = []
     for r in rows:
@@ -345,7 +371,7 @@ multiply-add = 2 FLOPs). Dense matmul peak of this machine (torch.mm {args.peak_
 {info['torch_threads']} threads, best of several): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 \
 {peak['bf16']:,.0f} GFLOP/s. The reference runs in fp32, bloodcell in {precision}: compare each with \
 its own precision's peak.
-{breakdown_md}{compile_md}
+{order_md}{breakdown_md}{compile_md}
 ## Decoded cache build (bloodcell.data.load_dataset, cold, {subset})
 
 Listing and hashing the files (discover, not included below): {discover_s:.1f} s. Decoding into a \
@@ -378,6 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a development run: cnn4x32 and vgg3 at 32 px, 256 images, 2 steps, 1 round")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the third contender, bloodcell's engine with torch.compile(model)")
+    ap.add_argument("--no-layer-order", dest="layer_order", action="store_false",
+                    help="skip the fourth contender: the study models in their earlier layer order "
+                         "(conv-BN-ReLU-pool)")
     ap.add_argument("--out", default=str(OUT), help="output folder (default: %(default)s)")
     args = ap.parse_args(argv)
     quick = {"configs": QUICK_CONFIGS, "rounds": 1, "steps": 2, "warmup": 1, "limit": 256, "peak_size": 1024}
