@@ -180,7 +180,9 @@ def test_grad_cam_works_for_every_registered_model(name) -> None:
 
 def test_last_conv_of_a_study_model_is_its_fourth_conv() -> None:
     model = get_model("cnn4x32", num_classes=4, image_size=32)
-    assert last_conv(model, torch.zeros(1, 3, 32, 32))[0] == "features.6.0"
+    assert last_conv(model, torch.zeros(1, 3, 32, 32))[0] == "features.3.0"  # block 4's conv
+    old = get_model("cnn4x32", num_classes=4, image_size=32, pool_first=False)
+    assert last_conv(old, torch.zeros(1, 3, 32, 32))[0] == "features.6.0"  # pools between blocks
 
 
 def test_grad_cam_points_at_the_evidence() -> None:

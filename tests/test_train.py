@@ -252,6 +252,11 @@ def test_checkpoints_from_before_pool_first_still_load(tmp_path):
     torch.save(ck, tmp_path / "old.pt")
     model, _ = load_model(tmp_path / "old.pt")
     assert isinstance(model.features[1], torch.nn.MaxPool2d)  # conv-BN-ReLU, then the pool
+    ck_new = read_checkpoint(tmp_path / "a" / "best.pt")
+    ck_new["model"]["kwargs"].pop("pool_first")  # a hand-written checkpoint of today's order
+    torch.save(ck_new, tmp_path / "new.pt")
+    model, _ = load_model(tmp_path / "new.pt")
+    assert isinstance(model.features[0][1], torch.nn.MaxPool2d)
     with pytest.raises(BloodcellError, match="layer order"):
         train(tiny(epochs=1, init_from=str(tmp_path / "old.pt")), tmp_path / "b", log=quiet, progress=False)
     torch.save(ck, tmp_path / "a" / "last.pt")

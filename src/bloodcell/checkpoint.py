@@ -69,11 +69,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def model_kwargs_of(ckpt: dict) -> dict:
     """The arguments that rebuild a checkpoint's model (``get_model(name, **them)``)."""
-    from bloodcell.models import model_info
+    from bloodcell.models import get_model, model_info
 
+    name = ckpt["model"]["name"]
     kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "weights"}
-    if "pool_first" in model_info(ckpt["model"]["name"])["options"]:
-        kwargs.setdefault("pool_first", False)  # written before the option: pooled after the ReLU
+    if "pool_first" in model_info(name)["options"] and "pool_first" not in kwargs:
+        # Written before the study models pooled first, or by hand: the layer order whose
+        # parameter names the weights carry (BatchNorm sits one place later when pooled first).
+        for order in (True, False):
+            if get_model(name, **kwargs, pool_first=order).state_dict().keys() == ckpt["state_dict"].keys():
+                kwargs["pool_first"] = order
+                break
     return kwargs
 
 

@@ -89,9 +89,9 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, 
         src = read_checkpoint(cfg.init_from)
         layout = model_kwargs_of(src).get("pool_first"), kw.get("pool_first")
         if None not in layout and layout[0] != layout[1]:
-            raise BloodcellError(f"--init-from {cfg.init_from}: written by an older bloodcell whose "
-                                 "study models pooled after the ReLU; its weights do not map onto "
-                                 "today's layer order: train it again")
+            raise BloodcellError(f"--init-from {cfg.init_from}: its model pools after the ReLU (an "
+                                 "older bloodcell's layer order), so its weights do not map onto "
+                                 "today's: train it again")
         own = model.state_dict()
         take = {k: v for k, v in src["state_dict"].items() if k in own and own[k].shape == v.shape}
         if not take:
