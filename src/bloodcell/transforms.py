@@ -4,7 +4,8 @@ Presets (``augment``):
 - ``none``: nothing;
 - ``light``: horizontal and vertical flips and 90-degree rotations (a cell has no up or down);
 - ``strong``: light, plus a small random affine (any-angle rotation, scale 0.9-1.1, shift up to 8 %)
-  and colour/stain jitter (brightness, contrast, saturation and per-channel stain gain).
+  and colour/stain jitter (brightness, contrast, saturation and per-channel stain gain), applied in
+  two passes over the pixels: one resampling and one colour map per image (``strong``).
 Every random draw comes from the generator passed in, so a (seed, epoch) pair fixes the result.
 """
 
