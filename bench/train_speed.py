@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Usage: python bench/train_speed.py [--data PATH] [--configs cnn4x32@64,vgg3@64,resnet18@64,resnet18@128]
-                                   [--rounds 3] [--steps 10] [--warmup 2] [--no-compile]
+                                   [--rounds 3] [--steps 10] [--min-seconds 5] [--warmup 2] [--no-compile]
                                    [--no-layer-order] [--quick]
 
 Training throughput of bloodcell's engine against a plain PyTorch loop, on the Kaggle blood cells.
@@ -18,8 +18,9 @@ Training throughput of bloodcell's engine against a plain PyTorch loop, on the K
 
 Both run in this process, one after the other, interleaved: for each configuration, ``--rounds``
 rounds of (reference, bloodcell) -- the order alternates between rounds -- each round ``--warmup``
-steps not timed, then ``--steps`` timed steps of batch 64. The reference's DataLoader is started
-afresh every round and shut down at its end, so its workers never run during bloodcell's turn.
+steps not timed, then timed steps of batch 64: at least ``--steps`` and at least ``--min-seconds``.
+The reference's DataLoader is started afresh every round and shut down at its end, so its workers
+never run during bloodcell's turn.
 Reported: median images/s over rounds [min-max] and the ratio bloodcell / reference.
 
 A third contender (unless ``--no-compile``): the same engine with ``torch.compile(model)`` (inductor,
@@ -181,29 +182,41 @@ def reference_loader(train_dir: Path, size: int, keep: set[str] | None, seed: in
                                        drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_round(model, optimizer, loader, warmup: int, steps: int) -> float:
-    """Images/s of the plain loop over ``steps`` steps after ``warmup``; fresh DataLoader workers."""
+def reference_round(model, optimizer, loader, warmup: int, steps: int, min_seconds: float) -> float:
+    """Images/s of the plain loop over at least ``steps`` steps and ``min_seconds`` after ``warmup``;
+    fresh DataLoader workers."""
     model.train()
     batches = endless(loader)
-    t0 = 0.0
-    for i, (x, y) in enumerate(itertools.islice(batches, warmup + steps)):
-        if i == warmup:
-            t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # a plain loop logs its running loss, as the engine does
+    for x, y in itertools.islice(batches, warmup):
+        plain_step(model, optimizer, x, y)
+    done, t0 = 0, time.perf_counter()
+    while done < steps or time.perf_counter() - t0 < min_seconds:
+        plain_step(model, optimizer, *next(batches))
+        done += 1
     secs = time.perf_counter() - t0
     batches.close()  # ends the DataLoader iterator: its workers exit before bloodcell's turn
-    return steps * BATCH / secs
+    return done * BATCH / secs
 
 
-def bloodcell_round(model, step: Step, batches, warmup: int, steps: int) -> float:
-    """Images/s of engine.train_one_epoch over ``steps`` steps after ``warmup`` untimed ones."""
+def plain_step(model, optimizer, x, y) -> None:
+    """One step of the plain loop."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    loss.item()  # a plain loop logs its running loss, as the engine does
+
+
+def bloodcell_round(model, step: Step, batches, warmup: int, steps: int, min_seconds: float) -> float:
+    """Images/s of engine.train_one_epoch over at least ``steps`` steps and ``min_seconds`` (in
+    chunks of ``steps``) after ``warmup`` untimed ones."""
     if warmup:
         train_one_epoch(model, itertools.islice(batches, warmup), step)
-    return train_one_epoch(model, itertools.islice(batches, steps), step)["images_per_s"]
+    images, secs = 0, 0.0
+    while images < steps * BATCH or secs < min_seconds:
+        r = train_one_epoch(model, itertools.islice(batches, steps), step)
+        images, secs = images + steps * BATCH, secs + r["seconds"]
+    return images / secs
 
 
 def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precision: str) -> dict:
@@ -246,10 +259,10 @@ def bench_config(name: str, size: int, ds, train_dir: Path, keep, args, precisio
         order = list(contenders) if r % 2 == 0 else list(contenders)[::-1]
         for who in order:
             if who == "reference":
-                rate = reference_round(ref_model, ref_opt, ref_loader, args.warmup, args.steps)
+                rate = reference_round(ref_model, ref_opt, ref_loader, args.warmup, args.steps, args.min_seconds)
             else:
                 model, step, batches, _ = {"bloodcell": bc, "compiled": comp, "pool-last": late}[who]
-                rate = bloodcell_round(model, step, batches, args.warmup, args.steps)
+                rate = bloodcell_round(model, step, batches, args.warmup, args.steps, args.min_seconds)
             contenders[who].append(rate)
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:,.1f} img/s" for k, v in contenders.items()),
               flush=True)
@@ -356,8 +369,8 @@ rate if everything else took no time.
               else f"all {n_items:,} images")
     return f"""# Training throughput: bloodcell engine vs a plain PyTorch loop
 
-{mode}Batch {BATCH}; median of {args.rounds} interleaved round(s) of {args.steps} timed steps after \
-{args.warmup} untimed warm-up step(s), [min-max] over rounds. Ratio = bloodcell / reference.
+{mode}Batch {BATCH}; median of {args.rounds} interleaved round(s), each timing at least {args.steps} \
+steps and {args.min_seconds:g} s after {args.warmup} untimed warm-up step(s), [min-max] over rounds. Ratio = bloodcell / reference.
 bloodcell: memory-mapped uint8 cache -> BatchLoader(augment="strong") -> engine.train_one_epoch, \
 {precision} autocast, channels-last, AdamW (make_optimizer). Reference: ImageFolder(TRAIN) + PIL \
 transforms (Resize, RandomHorizontalFlip, RandomVerticalFlip, ToTensor, Normalize) + \
@@ -397,6 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 3)")
     ap.add_argument("--steps", type=int, help="timed steps per round (default 10)")
     ap.add_argument("--warmup", type=int, help="untimed steps at the start of each round (default 2)")
+    ap.add_argument("--min-seconds", type=float,
+                    help="a round times at least this long (more steps for fast models; default 5): "
+                         "10-step windows of a 50 ms step vary by 40 %% on this shared machine")
     ap.add_argument("--limit", type=int, help="use a seeded sample of this many TRAIN images (default: all)")
     ap.add_argument("--peak-size", type=int, help="matmul size for the peak (default 2048)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: the physical cores")
@@ -409,8 +425,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "(conv-BN-ReLU-pool)")
     ap.add_argument("--out", default=str(OUT), help="output folder (default: %(default)s)")
     args = ap.parse_args(argv)
-    quick = {"configs": QUICK_CONFIGS, "rounds": 1, "steps": 2, "warmup": 1, "limit": 256, "peak_size": 1024}
-    full = {"configs": DEFAULT_CONFIGS, "rounds": 3, "steps": 10, "warmup": 2, "limit": 0, "peak_size": 2048}
+    quick = {"configs": QUICK_CONFIGS, "rounds": 1, "steps": 2, "warmup": 1, "limit": 256, "peak_size": 1024,
+             "min_seconds": 0.0}
+    full = {"configs": DEFAULT_CONFIGS, "rounds": 3, "steps": 10, "warmup": 2, "limit": 0, "peak_size": 2048,
+            "min_seconds": 5.0}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -463,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = render(rows, caches, peak, info, args, precision, discover_s, len(src.items))
     stem = "train_speed-quick" if args.quick else "train_speed"
     result = {"machine": info, "peak_gflop_s": peak, "precision": precision, "batch_size": BATCH,
-              "reference_workers": REF_WORKERS, "rounds": args.rounds, "steps": args.steps,
+              "reference_workers": REF_WORKERS, "rounds": args.rounds, "steps": args.steps, "min_seconds": args.min_seconds,
               "warmup": args.warmup, "discover_s": discover_s, "cache": caches, "configs": rows}
     base = write_outputs(args.out, stem, md, result)
     print(f"wrote {base}.md and .json")
