@@ -199,9 +199,10 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     state = FitState()
     if resume and (out / "last.pt").is_file():
         ck = read_checkpoint(out / "last.pt")
-        if model_kwargs_of(ck) != {k: v for k, v in kw.items() if k != "weights"}:
+        saved = model_kwargs_of(ck)
+        if saved != kw:
             raise BloodcellError(f"--resume: {out / 'last.pt'} was written for another model layout "
-                                 f"({model_kwargs_of(ck)}); start the run afresh with --overwrite")
+                                 f"({saved}); start the run afresh with --overwrite")
         model.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])

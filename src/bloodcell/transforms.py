@@ -90,10 +90,9 @@ def jitter_matrices(x: torch.Tensor, g: torch.Generator, brightness: float = 0.1
     luma = torch.tensor([0.299, 0.587, 0.114])
     sat = s.view(n, 1, 1) * torch.eye(3) + (1 - s).view(n, 1, 1) * luma.view(1, 1, 3)  # S = sI + (1-s) 1 luma^T
     gs = gain.view(n, 3, 1) * sat
-    m = x.mean(dim=(1, 2, 3)).float().cpu()
     mat = gs * (c * b).view(n, 1, 1)
-    off = gs.sum(2) * ((1 - c) * b * m.view(n, 1))
-    return mat.to(x.device, x.dtype), off.to(x.device, x.dtype)
+    off = (gs.sum(2) * ((1 - c) * b)).to(x.device, x.dtype) * x.mean(dim=(1, 2, 3)).view(n, 1)
+    return mat.to(x.device, x.dtype), off
 
 
 def color_map(x: torch.Tensor, mat: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
@@ -115,8 +114,7 @@ def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     d = draw_dihedral(n, g, x.shape[2] == x.shape[3])
     theta = affine_thetas(n, g)
     dm = dihedral_matrices(d)  # sampling the flipped image at p samples the image at D p
-    theta = torch.cat([dm @ theta[:, :, :2], dm @ theta[:, :, 2:]], 2)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid((dm @ theta).to(x.device, x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return color_map(x, *jitter_matrices(x, g))
 
