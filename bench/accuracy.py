@@ -103,14 +103,12 @@ def hardest_groups(task: str, rows: list[dict], out: Path, top: int = 3) -> str:
         for r in rs:
             with open(out / f"{task}-seed{r['seed']}" / r["run_dir"] / "predictions_test.csv", newline="") as f:
                 preds = list(csv.DictReader(f))
-            by_group: dict[str, list[bool]] = {}
+            by_group: dict[str, list[dict]] = {}
             for row in preds:
-                g = group_of[row["path"]]
-                by_group.setdefault(g, []).append(row["pred"] != row["label"])
-                info.setdefault(g, (row["label"], 0, Path(row["path"]).name))
-            for g, wrong in by_group.items():
-                shares.setdefault(g, []).append(sum(wrong) / len(wrong))
-                info[g] = (info[g][0], len(wrong), info[g][2])
+                by_group.setdefault(group_of[row["path"]], []).append(row)
+            for g, g_rows in by_group.items():
+                shares.setdefault(g, []).append(sum(r["pred"] != r["label"] for r in g_rows) / len(g_rows))
+                info[g] = (g_rows[0]["label"], len(g_rows), Path(g_rows[0]["path"]).name)
         for g in sorted(shares, key=lambda k: -statistics.mean(shares[k]) * info[k][1])[:top]:  # errors
             label, n, example = info[g]
             whole = sum(v == 1.0 for v in shares[g])
