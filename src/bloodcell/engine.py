@@ -231,7 +231,7 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, precisio
             with autocast(device, precision):
                 p = p + torch.softmax(model(_views(x, k)).float(), 1)
         probs.append((p / len(views)).cpu().numpy())
-        labels.append(y.numpy())
+        labels.append(y.cpu().numpy())
     return np.concatenate(probs), np.concatenate(labels)
 
 

@@ -92,7 +92,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
                 raise BloodcellError(f"split {name!r} not in the data; it has: {', '.join(ds.splits)}, all")
             continue
         with torch.inference_mode():
-            r = evaluate(model, BatchLoader(ds.splits[name], 256), dev, prec, True, tta)
+            r = evaluate(model, BatchLoader(ds.splits[name], 256, device=dev), dev, prec, True, tta)
         view, labels, probs = ds, r["labels"], r["probs"]
         if restrict:
             keep = sorted({int(k) for s in ds.splits.values() for k in np.unique(s.labels)})

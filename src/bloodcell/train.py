@@ -182,9 +182,10 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    # The loaders hand uint8 batches to the device, so a GPU also does the augmentation.
     train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
-                               seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size)
-    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256))
+                               seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device)
+    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     steps = len(train_loader)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
@@ -244,7 +245,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     for name in ("val", "test", "test_simple"):
         if name not in ds.splits:
             continue
-        r = evaluate(model, BatchLoader(ds.splits[name], 256), device, precision, cfg.channels_last, cfg.tta)
+        r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device), device, precision,
+                     cfg.channels_last, cfg.tta)
         metrics[name] = split_metrics(ds, name, r["labels"], r["probs"])
         write_predictions(out / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"], r["probs"],
                           ds.classes)
