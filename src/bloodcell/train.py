@@ -167,6 +167,11 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     ds = dataset or config_dataset(cfg)
     if "train" not in ds.splits or "val" not in ds.splits:
         raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
+    log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
+        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads")
+
+    # model, optimiser, schedule (the model first: a refused --init-from leaves the folder empty)
+    model, kw = build_model(cfg, ds.classes)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
                                               "threads": threads, "layout": ds.layout,
                                               "classes": ds.classes}}
@@ -174,11 +179,6 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         save_yaml(cfg.to_dict(), out / "config.yaml")
         save_splits(ds, out / "splits.json")
     save_yaml(resolved, out / "resolved.yaml")
-    log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
-        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads")
-
-    # model, optimiser, schedule
-    model, kw = build_model(cfg, ds.classes)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
