@@ -106,16 +106,20 @@ def test_protocol_yaml_models_overrides_and_errors(tmp_path):
         load_protocol(None, "no-such-preset")
 
 
-def test_every_shipped_preset_is_a_valid_protocol():
+def test_every_shipped_preset_is_a_valid_protocol(capsys):
     from bloodcell.compare import list_presets
     from bloodcell.config import TrainConfig, make_config
 
     names = list_presets()
-    assert {"demo", "best"} <= set(names)
+    assert {"demo", "best", "pbc"} <= set(names)
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     for name in names:
         shared, models, overrides = load_protocol(None, name)
         make_config(TrainConfig, shared)  # raises on an unknown key or a bad value
         assert models, name
+        assert f"{name} (" in help_text, f"compare --help does not name preset {name}"
 
 
 def test_ensemble_row_averages_saved_probabilities(tmp_path):
