@@ -107,7 +107,7 @@ def hardest_groups(task: str, rows: list[dict], out: Path, top: int = 3) -> str:
             for row in preds:
                 by_group.setdefault(group_of[row["path"]], []).append(row)
             for g, g_rows in by_group.items():
-                shares.setdefault(g, []).append(sum(r["pred"] != r["label"] for r in g_rows) / len(g_rows))
+                shares.setdefault(g, []).append(sum(p["pred"] != p["label"] for p in g_rows) / len(g_rows))
                 info[g] = (g_rows[0]["label"], len(g_rows), Path(g_rows[0]["path"]).name)
         for g in sorted(shares, key=lambda k: -statistics.mean(shares[k]) * info[k][1])[:top]:  # errors
             label, n, example = info[g]

@@ -60,7 +60,7 @@ def test_a_gpu_run_learns_and_its_checkpoint_serves_on_the_cpu(tmp_path):
 
     # The checkpoint holds CPU tensors, so the CPU reads it and scores the same images alike.
     ds = config_dataset(cfg)
-    model, meta = load_model(tmp_path / "r" / "best.pt", torch.device("cpu"))
+    model, _ = load_model(tmp_path / "r" / "best.pt", torch.device("cpu"))
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
     cpu = evaluate(model, BatchLoader(ds.splits["test"], 256), torch.device("cpu"), "fp32")
     gpu = evaluate(model.to(CUDA), BatchLoader(ds.splits["test"], 256, device=CUDA), CUDA, "fp32")
