@@ -73,9 +73,10 @@ def _rate(n: int, size: int, tries: int = 3) -> float:
 
 
 def test_speed_on_one_core():
-    # Measured: about 1,050 images/s at 64 px and 380 at 128 px on this project's CI machine, 487 at
-    # 64 px on the GPU machine's slower cores (2026-11-26). The bounds sit 4x below the CI figures,
-    # so a slower computer passes and a regression that makes the built-in data 4x slower fails.
+    # Measured 2026-11-26 with _rate itself (best of 3): 869 images/s at 64 px and 318 at 128 px on
+    # this project's CI machine, 487 at 64 px on the lent GPU machine's slower cores. The bounds sit
+    # about 3.4x below the CI figures, so a slower computer passes and a regression that makes the
+    # built-in data several times slower fails.
     generate(4, 64, 0)  # warm up caches
     assert _rate(200, 64) >= 250
     assert _rate(50, 128) >= 95
