@@ -78,6 +78,20 @@ def test_compare_refuses_another_protocol_in_same_folder(tmp_path, capsys):
     assert code == 2 and "another protocol" in err[-1] and "image_size" in err[-1]
 
 
+def test_a_wrong_data_path_writes_nothing_and_deletes_nothing(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "--data", str(tmp_path / "no-such-dir"), "--models", "cnn2x32", "--out", str(out)])
+    assert code == 2 and "does not exist" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()  # so the corrected command is not refused as "another protocol"
+    compare(["cnn2x32"], {"data": "synthetic:80", **FAST}, out, log=lambda m: None, progress=False,
+            report=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code = main(["compare", "--data", str(tmp_path / "no-such-dir"), "--models", "cnn2x32", "--out", str(out),
+                 "--overwrite"])
+    assert code == 2
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # --overwrite deleted nothing
+
+
 def test_compare_adds_a_model_to_a_finished_comparison(tmp_path):
     out = tmp_path / "cmp"
     shared = {"data": "synthetic:80", **FAST}

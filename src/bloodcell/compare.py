@@ -155,6 +155,13 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
                                  f"{', '.join(diff)}); use --overwrite or another --out")
     elif out.exists() and any(out.iterdir()) and not overwrite and not saved.exists():
         raise BloodcellError(f"{out} exists and is not a compare folder; choose another --out")
+    # Every data set the models need is read (or its cache found) before anything in OUT is
+    # touched: a wrong path or unusable data fails here and leaves the folder as it was.
+    t0 = time.perf_counter()
+    datasets: dict = {}
+    for cfg in cfgs.values():
+        if dataset_key(cfg) not in datasets:
+            datasets[dataset_key(cfg)] = config_dataset(cfg)
     if overwrite and out.exists():
         import shutil
 
@@ -165,17 +172,12 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
     (out / "runs").mkdir(parents=True, exist_ok=True)
     save_yaml(json.loads(json.dumps(protocol)), saved)
 
-    datasets: dict = {}
     rows = []
     run_info: dict = {}
-    t0 = time.perf_counter()
     for i, m in enumerate(models, 1):
         cfg = cfgs[m]
         run = out / "runs" / m
-        key = dataset_key(cfg)
-        if key not in datasets:
-            datasets[key] = config_dataset(cfg)
-        ds = datasets[key]
+        ds = datasets[dataset_key(cfg)]
         if (run / "DONE").exists():
             log(f"[{i}/{len(models)}] {m}: already finished, kept")
             metrics = json.loads((run / "metrics.json").read_text())
