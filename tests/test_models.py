@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from bloodcell.models import (
+    StainNorm,
+    StainNormed,
     count_parameters,
     get_model,
     list_models,
@@ -179,3 +181,36 @@ def test_pool_first_pools_before_normalising() -> None:
     old = [type(m) for m in get_model("cnn4x32", num_classes=4, pool_first=False).features.modules()
            if not isinstance(m, nn.Sequential)]
     assert old[:4] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+
+
+def test_stain_norm_removes_a_per_channel_cast() -> None:
+    """image: a gain and an offset per colour channel (a stain's or a lamp's cast) leave the output
+    as it was, and each channel comes out at mean 0, spread 1; gray: one grey level on all three
+    channels, unchanged by a common gain and offset."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 24, 20) * torch.tensor([0.8, 1.1, 0.9]).view(1, 3, 1, 1)
+    gain = torch.tensor([0.6, 1.3, 0.9]).view(1, 3, 1, 1)
+    offset = torch.tensor([0.4, -0.7, 0.1]).view(1, 3, 1, 1)
+    image = StainNorm("image")
+    y = image(x)
+    torch.testing.assert_close(image(x * gain + offset), y, atol=5e-3, rtol=0)
+    torch.testing.assert_close(y.mean((2, 3)), torch.zeros(4, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std((2, 3), unbiased=False), torch.ones(4, 3), atol=5e-3, rtol=0)
+    gray = StainNorm("gray")
+    g = gray(x)
+    assert g.shape == x.shape and torch.equal(g[:, 0], g[:, 1]) and torch.equal(g[:, 0], g[:, 2])
+    torch.testing.assert_close(gray(x * 0.5 + 0.3), g, atol=1e-3, rtol=1e-2)
+    flat = image(torch.full((1, 3, 8, 8), 0.7))  # no spread at all: finite, near 0, no NaN
+    assert torch.isfinite(flat).all() and flat.abs().max() < 1e-3
+
+
+def test_stain_norm_wraps_any_model_and_refuses_unknown_modes() -> None:
+    for name in ("cnn4x32", "resnet18"):
+        net = get_model(name, num_classes=4, image_size=32, stain_norm="image").eval()
+        assert isinstance(net, StainNormed) and isinstance(net.stain, StainNorm)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x * 2.0 - 1.0), net(x), atol=1e-3, rtol=1e-3)
+    assert not isinstance(get_model("cnn4x32", num_classes=4), StainNormed)
+    with pytest.raises(ValueError, match="stain_norm"):
+        get_model("cnn4x32", num_classes=4, stain_norm="macenko")

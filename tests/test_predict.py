@@ -24,17 +24,19 @@ from bloodcell.transforms import normalize, to_float
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
 
-def make_checkpoint(path: Path, model: str = "cnn4x32", image_size: int = 32, seed: int = 0) -> Path:
-    """An untrained but non-trivial checkpoint (random BatchNorm statistics too), in seconds."""
+def make_checkpoint(path: Path, model: str = "cnn4x32", image_size: int = 32, seed: int = 0,
+                    **options) -> Path:
+    """An untrained but non-trivial checkpoint (random BatchNorm statistics too), in seconds;
+    ``options`` are more model arguments (``stain_norm``)."""
     torch.manual_seed(seed)
-    net = get_model(model, num_classes=len(CLASSES), image_size=image_size)
+    net = get_model(model, num_classes=len(CLASSES), image_size=image_size, **options)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     save_checkpoint(path, net, model_name=model, model_kwargs={"num_classes": len(CLASSES),
-                                                               "image_size": image_size},
+                                                               "image_size": image_size, **options},
                     classes=CLASSES, image_size=image_size, resize="squash")
     return path
 
@@ -112,6 +114,20 @@ def test_backends_agree_with_pytorch(ckpt, predictor, images, backend) -> None:
     arrays = np.stack([load_image(str(p), 32) for p in images])
     np.testing.assert_allclose(other.probs(arrays), predictor.probs(arrays), atol=1e-4)
     np.testing.assert_allclose(other.probs(arrays, tta=True), predictor.probs(arrays, tta=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_stain_norm_travels_in_the_checkpoint(tmp_path, images, backend) -> None:
+    """A model trained with stain_norm=image is rebuilt with it: predict (PyTorch and the exported
+    ONNX graph alike) gives a colour-cast image (a gain and offset per channel, as another stain
+    or lamp would) the probabilities of the original, while the same weights without it do not."""
+    arrays = np.stack([load_image(str(p), 32) for p in images])
+    cast = np.rint(arrays * np.array([0.8, 0.55, 0.7]) + np.array([30, 60, 12])).astype(np.uint8)
+    moved = {}
+    for norm in ("image", "none"):
+        pred = Predictor(make_checkpoint(tmp_path / f"{norm}.pt", seed=3, stain_norm=norm), backend=backend)
+        moved[norm] = np.abs(pred.probs(cast) - pred.probs(arrays)).max()
+    assert moved["image"] < 0.01 and moved["none"] > 5 * moved["image"], moved
 
 
 def test_auto_backend_is_onnx_runtime_on_cpu(ckpt) -> None:

@@ -13,7 +13,7 @@ from bloodcell.checkpoint import load_model, read_checkpoint
 from bloodcell.cli import main
 from bloodcell.config import TrainConfig, make_config
 from bloodcell.errors import BloodcellError, ConfigError
-from bloodcell.models import get_model
+from bloodcell.models import StainNormed, get_model
 from bloodcell.train import train
 
 TINY = dict(data="synthetic:96", image_size=32, batch_size=16, epochs=2, model="cnn2x32", threads=1,
@@ -238,6 +238,25 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
     conv = [k for k in src if k.endswith("weight") and src[k].ndim == 4]
     assert conv and all(torch.allclose(src[k], got[k], atol=1e-6) for k in conv)
     assert fresh["run"]["epochs_run"] == 1
+
+
+def test_stain_norm_run_and_init_from_across_it(tmp_path):
+    """--stain-norm image is saved with the model and rebuilt by load_model; --init-from maps a plain
+    run's weights onto it (and back) although its weights sit under net."""
+    train(tiny(epochs=1), tmp_path / "a", log=quiet, progress=False)
+    train(tiny(epochs=1, lr=1e-12, weight_decay=0.0, stain_norm="image", init_from=str(tmp_path / "a")),
+          tmp_path / "b", log=quiet, progress=False)
+    ck = read_checkpoint(tmp_path / "b" / "best.pt")
+    assert ck["model"]["kwargs"]["stain_norm"] == "image"
+    model, _ = load_model(tmp_path / "b")
+    assert isinstance(model, StainNormed)
+    src = read_checkpoint(tmp_path / "a" / "best.pt")["state_dict"]
+    conv = [k for k in src if k.endswith("weight") and src[k].ndim == 4]
+    assert conv and all(torch.allclose(src[k], ck["state_dict"]["net." + k], atol=1e-6) for k in conv)
+    train(tiny(epochs=1, lr=1e-12, weight_decay=0.0, init_from=str(tmp_path / "b")), tmp_path / "c",
+          log=quiet, progress=False)
+    back = read_checkpoint(tmp_path / "c" / "best.pt")["state_dict"]
+    assert all(torch.allclose(src[k], back[k], atol=1e-6) for k in conv)
 
 
 def test_checkpoints_from_before_pool_first_still_load(tmp_path):

@@ -20,7 +20,7 @@ from bloodcell.errors import ConfigError
 CHOICES = {
     "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
     "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-    "norm": ("batch", "none"), "augment": ("none", "light", "strong"),
+    "norm": ("batch", "none"), "stain_norm": ("none", "image", "gray"), "augment": ("none", "light", "strong"),
     "resize": ("squash", "crop", "pad", "cell", "cellfit"),
     "group_by": ("auto", "similar", "name", "file"),
     "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
@@ -44,6 +44,10 @@ FIELD_HELP = {
     "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
     "model": "registered model name (bloodcell models lists them)",
     "norm": "normalisation layers of the study's four models",
+    "stain_norm": "stain normalisation, a first layer of the model (so evaluate, predict, serve and "
+                  "export apply it too): image = each image's colour channels shifted and scaled to "
+                  "mean 0 and spread 1, removing a lab's stain and lighting cast; gray = the same on "
+                  "the grey level, colour dropped; none = off",
     "weights": "a local state_dict file to start the model from (never downloaded)",
     "init_from": "a bloodcell checkpoint to start from: every weight whose shape fits is taken (a "
                  "classifier for other classes is not)",
@@ -88,6 +92,7 @@ class TrainConfig:
     # model
     model: str = "cnn4x32"
     norm: str = "batch"
+    stain_norm: str = "none"
     weights: str | None = None
     init_from: str | None = None
     # optimisation

@@ -38,6 +38,12 @@ chose, and the builders say so:
 The modern baselines ("modern" family) are torchvision's, always randomly initialised: weights are
 never downloaded. ``get_model(..., weights=path)`` loads a local state_dict for any model instead
 (keys whose shapes differ, such as another classifier, are dropped and reported in a warning).
+
+Any model can start with a stain normalisation, ``get_model(..., stain_norm="image"|"gray")``: the
+``StainNorm`` layer standardises each image's colour channels (``image``) or its grey level
+(``gray``) before the first convolution, so a lab's stain and lighting cast is gone before the
+model sees the cells. Being part of the model, it travels in the checkpoint and the exported
+files, and predict, serve and evaluate apply it without knowing it is there.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision import models as tvm
+
+from bloodcell.config import CHOICES
 
 Builder = Callable[..., nn.Module]
 
@@ -83,6 +91,48 @@ def register_model(
     return add(fn) if fn is not None else add
 
 
+STAIN_NORMS = CHOICES["stain_norm"]
+
+
+class StainNorm(nn.Module):
+    """Per-image standardisation of the input: each colour channel (``image``) or the grey level,
+    the channels' mean, repeated on all three (``gray``), shifted to mean 0 and scaled to spread 1.
+
+    Invariant to any per-channel gain and offset of the input (a stain's or a lamp's cast, and the
+    dataset-wide mean/std normalisation before it). Computed in float32 whatever the autocast.
+    """
+
+    def __init__(self, mode: str = "image", eps: float = 1e-3):
+        super().__init__()
+        if mode not in STAIN_NORMS[1:]:
+            raise ValueError(f"stain_norm must be one of {', '.join(STAIN_NORMS)}, got '{mode}'")
+        self.mode, self.eps = mode, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.mode == "gray":
+            x = x.mean(1, keepdim=True)
+        mean = x.mean((2, 3), keepdim=True)
+        std = (x - mean).pow(2).mean((2, 3), keepdim=True).sqrt()
+        x = (x - mean) / (std + self.eps)
+        return x.expand(-1, 3, -1, -1) if self.mode == "gray" else x
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+class StainNormed(nn.Module):
+    """A model behind a ``StainNorm`` layer; its weights keep their own names under ``net.``."""
+
+    def __init__(self, net: nn.Module, mode: str):
+        super().__init__()
+        self.stain = StainNorm(mode)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.stain(x))
+
+
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
     return sorted(_MODELS)
@@ -100,19 +150,23 @@ def model_info(name: str) -> dict:
 
 
 def get_model(
-    name: str, num_classes: int, image_size: int = 64, weights: str | Path | None = None, **kwargs
+    name: str, num_classes: int, image_size: int = 64, weights: str | Path | None = None,
+    stain_norm: str = "none", **kwargs
 ) -> nn.Module:
-    """Build a registered model; ``weights`` is an optional local state_dict file (never a download)."""
+    """Build a registered model; ``weights`` is an optional local state_dict file (never a download);
+    ``stain_norm`` other than ``none`` puts a ``StainNorm`` layer in front (``StainNormed``)."""
     _check_name(name)
     min_size = _INFO[name]["min_image_size"]
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if image_size < min_size:
         raise ValueError(f"model '{name}' needs image_size >= {min_size}, got {image_size}")
+    if stain_norm not in STAIN_NORMS:
+        raise ValueError(f"stain_norm must be one of {', '.join(STAIN_NORMS)}, got '{stain_norm}'")
     model = _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
     if weights is not None:
         load_weights(model, weights)
-    return model
+    return model if stain_norm == "none" else StainNormed(model, stain_norm)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -43,6 +43,8 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
         kw["norm"] = cfg.norm
     if "pool_first" in options:
         kw["pool_first"] = True  # saved, so a checkpoint names its layer order (load_model)
+    if cfg.stain_norm != "none":
+        kw["stain_norm"] = cfg.stain_norm
     return kw
 
 
@@ -93,7 +95,10 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, 
                                  "older bloodcell's layer order), so its weights do not map onto "
                                  "today's: train it again")
         own = model.state_dict()
-        take = {k: v for k, v in src["state_dict"].items() if k in own and own[k].shape == v.shape}
+        # A stain-normalised model keeps its weights under "net.": match names without it.
+        bare = {k.removeprefix("net."): k for k in own}
+        take = {bare[k]: v for k, v in ((k.removeprefix("net."), v) for k, v in src["state_dict"].items())
+                if k in bare and own[bare[k]].shape == v.shape}
         if not take:
             raise BloodcellError(f"--init-from {cfg.init_from}: no weights fit model {cfg.model}")
         model.load_state_dict(take, strict=False)
