@@ -152,6 +152,19 @@ def test_unknown_config_key_rejected(tmp_path):
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r")]) == 2
 
 
+def test_blur_reaches_the_training_batches(tmp_path):
+    """--blur changes what training sees (same seed, other train losses), and nothing else: the
+    evaluation is of unblurred images; out-of-range values are refused."""
+    losses = []
+    for name, blur in (("a", 0.0), ("b", 2.0)):
+        train(tiny(epochs=1, blur=blur), tmp_path / name, log=quiet, progress=False)
+        losses.append((tmp_path / name / "history.csv").read_text().splitlines()[1].split(",")[1])
+    assert losses[0] != losses[1]
+    for bad in (-1, 9):
+        with pytest.raises(ConfigError, match="blur"):
+            tiny(blur=bad)
+
+
 def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
     train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
     code = main(["evaluate", str(tmp_path / "r"), "--data", str(class_folders)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bloodcell.transforms import augment, flips_rot90, to_float
+from bloodcell.transforms import augment, flips_rot90, gaussian_blur, to_float
 
 
 def strong_step_by_step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -62,3 +62,32 @@ def test_strong_stays_in_range_and_unknown_preset_raises():
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         augment(x, "medium", torch.Generator())
+
+
+def test_gaussian_blur_is_each_images_own_gaussian():
+    """Each image blurred by its own sigma equals torchvision's Gaussian blur (reflected borders);
+    sigma 0 leaves an image untouched; the output is channels-last like the loader's batches."""
+    from torchvision.transforms.functional import gaussian_blur as tv_blur
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 20, 28)
+    sigma = torch.tensor([0.0, 0.6, 1.2, 2.5])
+    y = gaussian_blur(x, sigma)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y[0], x[0])
+    radius = math.ceil(2 * 2.5)
+    for i in (1, 2, 3):
+        want = tv_blur(x[i:i + 1], kernel_size=2 * radius + 1, sigma=float(sigma[i]))
+        torch.testing.assert_close(y[i:i + 1], want, rtol=0, atol=1e-5)
+    assert y[3].diff(dim=-1).abs().mean() < 0.5 * x[3].diff(dim=-1).abs().mean()  # smoother
+
+
+def test_blur_adds_to_a_preset_without_changing_its_draws():
+    """blur=0 is the preset alone, draw for draw; blur > 0 blurs the preset's output."""
+    x = torch.rand(8, 3, 32, 32)
+    plain = augment(x, "strong", torch.Generator().manual_seed(5))
+    torch.testing.assert_close(augment(x, "strong", torch.Generator().manual_seed(5), blur=0.0), plain)
+    blurred = augment(x, "strong", torch.Generator().manual_seed(5), blur=2.0)
+    assert blurred.diff(dim=-1).abs().mean() < plain.diff(dim=-1).abs().mean()
+    assert blurred.min() >= 0 and blurred.max() <= 1
+    assert not torch.equal(augment(x, "none", torch.Generator(), blur=2.0), x)

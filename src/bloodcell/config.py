@@ -64,6 +64,9 @@ FIELD_HELP = {
     "clip_grad": "clip the gradient norm to this (0: off)",
     "augment": "augmentation preset: none; light = flips and 90-degree rotations; strong = light + "
                "affine + colour and stain jitter",
+    "blur": "also blur each training image by a Gaussian whose standard deviation is drawn from 0 to "
+            "this many pixels of the model's input (0: off), as another microscope's focus and "
+            "resolution would",
     "ema": "decay of an exponential moving average of the weights, evaluated instead of them (0: off)",
     "patience": "stop after this many epochs without a better validation score (0: never)",
     "monitor": "validation score that chooses the best epoch",
@@ -108,6 +111,7 @@ class TrainConfig:
     class_weights: bool = False
     clip_grad: float = 5.0
     augment: str = "strong"
+    blur: float = 0.0
     ema: float = 0.0
     patience: int = 0
     monitor: str = "val_macro_f1"
@@ -131,6 +135,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.blur <= 8:
+            raise ConfigError(f"blur must be in [0, 8] pixels, got {self.blur}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 < self.val_fraction < 1:

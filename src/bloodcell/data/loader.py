@@ -12,11 +12,11 @@ class BatchLoader:
     """Iterate over a split in batches; order and augmentation depend only on (seed, epoch)."""
 
     def __init__(self, split, batch_size: int, shuffle: bool = False, augment: str = "none",
-                 seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu"):
+                 seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu", blur: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.images, self.labels = split.images, np.asarray(split.labels)
-        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.batch_size, self.shuffle, self.augment, self.blur = batch_size, shuffle, augment, blur
         self.seed, self.drop_last, self.device = seed, drop_last, torch.device(device)
         self.epoch = 0
 
@@ -40,6 +40,6 @@ class BatchLoader:
             x = torch.from_numpy(np.ascontiguousarray(self.images[srt][pos]))
             y = torch.from_numpy(self.labels[idx].astype(np.int64))
             x = to_float(x.to(self.device, non_blocking=True))
-            if self.augment != "none":
-                x = augment(x, self.augment, g)
+            if self.augment != "none" or self.blur > 0:
+                x = augment(x, self.augment, g, self.blur)
             yield normalize(x), y.to(self.device, non_blocking=True)
