@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""python bench/accuracy.py --task kaggle|pbc|cross [--preset best] [--models a,b] [--seeds 0,1,2]
+"""python bench/accuracy.py --task kaggle|pbc|cross|ensemble [--preset best] [--models a,b] [--seeds 0,1,2]
 
 The accuracy protocol: a `bloodcell compare` per seed (same preset, same data), then the mean and
 spread over seeds of every figure, written as a Markdown table, and the test groups (copies of one
@@ -10,7 +10,11 @@ Tasks:
   kaggle  blood-cells, official TEST split (and TEST_SIMPLE), group (cell) accuracy with its interval
   pbc     the PBC share, seeded grouped 70/15/15 split
   cross   models trained by the kaggle and pbc tasks (same --out), each tested on the other lab's
-          images of the four shared classes (all of them: none was seen in training)
+          images of the four shared classes: its val split (seed 0) to choose settings on, its
+          test split (seed 0) as the figure that counts, and all its images as before
+  ensemble  the uniform mean of the probabilities of every model the kaggle task trained in the
+          seed folders of --out and of each --also folder (same seeds, same split): val and test,
+          beside each model alone; no weight is fitted, so nothing is chosen on test
 """
 
 from __future__ import annotations
@@ -118,34 +122,75 @@ def hardest_groups(task: str, rows: list[dict], out: Path, top: int = 3) -> str:
 
 
 def cross(out: Path, seeds: list[int]) -> str:
-    """Each lab's models on the other lab's four shared classes."""
+    """Each lab's models on the other lab's four shared classes.
+
+    Two figures per direction, on the other lab's split of seed 0 (the same images for every model):
+    its val split, the one to choose settings on (resize, stain normalisation), and its test split,
+    which chooses nothing and is the figure that counts. Every image of the other set ("all", the
+    older figure) is shown too, for comparison with earlier tables; it includes the test split, so
+    it chooses nothing either.
+    """
     from bloodcell.evaluate import evaluate_checkpoint
 
-    lines = ["### cross-lab (four shared classes, every image of the other set; the PBC models' outputs "
-             "restricted to those four)", "",
-             "| trained on | tested on | model | accuracy (mean ± sd) | macro-F1 |", "|---|---|---|---:|---:|"]
+    lines = ["### cross-lab (four shared classes of the other set; the PBC models' outputs restricted to "
+             "those four; the other set split with seed 0)", "",
+             "| trained on | tested on | model | val acc (choose here) | test acc | test macro-F1 | all images acc |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for src, dst in (("kaggle", "pbc"), ("pbc", "kaggle")):
-        runs = sorted((out).glob(f"{src}-seed*/runs/*/best.pt"))
-        by_model: dict[str, list[dict]] = {}
-        for ck in runs:
-            seed = int(ck.parts[-4].split("seed")[1])
-            if seed not in seeds:
+        by_model: dict[str, dict[str, list[dict]]] = {}
+        for ck in sorted(out.glob(f"{src}-seed*/runs/*/best.pt")):
+            if int(ck.parts[-4].split("seed")[1]) not in seeds:
                 continue
-            split = "test" if dst == "kaggle" else None
-            # the 8-class PBC model scores only Kaggle's 4 classes (evaluate --restrict)
-            res = evaluate_checkpoint(ck.parent, str(DATA[dst]), split=split, log=lambda m: None,
-                                      restrict=src == "pbc")
-            by_model.setdefault(ck.parent.name, []).append(next(iter(res.values())))
+            for split in ("val", "test", None):
+                # the 8-class PBC model scores only Kaggle's 4 classes (evaluate --restrict)
+                res = evaluate_checkpoint(ck.parent, str(DATA[dst]), split=split, seed=0, log=lambda m: None,
+                                          restrict=src == "pbc")
+                by_model.setdefault(ck.parent.name, {}).setdefault(split or "all", []).append(
+                    next(iter(res.values())))
         for m, rs in by_model.items():
-            lines.append(f"| {src} | {dst} | {m} | {mean_sd([r['accuracy'] for r in rs])} | "
-                         f"{mean_sd([r['macro_f1'] for r in rs])} |")
+            lines.append(f"| {src} | {dst} | {m} | {mean_sd([r['accuracy'] for r in rs['val']])} | "
+                         f"{mean_sd([r['accuracy'] for r in rs['test']])} | "
+                         f"{mean_sd([r['macro_f1'] for r in rs['test']])} | "
+                         f"{mean_sd([r['accuracy'] for r in rs['all']])} |")
+    return "\n".join(lines)
+
+
+def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle") -> str:
+    """Each model alone and the mean of all their probabilities, per split, mean ± sd over seeds."""
+    from bloodcell.config import TrainConfig, load_yaml, make_config
+    from bloodcell.train import config_dataset, read_predictions, split_metrics
+
+    scores: dict[tuple[str, str], list[dict]] = {}
+    for seed in seeds:
+        runs = {ck.parent.name: ck.parent for o in outs for ck in sorted(o.glob(f"{task}-seed{seed}/runs/*/DONE"))
+                if ck.parent.name != "ensemble"}
+        if len(runs) < 2:
+            raise SystemExit(f"error: fewer than two finished {task} models for seed {seed} in {outs}")
+        first = next(iter(runs.values()))
+        ds = config_dataset(make_config(TrainConfig, load_yaml(first / "config.yaml")))
+        for split in ("val", "test"):
+            parts = {m: read_predictions(d / f"predictions_{split}.csv", ds.classes) for m, d in runs.items()}
+            if any(p[2] != parts[next(iter(parts))][2] for p in parts.values()):
+                raise SystemExit(f"error: seed {seed}: the models' {split} images differ (another split?)")
+            labels = next(iter(parts.values()))[1]
+            members = {**{m: p[0] for m, p in parts.items()},
+                       "ensemble of " + "+".join(runs): sum(p[0] for p in parts.values()) / len(parts)}
+            for name, probs in members.items():
+                scores.setdefault((name, split), []).append(split_metrics(ds, split, labels, probs))
+    names = list(dict.fromkeys(n for n, _ in scores))
+    lines = [f"### {task}: each model and the mean of their probabilities, {len(seeds)} seeds", "",
+             "| model | val acc | test acc | test group acc | test macro-F1 |", "|---|---:|---:|---:|---:|"]
+    for n in names:
+        v, t = scores[(n, "val")], scores[(n, "test")]
+        lines.append(f"| {n} | {mean_sd([r['accuracy'] for r in v])} | {mean_sd([r['accuracy'] for r in t])} | "
+                     f"{mean_sd([r.get('group_accuracy') for r in t])} | {mean_sd([r['macro_f1'] for r in t])} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     """Run one task and write its table to OUT/<task>.md."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["kaggle", "pbc", "cross"], required=True)
+    ap.add_argument("--task", choices=["kaggle", "pbc", "cross", "ensemble"], required=True)
     ap.add_argument("--preset", default="best")
     ap.add_argument("--models", help="comma-separated (default: the preset's)")
     ap.add_argument("--seeds", default="0,1,2")
@@ -153,6 +198,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config keys on top of the preset (recorded in the table's heading); "
                          "{seed} in a value becomes the run's seed")
+    ap.add_argument("--also", default="", help="ensemble: more --out folders whose kaggle models join in "
+                                                "(comma-separated)")
     ap.add_argument("--table-only", action="store_true",
                     help="only gather the seed folders already in --out into the table (seeds run side by side)")
     args = ap.parse_args()
@@ -163,6 +210,8 @@ def main() -> None:
     models = args.models.split(",") if args.models else None
     if args.task == "cross":
         text = cross(out, seeds)
+    elif args.task == "ensemble":
+        text = ensemble([out, *[Path(p) for p in args.also.split(",") if p]], seeds)
     else:
         if not args.table_only:
             run_task(args.task, args.preset, models, seeds, out, extra)
@@ -172,6 +221,7 @@ def main() -> None:
         text += "\n\n" + hardest_groups(args.task, rows, out)
     stamp = time.strftime("%Y-%m-%d")
     cmd = f"python bench/accuracy.py --task {args.task} --preset {args.preset} --seeds {args.seeds}" + (
+        f" --also {args.also}" if args.also else "") + (
         f" --models {args.models}" if args.models else "") + (f" --set {' '.join(args.set)}" if args.set else "")
     text += f"\n\n{stamp}, `{cmd}`\n"
     (out / f"{args.task}.md").write_text(text)
