@@ -165,6 +165,16 @@ def test_blur_reaches_the_training_batches(tmp_path):
             tiny(blur=bad)
 
 
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_a_mixed_run_learns_from_soft_targets(tmp_path, mix):
+    """--mix trains on soft targets (the loader yields N x C), learns the synthetic classes, and
+    evaluates on plain images; a non-positive --mix-alpha is refused."""
+    m = train(tiny(epochs=4, mix=mix, data="synthetic:400"), tmp_path / "r", log=quiet, progress=False)
+    assert m["test"]["accuracy"] > 0.5  # four classes: chance is 1/4
+    with pytest.raises(ConfigError, match="mix_alpha"):
+        tiny(mix=mix, mix_alpha=0)
+
+
 def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
     train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
     code = main(["evaluate", str(tmp_path / "r"), "--data", str(class_folders)])

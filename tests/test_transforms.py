@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bloodcell.transforms import augment, flips_rot90, gaussian_blur, to_float
+from bloodcell.transforms import augment, flips_rot90, gaussian_blur, mix_batch, to_float
 
 
 def strong_step_by_step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -91,3 +91,39 @@ def test_blur_adds_to_a_preset_without_changing_its_draws():
     assert blurred.diff(dim=-1).abs().mean() < plain.diff(dim=-1).abs().mean()
     assert blurred.min() >= 0 and blurred.max() <= 1
     assert not torch.equal(augment(x, "none", torch.Generator(), blur=2.0), x)
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mix_blends_images_and_labels_in_the_same_proportion(mode):
+    """Each mixed image is its own image and one partner's, and its soft target gives each of the
+    two labels the share of the image it contributed (CutMix: the share of pixels). Every image has
+    its own class here, so the target names the partner."""
+    n = 12
+    x = torch.rand(n, 3, 24, 24)
+    y = torch.arange(n)
+    mixed, target = mix_batch(x, y, n, mode, 1.0, torch.Generator().manual_seed(2))
+    again = mix_batch(x, y, n, mode, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(mixed, again[0]) and torch.equal(target, again[1])  # the generator fixes it
+    torch.testing.assert_close(target.sum(1), torch.ones(n))
+    partners = 0
+    for i in range(n):
+        lam = target[i, i].item()
+        others = [j for j in range(n) if j != i and target[i, j] > 0]
+        if not others:  # paired with itself
+            assert lam == 1.0 and torch.allclose(mixed[i], x[i])
+            continue
+        (j,), partners = others, partners + 1
+        if mode == "mixup":
+            torch.testing.assert_close(mixed[i], lam * x[i] + (1 - lam) * x[j])
+        else:
+            own, theirs = (mixed[i] == x[i]).all(0), (mixed[i] == x[j]).all(0)
+            assert (own | theirs).all() and abs(own.float().mean().item() - lam) < 1e-6
+    assert partners >= n // 2
+
+
+def test_mix_none_is_one_hot_and_unknown_mode_raises():
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+    same, target = mix_batch(x, y, 3, "none", 1.0, torch.Generator())
+    assert same is x and torch.equal(target, torch.eye(3)[y])
+    with pytest.raises(ValueError, match="unknown mix"):
+        mix_batch(x, y, 3, "mosaic", 1.0, torch.Generator())

@@ -21,6 +21,7 @@ CHOICES = {
     "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
     "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
     "norm": ("batch", "none"), "stain_norm": ("none", "image", "gray"), "augment": ("none", "light", "strong"),
+    "mix": ("none", "mixup", "cutmix"),
     "resize": ("squash", "crop", "pad", "cell", "cellfit"),
     "group_by": ("auto", "similar", "name", "file"),
     "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
@@ -67,6 +68,9 @@ FIELD_HELP = {
     "blur": "also blur each training image by a Gaussian whose standard deviation is drawn from 0 to "
             "this many pixels of the model's input (0: off), as another microscope's focus and "
             "resolution would",
+    "mix": "blend pairs of training images and their labels: mixup = a weighted average of two images; "
+           "cutmix = a box of one pasted into the other; none = off",
+    "mix_alpha": "the mix's Beta(alpha, alpha) draw of how much of each image is kept",
     "ema": "decay of an exponential moving average of the weights, evaluated instead of them (0: off)",
     "patience": "stop after this many epochs without a better validation score (0: never)",
     "monitor": "validation score that chooses the best epoch",
@@ -112,6 +116,8 @@ class TrainConfig:
     clip_grad: float = 5.0
     augment: str = "strong"
     blur: float = 0.0
+    mix: str = "none"
+    mix_alpha: float = 1.0
     ema: float = 0.0
     patience: int = 0
     monitor: str = "val_macro_f1"
@@ -137,6 +143,8 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.blur <= 8:
             raise ConfigError(f"blur must be in [0, 8] pixels, got {self.blur}")
+        if not self.mix_alpha > 0:
+            raise ConfigError(f"mix_alpha must be positive, got {self.mix_alpha}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 < self.val_fraction < 1:

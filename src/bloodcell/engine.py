@@ -190,7 +190,7 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: Progre
             step.ema.update(model)
         n = y.shape[0]
         total_loss += loss.item() * n
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += (logits.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum().item()  # soft: its top class
         seen += n
         if progress:
             progress.update(i, seen, total_loss / seen)

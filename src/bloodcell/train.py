@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     # The loaders hand uint8 batches to the device, so a GPU also does the augmentation.
     train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
                                seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
-                               blur=cfg.blur)
+                               blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes))
     val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     steps = len(train_loader)

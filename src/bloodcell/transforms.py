@@ -8,6 +8,9 @@ Presets (``augment``):
   two passes over the pixels: one resampling and one colour map per image (``strong``).
 On top of any preset, ``blur`` (training config) blurs each image by a Gaussian of its own random
 width, as another microscope's focus and resolution would (``gaussian_blur``).
+``mix`` (training config) then blends pairs of images and their labels: ``mixup`` (a weighted
+average of two images) or ``cutmix`` (a box of one pasted into the other), the label mix in
+proportion (``mix_batch``).
 Every random draw comes from the generator passed in, so a (seed, epoch) pair fixes the result.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -155,3 +159,31 @@ def augment(x: torch.Tensor, preset: str, g: torch.Generator, blur: float = 0.0)
     if blur > 0:
         x = gaussian_blur(x, torch.rand(x.shape[0], generator=g) * blur)
     return x
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mode: str, alpha: float,
+              g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix over a batch: each image is blended with another of the batch (a random
+    pairing), lambda ~ Beta(alpha, alpha) per batch; returns the images and soft targets N x C
+    (lambda of the image's own one-hot label, 1 - lambda of its partner's; for CutMix lambda is the
+    share of pixels the image keeps). ``mode`` "none" returns the batch with one-hot targets."""
+    n, _, h, w = x.shape
+    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    if mode == "none":
+        return x, onehot
+    perm = torch.randperm(n, generator=g).to(x.device)
+    rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=g)))
+    lam = float(rng.beta(alpha, alpha))
+    if mode == "mixup":
+        x = x * lam + x[perm] * (1 - lam)
+    elif mode == "cutmix":
+        ch, cw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        raise ValueError(f"unknown mix {mode!r}; known: none, mixup, cutmix")
+    return x, onehot * lam + onehot[perm] * (1 - lam)

@@ -1,23 +1,28 @@
-"""BatchLoader: shuffled, augmented, normalised float batches straight from the uint8 cache."""
+"""BatchLoader: shuffled, augmented, normalised float batches straight from the uint8 cache (labels
+as class indices, or soft targets N x C where the batch is mixed)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from bloodcell.transforms import augment, normalize, to_float
+from bloodcell.transforms import augment, mix_batch, normalize, to_float
 
 
 class BatchLoader:
     """Iterate over a split in batches; order and augmentation depend only on (seed, epoch)."""
 
     def __init__(self, split, batch_size: int, shuffle: bool = False, augment: str = "none",
-                 seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu", blur: float = 0.0):
+                 seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu", blur: float = 0.0,
+                 mix: str = "none", mix_alpha: float = 1.0, num_classes: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.images, self.labels = split.images, np.asarray(split.labels)
         self.batch_size, self.shuffle, self.augment, self.blur = batch_size, shuffle, augment, blur
         self.seed, self.drop_last, self.device = seed, drop_last, torch.device(device)
+        self.mix, self.mix_alpha, self.num_classes = mix, mix_alpha, num_classes
+        if mix != "none" and num_classes < 2:
+            raise ValueError("mix needs num_classes")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -42,4 +47,7 @@ class BatchLoader:
             x = to_float(x.to(self.device, non_blocking=True))
             if self.augment != "none" or self.blur > 0:
                 x = augment(x, self.augment, g, self.blur)
-            yield normalize(x), y.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.mix != "none":  # soft targets N x C
+                x, y = mix_batch(x, y, self.num_classes, self.mix, self.mix_alpha, g)
+            yield normalize(x), y
