@@ -300,7 +300,8 @@ def add_cli(sub) -> None:
     p.add_argument("--out", default="runs/compare", help="compare folder (default: runs/compare)")
     p.add_argument("--config", help="YAML: shared config keys, 'models' and per-model 'overrides'")
     p.add_argument("--preset", help="a protocol shipped with bloodcell: demo (the built-in data, minutes), "
-                                    "best (Kaggle blood cells), pbc (PBC); src/bloodcell/presets holds them")
+                                    "best (Kaggle blood cells), pbc (PBC), crosslab (a model for another lab's "
+                                    "images); src/bloodcell/presets holds them")
     p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's runs and results")
     p.add_argument("--ensemble", action="store_true",
                    help="add a row for the mean of all models' probabilities (uniform weights)")
