@@ -140,7 +140,8 @@ def blur_matrices(sigma: torch.Tensor, size: int) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Blur each image of N x C x H x W by a Gaussian of its own standard deviation ``sigma`` (N, in
     pixels; 0 leaves an image as it is), reflected at the borders: two batched matrix products
-    (rows, then columns), which a CPU does far faster than a per-image grouped convolution."""
+    (rows, then columns); on this project's CPU a little faster than a per-image grouped
+    convolution (64 images of 64 px, one thread: 8.8 against 9.9 ms, best of 3, 2026-11-26)."""
     n, ch, h, w = x.shape
     bw = blur_matrices(sigma, w).to(x.device, x.dtype)
     bh = bw if h == w else blur_matrices(sigma, h).to(x.device, x.dtype)
