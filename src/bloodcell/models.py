@@ -161,8 +161,6 @@ def get_model(
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if image_size < min_size:
         raise ValueError(f"model '{name}' needs image_size >= {min_size}, got {image_size}")
-    if stain_norm not in STAIN_NORMS:
-        raise ValueError(f"stain_norm must be one of {', '.join(STAIN_NORMS)}, got '{stain_norm}'")
     model = _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
     if weights is not None:
         load_weights(model, weights)

@@ -186,5 +186,5 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mode: str, alp
         x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
-        raise ValueError(f"unknown mix {mode!r}; known: none, mixup, cutmix")
+        raise ValueError(f"unknown mix {mode!r}; known: {', '.join(CHOICES['mix'])}")
     return x, onehot * lam + onehot[perm] * (1 - lam)

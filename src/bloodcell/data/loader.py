@@ -45,8 +45,7 @@ class BatchLoader:
             x = torch.from_numpy(np.ascontiguousarray(self.images[srt][pos]))
             y = torch.from_numpy(self.labels[idx].astype(np.int64))
             x = to_float(x.to(self.device, non_blocking=True))
-            if self.augment != "none" or self.blur > 0:
-                x = augment(x, self.augment, g, self.blur)
+            x = augment(x, self.augment, g, self.blur)
             y = y.to(self.device, non_blocking=True)
             if self.mix != "none":  # soft targets N x C
                 x, y = mix_batch(x, y, self.num_classes, self.mix, self.mix_alpha, g)
