@@ -156,34 +156,33 @@ def cross(out: Path, seeds: list[int]) -> str:
 
 
 def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle") -> str:
-    """Each model alone and the mean of all their probabilities, per split, mean ± sd over seeds."""
+    """Each model alone and the mean of all their probabilities (compare's own ensemble row, which
+    writes OUT/<task>-seedN/runs/ensemble), per split, mean ± sd over seeds."""
+    from bloodcell.compare import ensemble_row
     from bloodcell.config import TrainConfig, load_yaml, make_config
-    from bloodcell.train import config_dataset, read_predictions, split_metrics
+    from bloodcell.train import config_dataset
 
-    scores: dict[tuple[str, str], list[dict]] = {}
+    scores: dict[str, list[dict]] = {}
     for seed in seeds:
-        runs = {ck.parent.name: ck.parent for o in outs for ck in sorted(o.glob(f"{task}-seed{seed}/runs/*/DONE"))
-                if ck.parent.name != "ensemble"}
-        if len(runs) < 2:
+        rows = []
+        for o in outs:
+            folder = o / f"{task}-seed{seed}"
+            rows += [{**r, "run_dir": str((folder / r["run_dir"]).resolve())}  # absolute: any folder
+                     for r in json.loads((folder / "results.json").read_text())["models"] if r["model"] != "ensemble"]
+        if len(rows) < 2:
             raise SystemExit(f"error: fewer than two finished {task} models for seed {seed} in {outs}")
-        first = next(iter(runs.values()))
-        ds = config_dataset(make_config(TrainConfig, load_yaml(first / "config.yaml")))
-        for split in ("val", "test"):
-            parts = {m: read_predictions(d / f"predictions_{split}.csv", ds.classes) for m, d in runs.items()}
-            if any(p[2] != parts[next(iter(parts))][2] for p in parts.values()):
-                raise SystemExit(f"error: seed {seed}: the models' {split} images differ (another split?)")
-            labels = next(iter(parts.values()))[1]
-            members = {**{m: p[0] for m, p in parts.items()},
-                       "ensemble of " + "+".join(runs): sum(p[0] for p in parts.values()) / len(parts)}
-            for name, probs in members.items():
-                scores.setdefault((name, split), []).append(split_metrics(ds, split, labels, probs))
-    names = list(dict.fromkeys(n for n, _ in scores))
+        ds = config_dataset(make_config(TrainConfig, load_yaml(Path(rows[0]["run_dir"]) / "config.yaml")))
+        row = ensemble_row(outs[0] / f"{task}-seed{seed}", rows, ds)
+        if row is None:
+            raise SystemExit(f"error: seed {seed}: the models' images differ (another split?)")
+        for r in [*rows, {**row, "model": "ensemble of " + "+".join(row["members"])}]:
+            scores.setdefault(r["model"], []).append(r)
     lines = [f"### {task}: each model and the mean of their probabilities, {len(seeds)} seeds", "",
              "| model | val acc | test acc | test group acc | test macro-F1 |", "|---|---:|---:|---:|---:|"]
-    for n in names:
-        v, t = scores[(n, "val")], scores[(n, "test")]
-        lines.append(f"| {n} | {mean_sd([r['accuracy'] for r in v])} | {mean_sd([r['accuracy'] for r in t])} | "
-                     f"{mean_sd([r.get('group_accuracy') for r in t])} | {mean_sd([r['macro_f1'] for r in t])} |")
+    for name, rs in scores.items():
+        v, t = [r["val"] for r in rs], [r["test"] for r in rs]
+        lines.append(f"| {name} | {mean_sd([m['accuracy'] for m in v])} | {mean_sd([m['accuracy'] for m in t])} | "
+                     f"{mean_sd([m.get('group_accuracy') for m in t])} | {mean_sd([m['macro_f1'] for m in t])} |")
     return "\n".join(lines)
 
 
