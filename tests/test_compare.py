@@ -10,6 +10,7 @@ import pytest
 
 from bloodcell.cli import main
 from bloodcell.compare import compare, load_protocol
+from bloodcell.config import load_yaml
 
 FAST = {"image_size": 32, "epochs": 2, "batch_size": 16, "threads": 1}
 
@@ -153,3 +154,27 @@ def test_ensemble_row_averages_saved_probabilities(tmp_path):
     assert rows["ensemble"]["test"]["accuracy"] == expect
     assert np.isfinite(rows["ensemble"]["test"]["loss"])
     assert "ensemble" in (out / "report.html").read_text()
+
+
+def test_one_architecture_twice_under_labels(tmp_path, capsys):
+    """NAME@LABEL: the same architecture again, with its own overrides, run folder and row."""
+    out = tmp_path / "cmp"
+    f = tmp_path / "p.yaml"
+    f.write_text("models: [cnn2x32, cnn2x32@short]\noverrides:\n  cnn2x32@short: {epochs: 1}\n")
+    code = main(["compare", "--data", "synthetic:96", "--config", str(f), "--out", str(out), "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "16", "--threads", "1", "--quiet", "--ensemble"])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in res["models"]}
+    assert list(rows) == ["cnn2x32", "cnn2x32@short", "ensemble"]
+    assert rows["cnn2x32"]["epochs_run"] == 2 and rows["cnn2x32@short"]["epochs_run"] == 1
+    assert rows["cnn2x32"]["params"] == rows["cnn2x32@short"]["params"]
+    assert rows["cnn2x32@short"]["study"]["label"] == "Model 1"
+    saved = load_yaml(out / "runs" / "cnn2x32@short" / "config.yaml")
+    assert saved["model"] == "cnn2x32" and saved["epochs"] == 1
+    assert rows["ensemble"]["members"] == ["cnn2x32", "cnn2x32@short"]
+    for bad, why in (("cnn2x32@a/b", "bad label"), ("nope@x", "unknown model"), ("cnn2x32@x,cnn2x32@x", "twice")):
+        capsys.readouterr()
+        code = main(["compare", "--data", "synthetic:96", "--models", bad, "--out", str(tmp_path / "other")])
+        assert code == 2 and why in capsys.readouterr().err, bad
+    assert not (tmp_path / "other").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import platform
+import re
 import shlex
 import sys
 import time
@@ -56,17 +57,26 @@ def load_protocol(config: str | None = None, preset: str | None = None) -> tuple
     return shared, models, overrides
 
 
+def architecture(entry: str) -> str:
+    """The architecture of a compared entry: ``NAME`` or ``NAME@LABEL`` (one architecture again
+    under a label, so that per-model overrides can give it, say, a second schedule)."""
+    return entry.split("@", 1)[0]
+
+
 def _model_list(value) -> list[str]:
     from bloodcell.models import list_models
 
-    names = [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if str(m).strip()]
+    names = [str(m).strip() for m in (value.split(",") if isinstance(value, str) else value) if str(m).strip()]
     if not names:
         raise ConfigError("no models to compare")
-    unknown = [m for m in names if m not in list_models()]
+    unknown = [m for m in names if architecture(m) not in list_models()]
     if unknown:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
+    bad = [m for m in names if "@" in m and not re.fullmatch(r"[A-Za-z0-9_.-]+", m.split("@", 1)[1])]
+    if bad:
+        raise ConfigError(f"bad label in {', '.join(bad)}: NAME@LABEL takes letters, digits, '_', '.', '-'")
     if len(set(names)) != len(names):
-        raise ConfigError("a model is listed twice")
+        raise ConfigError("a model is listed twice (NAME@LABEL lists an architecture again under a label)")
     return names
 
 
@@ -138,7 +148,8 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         if name not in models:
             raise ConfigError(f"overrides name model {name!r}, which is not being compared")
     base = make_config(TrainConfig, shared)
-    cfgs = {m: make_config(TrainConfig, base.to_dict(), overrides.get(m, {}), {"model": m}) for m in models}
+    cfgs = {m: make_config(TrainConfig, base.to_dict(), overrides.get(m, {}), {"model": architecture(m)})
+            for m in models}
     protocol = {**base.to_dict(), "models": models, "overrides": overrides}
     protocol.pop("model")
     saved = out / "compare.yaml"
@@ -186,18 +197,19 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
             log(f"[{i}/{len(models)}] {m}: {'resuming' if resume else 'training'}")
             metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress,
                             dataset=ds)
-        net = get_model(m, **model_kwargs(cfg, len(ds.classes)))
+        arch = architecture(m)
+        net = get_model(arch, **model_kwargs(cfg, len(ds.classes)))
         r = metrics["run"]
         run_info = run_info or r
         rows.append({
-            "model": m, "description": model_info(m)["description"], "params": count_parameters(net),
+            "model": m, "description": model_info(arch)["description"], "params": count_parameters(net),
             "image_size": cfg.image_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
             "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
             "train_minutes": r["train_minutes"], "train_images_per_s": r["train_images_per_s"],
-            "norm": cfg.norm if "norm" in model_info(m)["options"] else None,
+            "norm": cfg.norm if "norm" in model_info(arch)["options"] else None,
             "precision": r["precision"], "run_dir": f"runs/{m}",
             **{s: metrics[s] for s in ("val", "test", "test_simple") if s in metrics},
-            "study": dict(STUDY[m]) if m in STUDY else None,
+            "study": dict(STUDY[arch]) if arch in STUDY else None,
         })
     ds0 = next(iter(datasets.values()))
     if ensemble and len(rows) > 1 and len(datasets) == 1:
@@ -296,7 +308,8 @@ def add_cli(sub) -> None:
                        description=cmd_compare.__doc__ + "\n\n" + __doc__.split("\n\n")[1],
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)}; "
-                                    "see 'bloodcell models')")
+                                    "see 'bloodcell models'); NAME@LABEL trains an architecture again under "
+                                    "a label, which a --config file's overrides can give other settings")
     p.add_argument("--out", default="runs/compare", help="compare folder (default: runs/compare)")
     p.add_argument("--config", help="YAML: shared config keys, 'models' and per-model 'overrides'")
     p.add_argument("--preset", help="a protocol shipped with bloodcell: demo (the built-in data, minutes), "
