@@ -167,8 +167,11 @@ def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle") -> str:
         rows = []
         for o in outs:
             folder = o / f"{task}-seed{seed}"
-            rows += [{**r, "run_dir": str((folder / r["run_dir"]).resolve())}  # absolute: any folder
+            rows += [{**r, "run_dir": str((folder / r["run_dir"]).resolve()),  # absolute: any folder
+                      "folder": o.name}
                      for r in json.loads((folder / "results.json").read_text())["models"] if r["model"] != "ensemble"]
+        if len({r["model"] for r in rows}) < len(rows):  # one model from several folders (schedules, say)
+            rows = [{**r, "model": f"{r['model']} ({r['folder']})"} for r in rows]
         if len(rows) < 2:
             raise SystemExit(f"error: fewer than two finished {task} models for seed {seed} in {outs}")
         ds = config_dataset(make_config(TrainConfig, load_yaml(Path(rows[0]["run_dir"]) / "config.yaml")))
@@ -197,8 +200,10 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra config keys on top of the preset (recorded in the table's heading); "
                          "{seed} in a value becomes the run's seed")
-    ap.add_argument("--also", default="", help="ensemble: more --out folders whose kaggle models join in "
+    ap.add_argument("--also", default="", help="ensemble: more --out folders whose models join in "
                                                 "(comma-separated)")
+    ap.add_argument("--of", choices=["kaggle", "pbc"], default="kaggle",
+                    help="ensemble: which data set's runs (the <of>-seedN folders) to average")
     ap.add_argument("--table-only", action="store_true",
                     help="only gather the seed folders already in --out into the table (seeds run side by side)")
     args = ap.parse_args()
@@ -210,7 +215,7 @@ def main() -> None:
     if args.task == "cross":
         text = cross(out, seeds)
     elif args.task == "ensemble":
-        text = ensemble([out, *[Path(p) for p in args.also.split(",") if p]], seeds)
+        text = ensemble([out, *[Path(p) for p in args.also.split(",") if p]], seeds, args.of)
     else:
         if not args.table_only:
             run_task(args.task, args.preset, models, seeds, out, extra)
@@ -220,7 +225,7 @@ def main() -> None:
         text += "\n\n" + hardest_groups(args.task, rows, out)
     stamp = time.strftime("%Y-%m-%d")
     cmd = f"python bench/accuracy.py --task {args.task} --preset {args.preset} --seeds {args.seeds}" + (
-        f" --also {args.also}" if args.also else "") + (
+        f" --of {args.of}" if args.task == "ensemble" else "") + (f" --also {args.also}" if args.also else "") + (
         f" --models {args.models}" if args.models else "") + (f" --set {' '.join(args.set)}" if args.set else "")
     text += f"\n\n{stamp}, `{cmd}`\n"
     (out / f"{args.task}.md").write_text(text)
