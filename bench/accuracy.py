@@ -141,12 +141,11 @@ def cross(out: Path, seeds: list[int]) -> str:
         for ck in sorted(out.glob(f"{src}-seed*/runs/*/best.pt")):
             if int(ck.parts[-4].split("seed")[1]) not in seeds:
                 continue
-            for split in ("val", "test", None):
-                # the 8-class PBC model scores only Kaggle's 4 classes (evaluate --restrict)
-                res = evaluate_checkpoint(ck.parent, str(DATA[dst]), split=split, seed=0, log=lambda m: None,
-                                          restrict=src == "pbc")
-                by_model.setdefault(ck.parent.name, {}).setdefault(split or "all", []).append(
-                    next(iter(res.values())))
+            # the 8-class PBC model scores only Kaggle's 4 classes (evaluate --restrict)
+            res = evaluate_checkpoint(ck.parent, str(DATA[dst]), split="val,test,all", seed=0, log=lambda m: None,
+                                      restrict=src == "pbc")
+            for split, r in res.items():
+                by_model.setdefault(ck.parent.name, {}).setdefault(split, []).append(r)
         for m, rs in by_model.items():
             lines.append(f"| {src} | {dst} | {m} | {mean_sd([r['accuracy'] for r in rs['val']])} | "
                          f"{mean_sd([r['accuracy'] for r in rs['test']])} | "

@@ -194,6 +194,22 @@ def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
         "eosinophil", "lymphocyte", "monocyte"}
 
 
+def test_evaluate_several_splits_in_one_call(tmp_path, capsys):
+    """--split val,test,all: one load, the same figures as one split per call."""
+    from bloodcell.evaluate import evaluate_checkpoint
+
+    train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
+    data = TINY["data"]
+    both = evaluate_checkpoint(tmp_path / "r", data, split="val,test,all", log=quiet)
+    assert list(both) == ["val", "test", "all"]
+    for name in both:
+        one = evaluate_checkpoint(tmp_path / "r", data, split=name, log=quiet)[name]
+        assert one["accuracy"] == both[name]["accuracy"] and one["n"] == both[name]["n"]
+    assert both["all"]["n"] > both["val"]["n"] + both["test"]["n"]
+    code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", "val,nope"])
+    assert code == 2 and "split 'nope' not in the data" in capsys.readouterr().err
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_cli_train_and_evaluate_on_real_subset(kaggle_subset, tmp_path, capsys):

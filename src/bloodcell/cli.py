@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """bloodcell evaluate RUN_DIR|CHECKPOINT --data PATH [--split NAME]"""
+    """bloodcell evaluate RUN_DIR|CHECKPOINT --data PATH [--split NAME[,NAME...]]"""
     from bloodcell.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, class_map=args.class_map,
@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_evaluate.__doc__)
     p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
     p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--split", help="split to evaluate (default: test and test_simple of the training data; "
-                                   "all images of another data set)")
+    p.add_argument("--split", help="split(s) to evaluate, comma-separated, 'all' for every image (default: "
+                                   "test and test_simple of the training data; all images of another data set)")
     p.add_argument("--class-map", help="DATA=MODEL,... where class names differ beyond case")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
     p.add_argument("--restrict", action="store_true",

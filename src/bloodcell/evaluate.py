@@ -57,6 +57,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
                         out: str | Path | None = None, log=print, restrict: bool = False) -> dict:
     """Metrics of a checkpoint on a data set's split(s); a whole class-folder set counts as one split.
 
+    ``split`` names one split or several, comma-separated ("val,test,all": the model and the data
+    are loaded once); "all" is every image of the data set.
+
     ``restrict`` keeps only the model's outputs for the classes the data has, renormalised: the
     fair way to test an 8-class model on a 4-class set from another lab.
     """
@@ -78,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
         # Another data set than the one trained on: every image of it is unseen, so use them all.
         names = ["test", "test_simple"] if same_data else ["all"]
     else:
-        names = [split]
+        names = [n.strip() for n in split.split(",") if n.strip()]
     if "all" in names:
         parts = [ds.splits[k] for k in ds.splits]
         ds.splits["all"] = Split(np.concatenate([np.asarray(p.images) for p in parts]),
