@@ -154,9 +154,10 @@ def cross(out: Path, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle") -> str:
+def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle", models: list[str] | None = None) -> str:
     """Each model alone and the mean of all their probabilities (compare's own ensemble row, which
-    writes OUT/<task>-seedN/runs/ensemble), per split, mean ± sd over seeds."""
+    writes OUT/<task>-seedN/runs/ensemble), per split, mean ± sd over seeds; ``models`` keeps only
+    those architectures from each folder."""
     from bloodcell.compare import ensemble_row
     from bloodcell.config import TrainConfig, load_yaml, make_config
     from bloodcell.train import config_dataset
@@ -168,7 +169,8 @@ def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle") -> str:
             folder = o / f"{task}-seed{seed}"
             rows += [{**r, "run_dir": str((folder / r["run_dir"]).resolve()),  # absolute: any folder
                       "folder": o.name}
-                     for r in json.loads((folder / "results.json").read_text())["models"] if r["model"] != "ensemble"]
+                     for r in json.loads((folder / "results.json").read_text())["models"]
+                     if r["model"] != "ensemble" and (not models or r["model"] in models)]
         if len({r["model"] for r in rows}) < len(rows):  # one model from several folders (schedules, say)
             rows = [{**r, "model": f"{r['model']} ({r['folder']})"} for r in rows]
         if len(rows) < 2:
@@ -214,7 +216,7 @@ def main() -> None:
     if args.task == "cross":
         text = cross(out, seeds)
     elif args.task == "ensemble":
-        text = ensemble([out, *[Path(p) for p in args.also.split(",") if p]], seeds, args.of)
+        text = ensemble([out, *[Path(p) for p in args.also.split(",") if p]], seeds, args.of, models)
     else:
         if not args.table_only:
             run_task(args.task, args.preset, models, seeds, out, extra)
