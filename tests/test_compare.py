@@ -132,8 +132,12 @@ def test_every_shipped_preset_is_a_valid_protocol(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for name in names:
         shared, models, overrides = load_protocol(None, name)
+        shared.pop("ensemble", None)  # compare's own switch, not a training key
         make_config(TrainConfig, shared)  # raises on an unknown key or a bad value
         assert models, name
+        for m, ov in overrides.items():
+            assert m in models, f"preset {name}: overrides name {m}, which it does not compare"
+            make_config(TrainConfig, shared, ov)
         assert f"{name} (" in help_text, f"compare --help does not name preset {name}"
 
 
