@@ -208,6 +208,8 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys):
     assert both["all"]["n"] > both["val"]["n"] + both["test"]["n"]
     code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", "val,nope"])
     assert code == 2 and "split 'nope' not in the data" in capsys.readouterr().err
+    code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", ","])
+    assert code == 2 and "not in the data" in capsys.readouterr().err
 
 
 @pytest.mark.realdata

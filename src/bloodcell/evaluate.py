@@ -81,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
         # Another data set than the one trained on: every image of it is unseen, so use them all.
         names = ["test", "test_simple"] if same_data else ["all"]
     else:
-        names = [n.strip() for n in split.split(",") if n.strip()]
+        names = [n.strip() for n in split.split(",") if n.strip()] or [split]  # "" is an unknown split
     if "all" in names:
         parts = [ds.splits[k] for k in ds.splits]
         ds.splits["all"] = Split(np.concatenate([np.asarray(p.images) for p in parts]),
