@@ -197,7 +197,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
             log(f"[{i}/{len(models)}] {m}: {'resuming' if resume else 'training'}")
             metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress,
                             dataset=ds)
-        arch = architecture(m)
+        arch = cfg.model  # the architecture of entry m (NAME of NAME@LABEL)
         net = get_model(arch, **model_kwargs(cfg, len(ds.classes)))
         r = metrics["run"]
         run_info = run_info or r
