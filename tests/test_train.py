@@ -194,14 +194,20 @@ def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
         "eosinophil", "lymphocyte", "monocyte"}
 
 
-def test_evaluate_several_splits_in_one_call(tmp_path, capsys):
-    """--split val,test,all: one load, the same figures as one split per call."""
-    from bloodcell.evaluate import evaluate_checkpoint
+def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
+    """--split val,test,all: one load, each image scored once, the same figures as one split per call."""
+    from bloodcell import evaluate as ev
 
+    evaluate_checkpoint = ev.evaluate_checkpoint
     train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
     data = TINY["data"]
+    seen = []
+    scoring = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: seen.append(len(a[1].labels)) or scoring(*a, **k))
     both = evaluate_checkpoint(tmp_path / "r", data, split="val,test,all", log=quiet)
     assert list(both) == ["val", "test", "all"]
+    assert sum(seen) == both["all"]["n"]  # "all" reuses the val and test scores
+    monkeypatch.setattr(ev, "evaluate", scoring)
     for name in both:
         one = evaluate_checkpoint(tmp_path / "r", data, split=name, log=quiet)[name]
         assert one["accuracy"] == both[name]["accuracy"] and one["n"] == both[name]["n"]

@@ -82,21 +82,35 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
         names = ["test", "test_simple"] if same_data else ["all"]
     else:
         names = [n.strip() for n in split.split(",") if n.strip()] or [split]  # "" is an unknown split
+    base = list(ds.splits)  # the data's own splits; "all" is made of them
     if "all" in names:
-        parts = [ds.splits[k] for k in ds.splits]
+        parts = [ds.splits[k] for k in base]
         ds.splits["all"] = Split(np.concatenate([np.asarray(p.images) for p in parts]),
                                  np.concatenate([p.labels for p in parts]),
                                  np.concatenate([p.groups for p in parts]),
                                  [q for p in parts for q in p.paths])
+    scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def score(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and probabilities of one of the data's splits, each image scored once per call."""
+        if name not in scored:
+            with torch.inference_mode():
+                r = evaluate(model, BatchLoader(ds.splits[name], 256, device=dev), dev, prec, True, tta)
+            scored[name] = r["labels"], r["probs"]
+        return scored[name]
+
     results = {}
     for name in names:
         if name not in ds.splits:
             if split is not None:
-                raise BloodcellError(f"split {name!r} not in the data; it has: {', '.join(ds.splits)}, all")
+                raise BloodcellError(f"split {name!r} not in the data; it has: {', '.join(base)}, all")
             continue
-        with torch.inference_mode():
-            r = evaluate(model, BatchLoader(ds.splits[name], 256, device=dev), dev, prec, True, tta)
-        view, labels, probs = ds, r["labels"], r["probs"]
+        if name == "all":  # built from the splits' scores, so "val,test,all" scores val and test once
+            pieces = [score(k) for k in base]
+            labels, probs = np.concatenate([q[0] for q in pieces]), np.concatenate([q[1] for q in pieces])
+        else:
+            labels, probs = score(name)
+        view = ds
         if restrict:
             keep = sorted({int(k) for s in ds.splits.values() for k in np.unique(s.labels)})
             probs = probs[:, keep] / probs[:, keep].sum(1, keepdims=True)
