@@ -12,9 +12,11 @@ Tasks:
   cross   models trained by the kaggle and pbc tasks (same --out), each tested on the other lab's
           images of the four shared classes: its val split (seed 0) to choose settings on, its
           test split (seed 0) as the figure that counts, and all its images as before
-  ensemble  the uniform mean of the probabilities of every model the kaggle task trained in the
-          seed folders of --out and of each --also folder (same seeds, same split): val and test,
-          beside each model alone; no weight is fitted, so nothing is chosen on test
+  ensemble  the uniform mean of the probabilities of every model the kaggle (or, with --of, pbc)
+          task trained in the seed folders of --out and of each --also folder (same seeds, same
+          split): val and test, beside each model alone; no weight is fitted, so nothing is chosen
+          on test. Its predictions and table go to OUT/ensembles/<folders[-models]>/, one folder
+          per combination, so one average never replaces another
 """
 
 from __future__ import annotations
@@ -154,10 +156,15 @@ def cross(out: Path, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def ensemble_dir(outs: list[Path], models: list[str] | None = None) -> Path:
+    """Where one combination's averages go: OUT/ensembles/<folder+folder...>[-<model-model...>]."""
+    return outs[0] / "ensembles" / ("+".join(o.name for o in outs) + ("-" + "-".join(models) if models else ""))
+
+
 def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle", models: list[str] | None = None) -> str:
     """Each model alone and the mean of all their probabilities (compare's own ensemble row, which
-    writes OUT/<task>-seedN/runs/ensemble), per split, mean ± sd over seeds; ``models`` keeps only
-    those architectures from each folder."""
+    writes ensemble_dir/<task>-seedN/runs/ensemble), per split, mean ± sd over seeds; ``models``
+    keeps only those architectures from each folder."""
     from bloodcell.compare import ensemble_row
     from bloodcell.config import TrainConfig, load_yaml, make_config
     from bloodcell.train import config_dataset
@@ -176,7 +183,7 @@ def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle", models: l
         if len(rows) < 2:
             raise SystemExit(f"error: fewer than two finished {task} models for seed {seed} in {outs}")
         ds = config_dataset(make_config(TrainConfig, load_yaml(Path(rows[0]["run_dir"]) / "config.yaml")))
-        row = ensemble_row(outs[0] / f"{task}-seed{seed}", rows, ds)
+        row = ensemble_row(ensemble_dir(outs, models) / f"{task}-seed{seed}", rows, ds)
         if row is None:
             raise SystemExit(f"error: seed {seed}: the models' images differ (another split?)")
         for r in [*rows, {**row, "model": "ensemble of " + "+".join(row["members"])}]:
@@ -216,7 +223,9 @@ def main() -> None:
     if args.task == "cross":
         text = cross(out, seeds)
     elif args.task == "ensemble":
-        text = ensemble([out, *[Path(p) for p in args.also.split(",") if p]], seeds, args.of, models)
+        outs = [out, *[Path(p) for p in args.also.split(",") if p]]
+        text = ensemble(outs, seeds, args.of, models)
+        out = ensemble_dir(outs, models)  # the table goes beside this combination's predictions
     else:
         if not args.table_only:
             run_task(args.task, args.preset, models, seeds, out, extra)
@@ -226,7 +235,7 @@ def main() -> None:
         text += "\n\n" + hardest_groups(args.task, rows, out)
     stamp = time.strftime("%Y-%m-%d")
     cmd = f"python bench/accuracy.py --task {args.task} --preset {args.preset} --seeds {args.seeds}" + (
-        f" --of {args.of}" if args.task == "ensemble" else "") + (f" --also {args.also}" if args.also else "") + (
+        f" --of {args.of}" if args.task == "ensemble" else "") + f" --out {args.out}" + (f" --also {args.also}" if args.also else "") + (
         f" --models {args.models}" if args.models else "") + (f" --set {' '.join(args.set)}" if args.set else "")
     text += f"\n\n{stamp}, `{cmd}`\n"
     (out / f"{args.task}.md").write_text(text)
