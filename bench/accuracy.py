@@ -174,6 +174,8 @@ def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle", models: l
         rows = []
         for o in outs:
             folder = o / f"{task}-seed{seed}"
+            if not (folder / "results.json").is_file():
+                raise SystemExit(f"error: no finished {task} comparison in {folder} (no results.json)")
             rows += [{**r, "run_dir": str((folder / r["run_dir"]).resolve()),  # absolute: any folder
                       "folder": o.name}
                      for r in json.loads((folder / "results.json").read_text())["models"]
