@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -212,6 +213,38 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
         one = evaluate_checkpoint(tmp_path / "r", data, split=name, log=quiet)[name]
         assert one["accuracy"] == both[name]["accuracy"] and one["n"] == both[name]["n"]
     assert both["all"]["n"] > both["val"]["n"] + both["test"]["n"]
+
+    class Rows:  # a split's images that count the rows read
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __len__(self):
+            return len(self.a)
+
+        def __getitem__(self, k):
+            out = self.a[k]
+            read.append(len(out))
+            return out
+
+        def __array__(self, dtype=None, copy=None):
+            read.append(len(self.a))
+            return self.a
+
+    loading = ev.load_dataset
+
+    def counting(*a, **k):
+        ds = loading(*a, **k)
+        ds.splits = {n: dataclasses.replace(s, images=Rows(s.images)) for n, s in ds.splits.items()}
+        return ds
+
+    read, sources = [], []
+    batches = ev.BatchLoader
+    monkeypatch.setattr(ev, "load_dataset", counting)
+    monkeypatch.setattr(ev, "BatchLoader", lambda split, *a, **k: sources.append(split.images) or
+                        batches(split, *a, **k))
+    assert evaluate_checkpoint(tmp_path / "r", data, split="all", log=quiet)["all"] == both["all"]
+    assert sources and all(isinstance(s, Rows) for s in sources)  # scored from the memory map, not a copy
+    assert sum(read) == both["all"]["n"]  # each image read once
     code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", "val,nope"])
     assert code == 2 and "split 'nope' not in the data" in capsys.readouterr().err
     code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", ","])

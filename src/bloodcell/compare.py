@@ -118,7 +118,7 @@ def ensemble_row(out: Path, rows: list[dict], ds) -> dict | None:
         if any(p[2] != parts[0][2] for p in parts):  # members saw other images (per-model data)
             return None
         probs = sum(p[0] for p in parts) / len(parts)
-        metrics[split] = split_metrics(ds, split, parts[0][1], probs)
+        metrics[split] = split_metrics(ds.classes, ds.splits[split].groups, parts[0][1], probs)
         write_predictions(run / f"predictions_{split}.csv", parts[0][2], parts[0][1], probs, ds.classes)
     (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return {

@@ -46,6 +46,9 @@ def align_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, st
         if len(keep) == 0:
             continue
         lut = np.array([remap.get(i, -1) for i in range(len(ds.classes))])
+        if len(keep) == len(s):  # every image stays: keep the memory map, copy no pixels
+            splits[name] = dataclasses.replace(s, labels=lut[s.labels])
+            continue
         # an array or a lazy row view: indexing either gives the selected rows as an array
         splits[name] = Split(s.images[keep], lut[s.labels[keep]], s.groups[keep], [s.paths[k] for k in keep])
     return dataclasses.replace(ds, classes=list(model_classes), splits=splits), dropped
@@ -83,12 +86,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
     else:
         names = [n.strip() for n in split.split(",") if n.strip()] or [split]  # "" is an unknown split
     base = list(ds.splits)  # the data's own splits; "all" is made of them
-    if "all" in names:
-        parts = [ds.splits[k] for k in base]
-        ds.splits["all"] = Split(np.concatenate([np.asarray(p.images) for p in parts]),
-                                 np.concatenate([p.labels for p in parts]),
-                                 np.concatenate([p.groups for p in parts]),
-                                 [q for p in parts for q in p.paths])
     scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def score(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -101,27 +98,28 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
 
     results = {}
     for name in names:
-        if name not in ds.splits:
-            if split is not None:
-                raise BloodcellError(f"split {name!r} not in the data; it has: {', '.join(base)}, all")
-            continue
-        if name == "all":  # built from the splits' scores, so "val,test,all" scores val and test once
+        if name == "all":  # the splits' own scores, so "val,test,all" scores val and test once
             pieces = [score(k) for k in base]
             labels, probs = np.concatenate([q[0] for q in pieces]), np.concatenate([q[1] for q in pieces])
-        else:
+            groups = np.concatenate([ds.splits[k].groups for k in base])
+            paths = [q for k in base for q in ds.splits[k].paths]
+        elif name in ds.splits:
             labels, probs = score(name)
-        view = ds
+            groups, paths = ds.splits[name].groups, ds.splits[name].paths
+        elif split is not None:
+            raise BloodcellError(f"split {name!r} not in the data; it has: {', '.join(base)}, all")
+        else:
+            continue
+        classes = ds.classes
         if restrict:
             keep = sorted({int(k) for s in ds.splits.values() for k in np.unique(s.labels)})
             probs = probs[:, keep] / probs[:, keep].sum(1, keepdims=True)
             labels = np.searchsorted(keep, labels)
-            view = dataclasses.replace(ds, classes=[ds.classes[k] for k in keep],
-                                       splits={name: dataclasses.replace(ds.splits[name], labels=labels)})
-        results[name] = split_metrics(view, name, labels, probs)
+            classes = [ds.classes[k] for k in keep]
+        results[name] = split_metrics(classes, groups, labels, probs)
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
-            write_predictions(Path(out) / f"predictions_{name}.csv", ds.splits[name].paths, labels, probs,
-                              view.classes)
+            write_predictions(Path(out) / f"predictions_{name}.csv", paths, labels, probs, classes)
     if out:
         (Path(out) / "metrics.json").write_text(json.dumps(results, indent=1))
     return results

@@ -126,11 +126,10 @@ def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: n
             w.writerow([p, classes[y], classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
 
 
-def split_metrics(ds: Dataset, name: str, labels: np.ndarray, probs: np.ndarray) -> dict:
+def split_metrics(classes: list[str], groups: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict:
     """compute_metrics for one split, with group-level figures where images share groups."""
-    split = ds.splits[name]
-    groups = split.groups if len(np.unique(split.groups)) < len(split.groups) else None
-    m = compute_metrics(labels, probs, ds.classes, groups=groups)
+    groups = groups if len(np.unique(groups)) < len(groups) else None
+    m = compute_metrics(labels, probs, classes, groups=groups)
     if groups is None:  # every image its own source: group figures are the image figures
         m.setdefault("group_accuracy", m["accuracy"])
         m.setdefault("group_accuracy_ci", wilson_ci(int(round(m["accuracy"] * len(labels))), len(labels)))
@@ -253,7 +252,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
             continue
         r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device), device, precision,
                      cfg.channels_last, cfg.tta)
-        metrics[name] = split_metrics(ds, name, r["labels"], r["probs"])
+        metrics[name] = split_metrics(ds.classes, ds.splits[name].groups, r["labels"], r["probs"])
         write_predictions(out / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"], r["probs"],
                           ds.classes)
     metrics["run"] = {"best_epoch": state.best_epoch, "epochs_run": state.epoch,
