@@ -224,8 +224,11 @@ def test_interrupt_and_resume_loses_no_finished_trial(tmp_path):
     out, n = tmp_path / "study", 8  # enough trials that the interrupt lands before the last one
     space = write_space(tmp_path / "space.yaml", {**TINY, "epochs": 2})
     storage = f"sqlite:///{out}/study.db"
+    # SIGINT at its default, as in a terminal: a test run started in the background (`cmd &` in a
+    # script, nohup) hands its children SIGINT ignored, and then Ctrl-C rightly does nothing.
     p = cli("tune", "--data", DATA, "--trials", str(n), "--space", str(space), "--out", str(out),
-            "--threads", "1", "--pruner", "none")
+            "--threads", "1", "--pruner", "none",
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.1)
