@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("BLOODCELL_CACHE", None)
     else:
         os.environ["BLOODCELL_CACHE"] = old
+
+
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT raising KeyboardInterrupt, as in a terminal: a test run started in the background
+    (`cmd &` in a script, nohup) inherits SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _real_root() -> Path | None:

@@ -219,6 +219,28 @@ def test_same_folder_other_settings_is_refused(tmp_path):
 # processes: interrupt and resume, two workers on one study
 
 
+def test_ctrl_c_in_a_storage_write_lets_the_write_finish(tmp_path, monkeypatch, terminal_sigint):
+    """A SIGINT landing inside a database write (here, the report of a trial's epoch) waits for the
+    write to end; training stops at its next batch and the trial is marked failed for a resume."""
+    from optuna.storages import RDBStorage
+
+    writing = RDBStorage.set_trial_intermediate_value
+
+    def interrupted_write(self, trial_id, step, value):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, mid-write
+        return writing(self, trial_id, step, value)
+
+    monkeypatch.setattr(RDBStorage, "set_trial_intermediate_value", interrupted_write)
+    out = tmp_path / "t"
+    with pytest.raises(KeyboardInterrupt):
+        tune(DATA, "cnn4x32", 2, out, space={**TINY, "epochs": 2}, base={"threads": 1},
+             pruner="none", log=lambda m: None)
+    (trial,) = optuna.load_study(study_name="bloodcell-cnn4x32", storage=f"sqlite:///{out}/study.db").trials
+    assert trial.intermediate_values == {1: trial.intermediate_values[1]}  # written, then stopped
+    assert trial.state == TrialState.FAIL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.slow
 def test_interrupt_and_resume_loses_no_finished_trial(tmp_path):
     out, n = tmp_path / "study", 8  # enough trials that the interrupt lands before the last one

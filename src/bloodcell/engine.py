@@ -6,7 +6,9 @@ import contextlib
 import copy
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +129,49 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------
+# Ctrl-C between batches
+
+_stop = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_between_batches():
+    """Make the first Ctrl-C (SIGINT) a request to stop that the training and scoring loops honour
+    at their next batch, raising KeyboardInterrupt there instead of wherever the signal lands (in
+    the middle of a tuner's database write, say). A second Ctrl-C interrupts at once.
+
+    Does nothing off the main thread or where SIGINT is ignored (a background job); a request
+    still pending when the block ends is raised there.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+
+    def request(signum, frame) -> None:
+        if _stop.is_set():
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        _stop.set()
+        os.write(2, b"\nbloodcell: stopping at the next batch (Ctrl-C again to stop at once)\n")
+
+    _stop.clear()
+    signal.signal(signal.SIGINT, request)
+    try:
+        yield
+        check_stop()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _stop.clear()
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C came in under stop_between_batches()."""
+    if _stop.is_set():
+        raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------------------------
 # loops
 
 
@@ -170,6 +215,7 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: Progre
     t0 = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
     for i, (x, y) in enumerate(loader, 1):
+        check_stop()
         x, y = x.to(step.device, non_blocking=True), y.to(step.device, non_blocking=True)
         if step.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -222,6 +268,7 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, precisio
     model.eval()
     probs, labels = [], []
     for x, y in loader:
+        check_stop()
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -467,7 +467,7 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
     optuna = _quiet_optuna()
     from optuna.trial import TrialState
 
-    from bloodcell.engine import TrainingDiverged
+    from bloodcell.engine import TrainingDiverged, check_stop
     from bloodcell.train import train
 
     monitor, row_key = METRICS[settings.metric]
@@ -477,6 +477,7 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
     def objective(trial) -> float:
+        check_stop()  # a Ctrl-C between trials stops here, before this one does anything
         trial.set_user_attr("worker", worker_id())
         # Trial numbers are handed out atomically by the storage, so counting the live trials
         # numbered below this one gives every worker the same answer: exactly `trials` run.
@@ -496,6 +497,7 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
         epochs: list[dict] = []
 
         def on_epoch(epoch: int, row: dict) -> None:
+            check_stop()
             epochs.append(row)
             trial.report(float(row[row_key]), epoch)
             if trial.should_prune():
@@ -662,11 +664,17 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
         f"{settings.trials} trials finished, {c[TrialState.RUNNING]} running; maximising val "
         f"{settings.metric} of {settings.model} on {settings.data}")
     if finished + c[TrialState.RUNNING] < settings.trials:
+        from bloodcell.engine import stop_between_batches
+
         started = datetime.datetime.now()
         try:
-            study.optimize(make_objective(settings, out, log), n_trials=None,
-                           timeout=settings.timeout_min * 60 if settings.timeout_min else None,
-                           catch=(_Surplus,), callbacks=[_stop_when_full(settings.trials)])
+            # Ctrl-C takes effect between training batches, never inside a storage write or
+            # optuna's bookkeeping: one landing anywhere once left the process waiting on the
+            # SQLite lock while it marked the interrupted trial failed.
+            with stop_between_batches():
+                study.optimize(make_objective(settings, out, log), n_trials=None,
+                               timeout=settings.timeout_min * 60 if settings.timeout_min else None,
+                               catch=(_Surplus,), callbacks=[_stop_when_full(settings.trials)])
         except KeyboardInterrupt:
             _fail_own_running(study, started)
             raise
