@@ -219,7 +219,7 @@ def test_same_folder_other_settings_is_refused(tmp_path):
 # processes: interrupt and resume, two workers on one study
 
 
-def test_ctrl_c_in_a_storage_write_lets_the_write_finish(tmp_path, monkeypatch, terminal_sigint):
+def test_ctrl_c_in_a_storage_write_lets_the_write_finish(tmp_path, monkeypatch, terminal_sigint, caplog):
     """A SIGINT landing inside a database write (here, the report of a trial's epoch) waits for the
     write to end; training stops at its next batch and the trial is marked failed for a resume."""
     from optuna.storages import RDBStorage
@@ -239,6 +239,7 @@ def test_ctrl_c_in_a_storage_write_lets_the_write_finish(tmp_path, monkeypatch, 
     assert trial.intermediate_values == {1: trial.intermediate_values[1]}  # written, then stopped
     assert trial.state == TrialState.FAIL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]  # no traceback for a Ctrl-C
 
 
 @pytest.mark.slow

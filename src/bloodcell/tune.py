@@ -307,8 +307,23 @@ def _differences(a: dict, b: dict) -> list[str]:
 # optuna plumbing
 
 
-def _no_surplus_records(record) -> bool:
-    return "_Surplus" not in record.getMessage()
+_hushed = {"trial": None}  # the trial whose second failure record is still to come
+
+
+def _no_bookkeeping_records(record) -> bool:
+    """Drop optuna's two failure records (the first with a traceback) for a surplus trial (see
+    make_objective) or a trial stopped by Ctrl-C: neither is a failure worth reporting."""
+    msg = record.getMessage()
+    if not msg.startswith("Trial ") or " failed with " not in msg:
+        return True
+    number = msg.split()[1]
+    if "_Surplus" in msg or "KeyboardInterrupt" in msg:
+        _hushed["trial"] = number
+        return False
+    if number == _hushed["trial"] and " failed with value " in msg:
+        _hushed["trial"] = None
+        return False
+    return True
 
 
 def _quiet_optuna():
@@ -318,8 +333,7 @@ def _quiet_optuna():
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A surplus trial (see make_objective) is bookkeeping, not a failure worth a traceback.
-    logging.getLogger("optuna.study._optimize").addFilter(_no_surplus_records)
+    logging.getLogger("optuna.study._optimize").addFilter(_no_bookkeeping_records)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
