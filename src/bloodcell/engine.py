@@ -385,6 +385,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs:
         log(f"epoch {epoch:>3}/{epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}  "
             f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} f1 {val['macro_f1']:.4f}  "
             f"{train['images_per_s']:,.0f} img/s  {row['seconds']:.1f}s{'  *' if improved else ''}")
+        check_stop()  # a Ctrl-C during validation or the saves: stop before the caller's bookkeeping
         if on_epoch is not None:  # e.g. a tuner's pruning check; it may raise to stop the run
             on_epoch(epoch, row)
         if patience and state.bad_epochs >= patience:

@@ -511,7 +511,6 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
         epochs: list[dict] = []
 
         def on_epoch(epoch: int, row: dict) -> None:
-            check_stop()
             epochs.append(row)
             trial.report(float(row[row_key]), epoch)
             if trial.should_prune():
