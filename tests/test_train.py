@@ -283,8 +283,10 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
     assert evaluate_checkpoint(tmp_path / "r", data, split="all", log=quiet)["all"] == both["all"]
     assert sources and all(isinstance(s, Rows) for s in sources)  # scored from the memory map, not a copy
     assert sum(read) == both["all"]["n"]  # each image read once
-    code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", "val,nope"])
+    code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", "val,nope",
+                 "--out", str(tmp_path / "e")])
     assert code == 2 and "split 'nope' not in the data" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # refused before scoring or writing anything
     code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", ","])
     assert code == 2 and "not in the data" in capsys.readouterr().err
 
