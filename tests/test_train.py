@@ -233,6 +233,56 @@ def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
         "eosinophil", "lymphocyte", "monocyte"}
 
 
+def test_evaluate_leaving_classes_out_reads_kept_images_from_the_memory_map(tmp_path, class_folders,
+                                                                             monkeypatch):
+    """A class map that leaves a class out keeps a memory-mapped split's other images as a view: each
+    kept image is read from the map once, by the batch that scores it (the old code copied them into
+    RAM first); a split already in RAM is copied, so its left-out images can be freed."""
+    from bloodcell import evaluate as ev
+    from bloodcell.data import _Rows
+
+    train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
+    cmap = "alpha=eosinophil,beta=lymphocyte"
+    plain = ev.evaluate_checkpoint(tmp_path / "r", str(class_folders), class_map=cmap, log=quiet)["all"]
+
+    class Map:  # the memory map under a split, counting the rows read from it
+        def __init__(self, a):
+            self.a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __len__(self):
+            return len(self.a)
+
+        def __getitem__(self, k):
+            out = self.a[k]
+            read.append(len(out))
+            return out
+
+    loading, batches, read, scored, mapped = ev.load_dataset, ev.BatchLoader, [], [], []
+
+    def counting(*a, **k):
+        ds = loading(*a, **k)
+        for s in ds.splits.values():
+            if isinstance(s.images, _Rows):
+                s.images.base = Map(s.images.base)
+                mapped.append(s.labels)
+        return ds
+
+    monkeypatch.setattr(ev, "load_dataset", counting)
+    monkeypatch.setattr(ev, "BatchLoader", lambda split, *a, **k: scored.append((sum(read), split)) or
+                        batches(split, *a, **k))
+    logged = []
+    counted = ev.evaluate_checkpoint(tmp_path / "r", str(class_folders), class_map=cmap, log=logged.append)["all"]
+    assert counted == plain and counted["n"] == 20  # gamma's ten images left out
+    assert logged == ["left out classes the model does not know: gamma"]
+    assert len(mapped) == 1  # the 70 % train split is the one the loader maps rather than copies
+    kept = int(np.isin(mapped[0], [0, 1]).sum())  # its images of alpha and beta
+    lazy = [split for _, split in scored if isinstance(split.images, _Rows)]
+    assert len(lazy) == 1 and len(lazy[0].labels) == kept
+    assert all(r == 0 for r, split in scored if split is lazy[0])  # nothing read ahead of its scoring
+    assert sum(read) == kept  # each kept image read once, by the batch that scores it
+    assert all(isinstance(split.images, np.ndarray) for _, split in scored if split is not lazy[0])
+
+
 def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
     """--split val,test,all: one load, each image scored once, the same figures as one split per call."""
     from bloodcell import evaluate as ev

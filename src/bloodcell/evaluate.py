@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from bloodcell.checkpoint import load_model
-from bloodcell.data import BatchLoader, Dataset, Split, load_dataset
+from bloodcell.data import BatchLoader, Dataset, Split, load_dataset, take_rows
 from bloodcell.engine import evaluate, resolve_device, resolve_precision, set_threads
 from bloodcell.errors import BloodcellError
 from bloodcell.train import split_metrics, write_predictions
@@ -49,8 +49,9 @@ def align_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, st
         if len(keep) == len(s):  # every image stays: keep the memory map, copy no pixels
             splits[name] = dataclasses.replace(s, labels=lut[s.labels])
             continue
-        # an array or a lazy row view: indexing either gives the selected rows as an array
-        splits[name] = Split(s.images[keep], lut[s.labels[keep]], s.groups[keep], [s.paths[k] for k in keep])
+        # a memory-mapped split stays mapped (a batch reads the kept images); one in RAM is copied
+        splits[name] = Split(take_rows(s.images, keep), lut[s.labels[keep]], s.groups[keep],
+                             [s.paths[k] for k in keep])
     return dataclasses.replace(ds, classes=list(model_classes), splits=splits), dropped
 
 

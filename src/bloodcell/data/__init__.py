@@ -21,7 +21,7 @@ from bloodcell.data.loader import BatchLoader
 from bloodcell.data.splits import make_splits
 from bloodcell.errors import DataError
 
-__all__ = ["BatchLoader", "Dataset", "Split", "discover", "load_dataset"]
+__all__ = ["BatchLoader", "Dataset", "Split", "discover", "load_dataset", "take_rows"]
 
 
 @dataclass
@@ -103,6 +103,18 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
         )
     return Dataset(src.root, src.layout, list(src.classes), splits, image_size, resize, problems, cached,
                    src.group_by)
+
+
+def take_rows(images, rows: np.ndarray):
+    """Some rows of a split's images. Where they lie in the memory map (a lazy view, or the map
+    itself), a lazy view: nothing is read until a batch asks, and nothing is copied into RAM. Where
+    they are already in RAM (a small split), a copy, so the rows left out can be freed."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(images, _Rows):
+        return _Rows(images.base, images.rows[rows])
+    if isinstance(images, np.memmap):  # numpy gives a plain array for any copy of a map
+        return _Rows(images, rows)
+    return images[rows]
 
 
 class _Rows:
