@@ -236,7 +236,8 @@ def main() -> None:
         text = table(args.task, rows) + f"\n\npreset `{args.preset}`" + (f", with {extra}" if extra else "")
         text += "\n\n" + hardest_groups(args.task, rows, out)
     stamp = time.strftime("%Y-%m-%d")
-    cmd = f"python bench/accuracy.py --task {args.task} --preset {args.preset} --seeds {args.seeds}" + (
+    preset = f" --preset {args.preset}" if args.task in ("kaggle", "pbc") else ""  # cross, ensemble: none used
+    cmd = f"python bench/accuracy.py --task {args.task}{preset} --seeds {args.seeds}" + (
         f" --of {args.of}" if args.task == "ensemble" else "") + f" --out {args.out}" + (f" --also {args.also}" if args.also else "") + (
         f" --models {args.models}" if args.models else "") + (f" --set {' '.join(args.set)}" if args.set else "")
     text += f"\n\n{stamp}, `{cmd}`\n"
