@@ -233,6 +233,26 @@ def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
         "eosinophil", "lymphocyte", "monocyte"}
 
 
+class CountingRows:
+    """A split's images (or the memory map under them) that append the number of rows each read
+    gives to ``read``; a copy of the whole counts as reading every row."""
+
+    def __init__(self, a, read: list):
+        self.a, self.read, self.shape, self.dtype = a, read, a.shape, a.dtype
+
+    def __len__(self):
+        return len(self.a)
+
+    def __getitem__(self, k):
+        out = self.a[k]
+        self.read.append(len(out))
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        self.read.append(len(self.a))
+        return self.a
+
+
 def test_evaluate_leaving_classes_out_reads_kept_images_from_the_memory_map(tmp_path, class_folders,
                                                                              monkeypatch):
     """A class map that leaves a class out keeps a memory-mapped split's other images as a view: each
@@ -245,25 +265,13 @@ def test_evaluate_leaving_classes_out_reads_kept_images_from_the_memory_map(tmp_
     cmap = "alpha=eosinophil,beta=lymphocyte"
     plain = ev.evaluate_checkpoint(tmp_path / "r", str(class_folders), class_map=cmap, log=quiet)["all"]
 
-    class Map:  # the memory map under a split, counting the rows read from it
-        def __init__(self, a):
-            self.a, self.shape, self.dtype = a, a.shape, a.dtype
-
-        def __len__(self):
-            return len(self.a)
-
-        def __getitem__(self, k):
-            out = self.a[k]
-            read.append(len(out))
-            return out
-
     loading, batches, read, scored, mapped = ev.load_dataset, ev.BatchLoader, [], [], []
 
     def counting(*a, **k):
         ds = loading(*a, **k)
         for s in ds.splits.values():
             if isinstance(s.images, _Rows):
-                s.images.base = Map(s.images.base)
+                s.images.base = CountingRows(s.images.base, read)
                 mapped.append(s.labels)
         return ds
 
@@ -302,27 +310,12 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
         assert one["accuracy"] == both[name]["accuracy"] and one["n"] == both[name]["n"]
     assert both["all"]["n"] > both["val"]["n"] + both["test"]["n"]
 
-    class Rows:  # a split's images that count the rows read
-        def __init__(self, a):
-            self.a, self.shape, self.dtype = a, a.shape, a.dtype
-
-        def __len__(self):
-            return len(self.a)
-
-        def __getitem__(self, k):
-            out = self.a[k]
-            read.append(len(out))
-            return out
-
-        def __array__(self, dtype=None, copy=None):
-            read.append(len(self.a))
-            return self.a
-
     loading = ev.load_dataset
 
     def counting(*a, **k):
         ds = loading(*a, **k)
-        ds.splits = {n: dataclasses.replace(s, images=Rows(s.images)) for n, s in ds.splits.items()}
+        ds.splits = {n: dataclasses.replace(s, images=CountingRows(s.images, read))
+                     for n, s in ds.splits.items()}
         return ds
 
     read, sources = [], []
@@ -331,7 +324,7 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ev, "BatchLoader", lambda split, *a, **k: sources.append(split.images) or
                         batches(split, *a, **k))
     assert evaluate_checkpoint(tmp_path / "r", data, split="all", log=quiet)["all"] == both["all"]
-    assert sources and all(isinstance(s, Rows) for s in sources)  # scored from the memory map, not a copy
+    assert sources and all(isinstance(s, CountingRows) for s in sources)  # scored from the memory map, not a copy
     assert sum(read) == both["all"]["n"]  # each image read once
     code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", "val,nope",
                  "--out", str(tmp_path / "e")])
