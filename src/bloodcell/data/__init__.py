@@ -106,14 +106,13 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
 
 
 def take_rows(images, rows: np.ndarray):
-    """Some rows of a split's images. Where they lie in the memory map (a lazy view, or the map
-    itself), a lazy view: nothing is read until a batch asks, and nothing is copied into RAM. Where
-    they are already in RAM (a small split), a copy, so the rows left out can be freed."""
+    """Some rows of a split's images. Where the split is a lazy view of the memory map (as
+    ``load_dataset`` gives a big split), a view of those rows: nothing is read until a batch asks,
+    and nothing is copied into RAM. Where it is already in RAM (a small split), a copy, so the rows
+    left out can be freed."""
     rows = np.asarray(rows, dtype=np.int64)
     if isinstance(images, _Rows):
         return _Rows(images.base, images.rows[rows])
-    if isinstance(images, np.memmap):  # numpy gives a plain array for any copy of a map
-        return _Rows(images, rows)
     return images[rows]
 
 
