@@ -231,6 +231,13 @@ def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
     res = json.loads(capsys.readouterr().out)
     assert code == 0 and len(res["all"]["confusion"]) == 3 and set(res["all"]["per_class"]) == {
         "eosinophil", "lymphocyte", "monocyte"}
+    # a file that is not an image is skipped, and said so in one line; the rest is still scored
+    (class_folders / "alpha" / "broken.png").write_bytes(b"not an image")
+    code = main(["evaluate", str(tmp_path / "r"), "--data", str(class_folders), "--json",
+                 "--class-map", "alpha=eosinophil,beta=lymphocyte,gamma=monocyte"])
+    out = capsys.readouterr()
+    assert code == 0 and json.loads(out.out)["all"]["n"] == 30
+    assert "data: 1 file(s) could not be decoded and were skipped" in out.err
 
 
 class CountingRows:

@@ -78,6 +78,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
                       fractions=tuple(cfg.get("fractions", (0.7, 0.15, 0.15))),
                       val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"),
                       group_by=cfg.get("group_by", "auto"))
+    for problem in ds.problems:  # files skipped (unreadable, say): the figures below leave them out
+        log(f"data: {problem.detail} (bloodcell data check {data} lists them)")
     ds, dropped = align_classes(ds, meta["classes"], parse_class_map(class_map))
     if dropped:
         log(f"left out classes the model does not know: {', '.join(dropped)}")
