@@ -240,6 +240,17 @@ def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
     assert "data: 1 file(s) could not be decoded and were skipped" in out.err
 
 
+def test_train_says_which_files_it_skipped(tmp_path, class_folders):
+    """A file that is not an image is left out of the run, and the console says so after the data line."""
+    (class_folders / "alpha" / "broken.png").write_bytes(b"not an image")
+    lines = []
+    train(tiny(epochs=1, data=str(class_folders)), tmp_path / "r", log=lines.append, progress=False)
+    assert lines[0].startswith("data: ")
+    assert lines[1] == (f"data: 1 file(s) could not be decoded and were skipped "
+                        f"(bloodcell data check {class_folders} lists them)")
+    assert sum(len(s) for s in json.loads((tmp_path / "r" / "splits.json").read_text()).values()) == 30
+
+
 class CountingRows:
     """A split's images (or the memory map under them) that append the number of rows each read
     gives to ``read``; a copy of the whole counts as reading every row."""

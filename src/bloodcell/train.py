@@ -173,6 +173,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
     log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
         + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads")
+    for problem in ds.problems:  # files skipped (unreadable, say): the run learns without them
+        log(f"data: {problem.detail} (bloodcell data check {cfg.data} lists them)")
 
     # model, optimiser, schedule (the model first: a refused --init-from leaves the folder empty)
     model, kw = build_model(cfg, ds.classes)
