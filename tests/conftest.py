@@ -106,6 +106,15 @@ def write_image(path: Path, size=(40, 30), mode="RGB", color=None, seed=0) -> Pa
     return path
 
 
+def other_lab(root: Path) -> Path:
+    """<root>/{ALPHA,Beta,delta}/*: ten images each, the first two classes named as class_folders' in
+    another case, the third not one of them."""
+    for c, cls in enumerate(("ALPHA", "Beta", "delta")):
+        for i in range(10):
+            write_image(root / cls / f"x{cls}_{i}.png", color=(80 * c, 90, 200 - 60 * c), seed=1000 + c * 100 + i)
+    return root
+
+
 @pytest.fixture
 def class_folders(tmp_path) -> Path:
     """<root>/<class>/*: three classes of ten small images each, mixed extensions."""

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import KAGGLE_CLASSES, write_image
+from conftest import KAGGLE_CLASSES, other_lab, write_image
 from PIL import Image
 
 from bloodcell.cli import main
-from bloodcell.data import BatchLoader, load_dataset
+from bloodcell.data import BatchLoader, join_train, load_dataset
 from bloodcell.data.cache import CELL_FIT, CELL_FIT_MIN, build_cache, cell_box, load_image
 from bloodcell.data.layouts import discover
 from bloodcell.data.splits import grouped_split, make_splits
@@ -121,6 +121,40 @@ def test_class_folders_any_extension_case(class_folders):
     assert src.layout == "class-folders" and src.classes == ["alpha", "beta", "gamma"]
     assert len(src.items) == 30
     assert {Path(it.path).suffix for it in src.items} >= {".JPEG", ".tif", ".bmp"}
+
+
+def test_join_train_adds_only_the_other_sets_train_images_of_shared_classes(class_folders, tmp_path):
+    ds = load_dataset(class_folders, image_size=16, cache_dir=tmp_path / "c")
+    extra = load_dataset(other_lab(tmp_path / "lab2"), image_size=16, cache_dir=tmp_path / "c")
+    joined = join_train(ds, extra)
+    a, x, j = ds.splits["train"], extra.splits["train"], joined.splits["train"]
+    shared = np.flatnonzero(x.labels < 2)  # ALPHA, Beta
+    assert len(j) == len(a) + len(shared) and j.images.shape == (len(j), 16, 16, 3)
+    assert j.paths == a.paths + [x.paths[k] for k in shared]
+    assert list(j.labels[len(a):]) == list(x.labels[shared])  # ALPHA -> alpha (0), Beta -> beta (1)
+    assert not set(j.groups[:len(a)]) & set(j.groups[len(a):])  # no group spans the two sets
+    # the pixels are the sources' rows, whichever way they are read
+    whole = np.concatenate([np.asarray(a.images), np.asarray(x.images)[shared]])
+    assert np.array_equal(np.asarray(j.images), whole)
+    rows = np.array([len(j) - 1, 0, len(a), 3, len(a) - 1])
+    assert np.array_equal(j.images[rows], whole[rows]) and np.array_equal(j.images[-1], whole[-1])
+    assert np.array_equal(j.images[2:len(a) + 2], whole[2:len(a) + 2])
+    with pytest.raises(IndexError):
+        j.images[len(j)]
+    # val and test are this data's alone; the other set's val and test are not used
+    assert {k: s.paths for k, s in joined.splits.items() if k != "train"} == {
+        k: s.paths for k, s in ds.splits.items() if k != "train"}
+    assert not {p for k in ("val", "test") for p in extra.splits[k].paths} & set(j.paths)
+    assert joined.extra_train == {"root": extra.root, "images": {"alpha": int((x.labels == 0).sum()),
+                                                                  "beta": int((x.labels == 1).sum())},
+                                  "left_out": ["delta"]}
+    # a set with no class in common is an error that names both sides' classes
+    lone = tmp_path / "lab3"
+    for i in range(10):
+        write_image(lone / "delta" / f"d{i}.png", seed=i)
+        write_image(lone / "epsilon" / f"e{i}.png", seed=50 + i)
+    with pytest.raises(DataError, match="delta, epsilon.*alpha, beta, gamma"):
+        join_train(ds, load_dataset(lone, image_size=16, cache_dir=tmp_path / "c"))
 
 
 def test_split_folders_and_val_carved_by_group(tmp_path):

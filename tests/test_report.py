@@ -211,6 +211,18 @@ def test_synthetic_with_missing_results_via_cli(tmp_path, capsys):
     assert "could not be read" not in text  # synthetic images are regenerated, not read
 
 
+def test_report_says_what_the_train_split_took_from_another_set(tmp_path, capsys):
+    d = make_compare(tmp_path / "x", {"cnn4x32": (0.8, 0.8)}, synthetic=True)
+    res = json.loads((d / "results.json").read_text())
+    res["dataset"]["extra_train"] = {"root": "/data/lab2", "images": {"eosinophil": 1234, "monocyte": 56},
+                                     "left_out": ["platelet"]}
+    (d / "results.json").write_text(json.dumps(res))
+    assert main(["report", str(d)]) == 0
+    md = " ".join((d / "report.md").read_text().split())
+    assert ("The train split also holds images of another data set, `/data/lab2` (its own train split, of "
+            "the classes above: eosinophil 1,234, monocyte 56); validation and test are this data's alone.") in md
+
+
 def test_report_without_results_is_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

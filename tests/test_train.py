@@ -11,6 +11,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import other_lab
 
 from bloodcell.checkpoint import load_model, read_checkpoint
 from bloodcell.cli import main
@@ -249,6 +250,24 @@ def test_train_says_which_files_it_skipped(tmp_path, class_folders):
     assert lines[1] == (f"data: 1 file(s) could not be decoded and were skipped "
                         f"(bloodcell data check {class_folders} lists them)")
     assert sum(len(s) for s in json.loads((tmp_path / "r" / "splits.json").read_text()).values()) == 30
+
+
+def test_extra_train_joins_the_other_sets_train_split_only(tmp_path, class_folders):
+    """--extra-train: the other set's train images of shared classes are learnt from, said so on the
+    console and listed in splits.json; validation and test are this data's."""
+    lab2 = other_lab(tmp_path / "lab2")
+    lines = []
+    m = train(tiny(epochs=1, data=str(class_folders), extra_train=str(lab2)), tmp_path / "r", log=lines.append,
+              progress=False)
+    splits = json.loads((tmp_path / "r" / "splits.json").read_text())
+    theirs = [p for p in splits["train"] if p.startswith(str(lab2))]
+    assert theirs and all("/delta/" not in p for p in theirs)
+    assert all(p.startswith(str(class_folders)) for k in ("val", "test") for p in splits[k])
+    assert m["test"]["n"] == len(splits["test"])
+    said = [s for s in lines if "train also holds" in s]
+    n_alpha, n_beta = (sum(f"/{c}/" in p for p in theirs) for c in ("ALPHA", "Beta"))
+    assert said == [f"data: train also holds {len(theirs)} images of {lab2}'s train split "
+                    f"(alpha {n_alpha}, beta {n_beta})"]
 
 
 class CountingRows:

@@ -223,7 +223,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         "protocol": {**protocol, "ensemble": ensemble},
         "dataset": {"root": ds0.root, "layout": ds0.layout, "synthetic": ds0.layout == "synthetic",
                     "group_by": ds0.group_by, "classes": ds0.classes, "image_size": ds0.image_size,
-                    "splits": ds0.summary(),
+                    "splits": ds0.summary(), "extra_train": ds0.extra_train,
                     "problems": [{"kind": p.kind, "detail": p.detail, "n": len(p.paths)} for p in ds0.problems]},
         "environment": environment(run_info["device"], run_info["precision"], run_info["threads"]),
         "models": rows,

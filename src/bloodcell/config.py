@@ -42,6 +42,9 @@ FIELD_HELP = {
                 "copies of one cell); name = --group-regex (the Kaggle _K_N K without one); file = each "
                 "file alone; auto = name with --group-regex, similar for the Kaggle layout, else file. "
                 "Byte-identical files always share a group",
+    "extra_train": "another data set (another lab's images, say) whose train split joins this one's: "
+                   "its images of this data's classes, matched by name in any case, at the same size "
+                   "and resize; its val and test are never used, and validation and test stay this data's",
     "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
     "model": "registered model name (bloodcell models lists them)",
     "norm": "normalisation layers of the study's four models",
@@ -96,6 +99,7 @@ class TrainConfig:
     group_regex: str | None = None
     group_by: str = "auto"
     cache_dir: str | None = None
+    extra_train: str | None = None
     # model
     model: str = "cnn4x32"
     norm: str = "batch"

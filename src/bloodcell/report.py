@@ -734,6 +734,12 @@ def dataset_blocks(ds: dict) -> list:
     out: list = [Block("p", f"Data: {kind}. Classes: {', '.join(classes) or MISSING}. "
                             "A group is one source cell or slide: images of one group never straddle "
                             f"splits, and group (cell) accuracy votes over a group's images.{how}")]
+    extra = ds.get("extra_train") or {}
+    if extra:
+        added = ", ".join(f"{c} {count(n)}" for c, n in (extra.get("images") or {}).items())
+        out.append(Block("p", f"The train split also holds images of another data set, `{extra.get('root')}` "
+                              f"(its own train split, of the classes above: {added}); validation and test "
+                              "are this data's alone."))
     if splits:
         headers = ["Class"]
         for s in splits:

@@ -12,7 +12,7 @@ import torch
 
 from bloodcell.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.config import TrainConfig, load_yaml, make_config, save_yaml
-from bloodcell.data import BatchLoader, Dataset, load_dataset, save_splits
+from bloodcell.data import BatchLoader, Dataset, join_train, load_dataset, save_splits
 from bloodcell.engine import (
     EMA,
     FitState,
@@ -68,7 +68,7 @@ def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
 DATASET_KEYS = ("data", "image_size", "resize", "seed", "cache_dir", "fractions", "val_fraction",
-                "group_regex", "group_by")
+                "group_regex", "group_by", "extra_train")
 
 
 def dataset_key(cfg: TrainConfig) -> tuple:
@@ -77,10 +77,15 @@ def dataset_key(cfg: TrainConfig) -> tuple:
 
 
 def config_dataset(cfg: TrainConfig):
-    """The data set a training config describes: its data, image size, resize, split and groups."""
-    return load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
-                        cache_dir=cfg.cache_dir, fractions=cfg.fractions, val_fraction=cfg.val_fraction,
-                        group_regex=cfg.group_regex, group_by=cfg.group_by)
+    """The data set a training config describes: its data, image size, resize, split and groups,
+    and the train images of --extra-train (split by its own defaults and the same seed) joined."""
+    ds = load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
+                      cache_dir=cfg.cache_dir, fractions=cfg.fractions, val_fraction=cfg.val_fraction,
+                      group_regex=cfg.group_regex, group_by=cfg.group_by)
+    if cfg.extra_train:
+        ds = join_train(ds, load_dataset(cfg.extra_train, image_size=cfg.image_size, seed=cfg.seed,
+                                         resize=cfg.resize, cache_dir=cfg.cache_dir))
+    return ds
 
 
 def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, dict]:
@@ -173,8 +178,13 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
     log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
         + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads")
+    if ds.extra_train:
+        log(f"data: train also holds {sum(ds.extra_train['images'].values()):,} images of "
+            f"{ds.extra_train['root']}'s train split ("
+            + ", ".join(f"{c} {n:,}" for c, n in ds.extra_train["images"].items()) + ")")
     for problem in ds.problems:  # files skipped (unreadable, say): the run learns without them
-        log(f"data: {problem.detail} (bloodcell data check {cfg.data} lists them)")
+        where = cfg.extra_train if problem.detail.startswith("--extra-train") else cfg.data
+        log(f"data: {problem.detail} (bloodcell data check {where} lists them)")
 
     # model, optimiser, schedule (the model first: a refused --init-from leaves the folder empty)
     model, kw = build_model(cfg, ds.classes)

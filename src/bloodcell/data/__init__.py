@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from bloodcell.data.loader import BatchLoader
 from bloodcell.data.splits import make_splits
 from bloodcell.errors import DataError
 
-__all__ = ["BatchLoader", "Dataset", "Split", "discover", "load_dataset", "take_rows"]
+__all__ = ["BatchLoader", "Dataset", "Split", "discover", "join_train", "load_dataset", "take_rows"]
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Dataset:
     problems: list[Problem] = field(default_factory=list)
     cached: bool = False
     group_by: str = "file"
+    extra_train: dict = field(default_factory=dict)  # what join_train added: root, images per class
 
     def split_files(self) -> dict[str, list[str]]:
         """Split name -> the list of its files, as saved in every run's splits.json."""
@@ -105,6 +107,33 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
                    src.group_by)
 
 
+def join_train(ds: Dataset, extra: Dataset) -> Dataset:
+    """``ds`` with the train images of ``extra`` (another data set, loaded at the same size and
+    resize) added to its train split: those of ``ds``'s classes, matched by name in any case; the
+    rest are left out. Only ``extra``'s own train split is taken, so its val and test stay unseen;
+    ``ds``'s val and test are untouched. Nothing is copied: the train images become a lazy
+    concatenation of the two memory maps."""
+    index = {c.lower(): i for i, c in enumerate(ds.classes)}
+    lut = np.array([index.get(c.lower(), -1) for c in extra.classes], dtype=np.int64)
+    x = extra.splits.get("train")
+    keep = np.flatnonzero(lut[x.labels] >= 0) if x is not None else np.zeros(0, np.int64)
+    if len(keep) == 0:
+        raise DataError(f"no train image of {extra.root} is of a class of {ds.root}: its classes are "
+                        f"{', '.join(extra.classes)}, this data's {', '.join(ds.classes)} (matched by name)")
+    a = ds.splits.get("train")
+    if a is None:
+        raise DataError(f"{ds.root} has no train split to add {extra.root}'s images to")
+    labels = lut[x.labels[keep]]
+    train = Split(_Joined([a.images, take_rows(x.images, keep)]), np.concatenate([a.labels, labels]),
+                  np.concatenate([a.groups, x.groups[keep] + int(a.groups.max(initial=-1)) + 1]),
+                  list(a.paths) + [x.paths[k] for k in keep])
+    added = {ds.classes[i]: int((labels == i).sum()) for i in range(len(ds.classes)) if (labels == i).any()}
+    problems = [Problem(p.kind, f"--extra-train {extra.root}: {p.detail}", p.paths, p.fatal) for p in extra.problems]
+    info = {"root": extra.root, "images": added, "left_out": [c for c, i in zip(extra.classes, lut, strict=True) if i < 0]}
+    return dataclasses.replace(ds, splits={**ds.splits, "train": train}, problems=ds.problems + problems,
+                               extra_train=info)
+
+
 def take_rows(images, rows: np.ndarray):
     """Some rows of a split's images. Where the split is a lazy view of the memory map (as
     ``load_dataset`` gives a big split), a view of those rows: nothing is read until a batch asks,
@@ -132,6 +161,46 @@ class _Rows:
 
     def __array__(self, dtype=None, copy=None):
         a = self.base[self.rows]
+        return a.astype(dtype) if dtype is not None else a
+
+
+class _Joined:
+    """A lazy concatenation of row arrays (memory maps or their row views): a read touches only the
+    rows it asks for."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            rows = np.arange(*key.indices(n))
+        else:
+            rows = np.asarray(key, dtype=np.int64)
+            if rows.ndim == 0:
+                row = int(rows) + n if rows < 0 else int(rows)
+                if not 0 <= row < n:
+                    raise IndexError(f"row {int(rows)} out of range for {n} rows")
+                p = int(np.searchsorted(self.starts, row, side="right")) - 1
+                return self.parts[p][row - self.starts[p]]
+            rows = np.where(rows < 0, rows + n, rows)
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise IndexError(f"row out of range for {n} rows")
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][rows[sel] - self.starts[p]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self[:]
         return a.astype(dtype) if dtype is not None else a
 
 
