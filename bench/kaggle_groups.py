@@ -8,8 +8,9 @@ class, it reports:
 
 - how often an image's nearest neighbour in TRAIN (almost surely a copy of the same cell: see the
   distances) has the same K in its ``_K_N`` name, against the rate K would match by chance;
-- the median distance from an image to its nearest neighbour in its own split, and from a TEST
-  image to the nearest TRAIN image (does TEST share cells with TRAIN?);
+- the median distance from an image to its nearest neighbour in its own split, from a TEST
+  image to the nearest TRAIN image (does TEST share cells with TRAIN?), and from a validation image
+  to the nearest training image (is validation as far from what is learnt as TEST is?);
 - for the validation split carved out of TRAIN (seed ``--seed``), the share of validation images
   with a near-twin (closer than the grouping threshold) in the training split, when the split is
   grouped by K (``group_by name``) and by look-alike copies (``group_by similar``);
@@ -68,21 +69,23 @@ def main() -> None:
         chance = sum((n / len(k)) ** 2 for n in counts.values())
         d_te, _ = nearest(f_te, f_te, same=True)
         d_cross, _ = nearest(f_te, f_tr, same=False)
-        twins, groups = {}, {}
+        twins, groups, val_to_train = {}, {}, {}
         for how, s in by.items():
             sp = make_splits(s.items, seed=args.seed)
             tr = [row_of[s.items[i].path] for i in sp["train"] if s.items[i].label == label]
             va = [row_of[s.items[i].path] for i in sp["val"] if s.items[i].label == label]
             d_va, _ = nearest(feats[va], feats[tr], same=False)
             twins[how] = float((d_va < SIMILAR_THRESHOLD).mean())
+            val_to_train[how] = float(np.median(d_va))
             groups[how] = {sp_name: len({s.items[i].group for i in sp[sp_name] if s.items[i].label == label})
                            for sp_name in ("train", "val", "test")}
         result["classes"][cls] = {
             "nn_shares_k": shares_k, "k_chance": chance, "median_nn_train": float(np.median(d_tr)),
             "median_nn_test": float(np.median(d_te)), "median_test_to_train": float(np.median(d_cross)),
-            "val_twin_share": twins, "groups": groups}
+            "val_twin_share": twins, "median_val_to_train": val_to_train, "groups": groups}
         rows.append([cls, f"{100 * shares_k:.1f} % (chance {100 * chance:.1f} %)",
                      f"{np.median(d_tr):.4f} / {np.median(d_te):.4f}", f"{np.median(d_cross):.4f}",
+                     f"{val_to_train['similar']:.4f}",
                      f"{100 * twins['name']:.1f} %", f"{100 * twins['similar']:.1f} %",
                      "{train} / {val} / {test}".format(**groups["name"]),
                      "{train} / {val} / {test}".format(**groups["similar"])])
@@ -94,7 +97,8 @@ def main() -> None:
 colour histograms, data.groups); validation split seed {args.seed}; {secs:.0f} s in all.
 
 {md_table(["class", "TRAIN: nearest image has the same K", "median nearest-image distance (TRAIN / TEST)",
-           "median TEST-to-nearest-TRAIN distance", "val images with a train twin, split by K",
+           "median TEST-to-nearest-TRAIN distance", "median val-to-nearest-train distance (look-alike split)",
+           "val images with a train twin, split by K",
            "... split by look-alike", "groups by K (train / val / test)",
            "groups by look-alike (train / val / test)"], rows)}
 
