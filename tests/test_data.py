@@ -123,6 +123,21 @@ def test_class_folders_any_extension_case(class_folders):
     assert {Path(it.path).suffix for it in src.items} >= {".JPEG", ".tif", ".bmp"}
 
 
+@pytest.mark.realdata
+def test_join_train_kaggle_with_pbc_cells(kaggle_subset, pbc_root, tmp_path):
+    """What it was built for: PBC's cells of Kaggle's four classes (named in lower case there) join
+    Kaggle's train split; PBC's other four classes and its val and test stay out."""
+    ds = load_dataset(kaggle_subset, image_size=16, cache_dir=tmp_path / "c")
+    pbc = load_dataset(pbc_root, image_size=16, cache_dir=tmp_path / "c")
+    joined = join_train(ds, pbc)
+    x = pbc.splits["train"]
+    want = {c: int((x.labels == pbc.classes.index(c.lower())).sum()) for c in KAGGLE_CLASSES}
+    assert joined.extra_train["images"] == want and min(want.values()) > 200
+    assert sorted(joined.extra_train["left_out"]) == ["basophil", "erythroblast", "ig", "platelet"]
+    assert len(joined.splits["train"]) == len(ds.splits["train"]) + sum(want.values())
+    assert all(joined.splits[k].paths == ds.splits[k].paths for k in ds.splits if k != "train")
+
+
 def test_join_train_adds_only_the_other_sets_train_images_of_shared_classes(class_folders, tmp_path):
     ds = load_dataset(class_folders, image_size=16, cache_dir=tmp_path / "c")
     extra = load_dataset(other_lab(tmp_path / "lab2"), image_size=16, cache_dir=tmp_path / "c")
