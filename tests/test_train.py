@@ -17,7 +17,7 @@ from bloodcell.checkpoint import load_model, read_checkpoint
 from bloodcell.cli import main
 from bloodcell.config import TrainConfig, make_config
 from bloodcell.engine import check_stop, stop_between_batches
-from bloodcell.errors import BloodcellError, ConfigError
+from bloodcell.errors import BloodcellError, ConfigError, DataError
 from bloodcell.models import StainNormed, get_model
 from bloodcell.train import train
 
@@ -265,6 +265,9 @@ def test_extra_train_joins_the_other_sets_train_split_only(tmp_path, class_folde
     assert all(p.startswith(str(class_folders)) for k in ("val", "test") for p in splits[k])
     assert m["test"]["n"] == len(splits["test"])
     said = [s for s in lines if "train also holds" in s]
+    with pytest.raises(DataError, match="^--extra-train: data path does not exist"):
+        train(tiny(data=str(class_folders), extra_train=str(tmp_path / "nowhere")), tmp_path / "r2", log=quiet,
+              progress=False)
     n_alpha, n_beta = (sum(f"/{c}/" in p for p in theirs) for c in ("ALPHA", "Beta"))
     assert said == [f"data: train also holds {len(theirs)} images of {lab2}'s train split "
                     f"(alpha {n_alpha}, beta {n_beta})"]

@@ -26,7 +26,7 @@ from bloodcell.engine import (
     resolve_precision,
     set_threads,
 )
-from bloodcell.errors import BloodcellError
+from bloodcell.errors import BloodcellError, DataError
 from bloodcell.metrics import compute_metrics, wilson_ci
 from bloodcell.models import get_model
 
@@ -83,8 +83,12 @@ def config_dataset(cfg: TrainConfig):
                       cache_dir=cfg.cache_dir, fractions=cfg.fractions, val_fraction=cfg.val_fraction,
                       group_regex=cfg.group_regex, group_by=cfg.group_by)
     if cfg.extra_train:
-        ds = join_train(ds, load_dataset(cfg.extra_train, image_size=cfg.image_size, seed=cfg.seed,
-                                         resize=cfg.resize, cache_dir=cfg.cache_dir))
+        try:
+            extra = load_dataset(cfg.extra_train, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
+                                 cache_dir=cfg.cache_dir)
+        except DataError as e:  # say which of the two data sets it is about
+            raise DataError(f"--extra-train: {e}") from e
+        ds = join_train(ds, extra)
     return ds
 
 

@@ -111,8 +111,8 @@ def join_train(ds: Dataset, extra: Dataset) -> Dataset:
     """``ds`` with the train images of ``extra`` (another data set, loaded at the same size and
     resize) added to its train split: those of ``ds``'s classes, matched by name in any case; the
     rest are left out. Only ``extra``'s own train split is taken, so its val and test stay unseen;
-    ``ds``'s val and test are untouched. Nothing is copied: the train images become a lazy
-    concatenation of the two memory maps."""
+    ``ds``'s val and test are untouched. The train images become a lazy concatenation of the two
+    splits' images: a memory-mapped one is read only as batches ask for its rows."""
     index = {c.lower(): i for i, c in enumerate(ds.classes)}
     lut = np.array([index.get(c.lower(), -1) for c in extra.classes], dtype=np.int64)
     x = extra.splits.get("train")
