@@ -15,7 +15,7 @@ from conftest import KAGGLE_CLASSES, other_lab, write_image
 from PIL import Image
 
 from bloodcell.cli import main
-from bloodcell.data import BatchLoader, join_train, load_dataset
+from bloodcell.data import BatchLoader, join_train, load_dataset, problem_lines
 from bloodcell.data.cache import CELL_FIT, CELL_FIT_MIN, build_cache, cell_box, load_image
 from bloodcell.data.layouts import discover
 from bloodcell.data.splits import grouped_split, make_splits
@@ -140,8 +140,12 @@ def test_join_train_kaggle_with_pbc_cells(kaggle_subset, pbc_root, tmp_path):
 
 def test_join_train_adds_only_the_other_sets_train_images_of_shared_classes(class_folders, tmp_path):
     ds = load_dataset(class_folders, image_size=16, cache_dir=tmp_path / "c")
-    extra = load_dataset(other_lab(tmp_path / "lab2"), image_size=16, cache_dir=tmp_path / "c")
+    (other_lab(tmp_path / "lab2") / "ALPHA" / "broken.png").write_bytes(b"not an image")
+    extra = load_dataset(tmp_path / "lab2", image_size=16, cache_dir=tmp_path / "c")
     joined = join_train(ds, extra)
+    # its problems come along, and the console line names the set that holds them
+    assert problem_lines(joined, "cells") == [f"data: --extra-train {extra.root}: 1 file(s) could not be decoded "
+                                              f"and were skipped (bloodcell data check {extra.root} lists them)"]
     a, x, j = ds.splits["train"], extra.splits["train"], joined.splits["train"]
     shared = np.flatnonzero(x.labels < 2)  # ALPHA, Beta
     assert len(j) == len(a) + len(shared) and j.images.shape == (len(j), 16, 16, 3)

@@ -265,12 +265,12 @@ def test_extra_train_joins_the_other_sets_train_split_only(tmp_path, class_folde
     assert all(p.startswith(str(class_folders)) for k in ("val", "test") for p in splits[k])
     assert m["test"]["n"] == len(splits["test"])
     said = [s for s in lines if "train also holds" in s]
-    with pytest.raises(DataError, match="^--extra-train: data path does not exist"):
-        train(tiny(data=str(class_folders), extra_train=str(tmp_path / "nowhere")), tmp_path / "r2", log=quiet,
-              progress=False)
     n_alpha, n_beta = (sum(f"/{c}/" in p for p in theirs) for c in ("ALPHA", "Beta"))
     assert said == [f"data: train also holds {len(theirs)} images of {lab2}'s train split "
                     f"(alpha {n_alpha}, beta {n_beta})"]
+    with pytest.raises(DataError, match="^--extra-train: data path does not exist"):
+        train(tiny(data=str(class_folders), extra_train=str(tmp_path / "nowhere")), tmp_path / "r2", log=quiet,
+              progress=False)
 
 
 class CountingRows:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from bloodcell.checkpoint import load_model
-from bloodcell.data import BatchLoader, Dataset, Split, load_dataset, take_rows
+from bloodcell.data import BatchLoader, Dataset, Split, load_dataset, problem_lines, take_rows
 from bloodcell.engine import evaluate, resolve_device, resolve_precision, set_threads
 from bloodcell.errors import BloodcellError
 from bloodcell.train import split_metrics, write_predictions
@@ -78,8 +78,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
                       fractions=tuple(cfg.get("fractions", (0.7, 0.15, 0.15))),
                       val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"),
                       group_by=cfg.get("group_by", "auto"))
-    for problem in ds.problems:  # files skipped (unreadable, say): the figures below leave them out
-        log(f"data: {problem.detail} (bloodcell data check {data} lists them)")
+    for line in problem_lines(ds, data):  # files skipped (unreadable, say): the figures below leave them out
+        log(line)
     ds, dropped = align_classes(ds, meta["classes"], parse_class_map(class_map))
     if dropped:
         log(f"left out classes the model does not know: {', '.join(dropped)}")

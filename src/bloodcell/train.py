@@ -12,7 +12,14 @@ import torch
 
 from bloodcell.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.config import TrainConfig, load_yaml, make_config, save_yaml
-from bloodcell.data import BatchLoader, Dataset, join_train, load_dataset, save_splits
+from bloodcell.data import (
+    BatchLoader,
+    Dataset,
+    join_train,
+    load_dataset,
+    problem_lines,
+    save_splits,
+)
 from bloodcell.engine import (
     EMA,
     FitState,
@@ -186,9 +193,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         log(f"data: train also holds {sum(ds.extra_train['images'].values()):,} images of "
             f"{ds.extra_train['root']}'s train split ("
             + ", ".join(f"{c} {n:,}" for c, n in ds.extra_train["images"].items()) + ")")
-    for problem in ds.problems:  # files skipped (unreadable, say): the run learns without them
-        where = cfg.extra_train if problem.detail.startswith("--extra-train") else cfg.data
-        log(f"data: {problem.detail} (bloodcell data check {where} lists them)")
+    for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
+        log(line)
 
     # model, optimiser, schedule (the model first: a refused --init-from leaves the folder empty)
     model, kw = build_model(cfg, ds.classes)

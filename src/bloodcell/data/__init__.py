@@ -22,7 +22,8 @@ from bloodcell.data.loader import BatchLoader
 from bloodcell.data.splits import make_splits
 from bloodcell.errors import DataError
 
-__all__ = ["BatchLoader", "Dataset", "Split", "discover", "join_train", "load_dataset", "take_rows"]
+__all__ = ["BatchLoader", "Dataset", "Split", "discover", "join_train", "load_dataset", "problem_lines",
+           "take_rows"]
 
 
 @dataclass
@@ -128,10 +129,20 @@ def join_train(ds: Dataset, extra: Dataset) -> Dataset:
                   np.concatenate([a.groups, x.groups[keep] + int(a.groups.max(initial=-1)) + 1]),
                   list(a.paths) + [x.paths[k] for k in keep])
     added = {ds.classes[i]: int((labels == i).sum()) for i in range(len(ds.classes)) if (labels == i).any()}
-    problems = [Problem(p.kind, f"--extra-train {extra.root}: {p.detail}", p.paths, p.fatal) for p in extra.problems]
+    problems = [Problem(p.kind, f"{_EXTRA}{extra.root}: {p.detail}", p.paths, p.fatal) for p in extra.problems]
     info = {"root": extra.root, "images": added, "left_out": [c for c, i in zip(extra.classes, lut, strict=True) if i < 0]}
     return dataclasses.replace(ds, splits={**ds.splits, "train": train}, problems=ds.problems + problems,
                                extra_train=info)
+
+
+_EXTRA = "--extra-train "  # how join_train marks the problems it brings in from the other set
+
+
+def problem_lines(ds: Dataset, data: str) -> list[str]:
+    """One console line per problem the data load found (files skipped, say), naming the ``bloodcell
+    data check`` that lists it: ``data``'s, or the --extra-train set's for one join_train brought in."""
+    return [f"data: {p.detail} (bloodcell data check "
+            f"{ds.extra_train['root'] if p.detail.startswith(_EXTRA) else data} lists them)" for p in ds.problems]
 
 
 def take_rows(images, rows: np.ndarray):
