@@ -153,6 +153,12 @@ def test_refuses_finished_run_unless_overwrite(tmp_path):
     train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
     with pytest.raises(BloodcellError, match="already holds a finished run"):
         train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
+    # an overwrite that fails on its data (a wrong path) leaves the finished run whole
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+    with pytest.raises(DataError, match="does not exist"):
+        train(tiny(epochs=1, data=str(tmp_path / "nowhere")), tmp_path / "r", overwrite=True, log=quiet,
+              progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
     train(tiny(epochs=1), tmp_path / "r", overwrite=True, log=quiet, progress=False)
 
 

@@ -56,21 +56,26 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
 
 
 def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished run unless asked; create the folder."""
+    """Refuse to clobber a finished run unless asked; create the folder. An overwritten run's files
+    stay until clear_run_dir, once the new run's data and model have loaded."""
     if resume:
         if not (out / "config.yaml").is_file():
             raise BloodcellError(f"--resume: {out} holds no run to resume (no config.yaml)")
         return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "a finished run" if (out / "DONE").exists() else "files (an unfinished run?)"
-            raise BloodcellError(f"{out} already holds {what}; use --overwrite to replace it"
-                                 + ("" if (out / "DONE").exists() else " or --resume to continue it"))
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-        for p in out.glob("predictions_*.csv"):
-            p.unlink()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "a finished run" if (out / "DONE").exists() else "files (an unfinished run?)"
+        raise BloodcellError(f"{out} already holds {what}; use --overwrite to replace it"
+                             + ("" if (out / "DONE").exists() else " or --resume to continue it"))
     out.mkdir(parents=True, exist_ok=True)
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove the files of the run being overwritten (a bad path or --init-from fails before this,
+    and leaves that run whole)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for p in out.glob("predictions_*.csv"):
+        p.unlink()
 
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
@@ -196,12 +201,13 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
         log(line)
 
-    # model, optimiser, schedule (the model first: a refused --init-from leaves the folder empty)
+    # model, optimiser, schedule (the model first: a refused --init-from writes nothing)
     model, kw = build_model(cfg, ds.classes)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
                                               "threads": threads, "layout": ds.layout,
                                               "classes": ds.classes}}
     if not resume:
+        clear_run_dir(out)
         save_yaml(cfg.to_dict(), out / "config.yaml")
         save_splits(ds, out / "splits.json")
     save_yaml(resolved, out / "resolved.yaml")
