@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodcell.data.layouts import Item
-from bloodcell.engine import bf16_supported, physical_cores
+from bloodcell.data.records import Item
+from bloodcell.runtime import bf16_supported, physical_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"

@@ -96,9 +96,9 @@ def hardest_groups(task: str, rows: list[dict], out: Path, top: int = 3) -> str:
     seeds: where the errors concentrate (read from each run's predictions_test.csv)."""
     import csv
 
-    from bloodcell.data.layouts import discover
+    from bloodcell.data import discover_grouped
 
-    group_of = {it.path: it.group for it in discover(str(DATA[task])).items}
+    group_of = {it.path: it.group for it in discover_grouped(str(DATA[task])).items}
     lines = ["### test groups holding the most errors (share of a group's images called wrong, mean over "
              "seeds)", "",
              "| model | class | images | example file | wrong (mean) | wholly wrong in |", "|---|---|---:|---|---:|---:|"]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from bloodcell.data import BatchLoader
+from bloodcell.data import BatchLoader, discover_grouped
 from bloodcell.data.cache import build_cache
-from bloodcell.data.layouts import discover
-from bloodcell.engine import physical_cores
+from bloodcell.runtime import physical_cores
 
 
 def main() -> None:
@@ -34,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(physical_cores())
 
     t = time.perf_counter()
-    src = discover(args.data)
+    src = discover_grouped(args.data)
     train = [it for it in src.items if it.split == "train"]
     t_discover = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as cache:

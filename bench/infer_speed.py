@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from bloodcell.checkpoint import save_checkpoint
-from bloodcell.engine import physical_cores
 from bloodcell.models import get_model
 from bloodcell.predict import Predictor
+from bloodcell.runtime import physical_cores
 
 BACKENDS = ("torch", "torchscript", "onnx")
 

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from _common import OUT, default_data, machine_info, machine_md, md_table, write_outputs
 
+from bloodcell.data.dataset import discover_grouped
 from bloodcell.data.groups import SIMILAR_THRESHOLD, histograms
-from bloodcell.data.layouts import KAGGLE_NAME, discover
+from bloodcell.data.layouts import KAGGLE_NAME
 from bloodcell.data.splits import make_splits
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     t0 = time.perf_counter()
-    by = {how: discover(args.data, group_by=how) for how in ("name", "similar")}
+    by = {how: discover_grouped(args.data, group_by=how) for how in ("name", "similar")}
     src = by["similar"]
     if src.layout != "kaggle":
         raise SystemExit(f"{args.data}: not the Kaggle blood-cells layout")

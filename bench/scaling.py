@@ -50,10 +50,11 @@ from _common import (
 )
 
 from bloodcell.config import TrainConfig
-from bloodcell.data import BatchLoader, Split, discover
+from bloodcell.data import BatchLoader, Split, discover_grouped
 from bloodcell.data.cache import build_cache
-from bloodcell.engine import Step, make_optimizer, resolve_precision, set_threads, train_one_epoch
+from bloodcell.engine import Step, make_optimizer, train_one_epoch
 from bloodcell.models import get_model
+from bloodcell.runtime import resolve_precision, set_threads
 
 FULL = {"sizes": "32,64,96,128,160,224", "subset": 2000, "data_sizes": "1000,10000,50000",
         "steps": 0, "warmup": 3}
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     info = machine_info()
 
     t0 = time.perf_counter()
-    src = discover(args.data)
+    src = discover_grouped(args.data)
     setup = {"discover_s": time.perf_counter() - t0, "decode_s": {}, "tile_s": 0.0}
     train_items = [it for it in src.items if it.split == "train"]
     if not train_items:

@@ -6,8 +6,8 @@ Usage:
 
 Uses Playwright for Python with the system Chromium (/usr/bin/chromium; never `playwright install`).
 Every request other than the file itself is blocked and counted, so a report that reaches out to
-the network fails here as well as in tests/test_report.py. Exit status 1 when an image fails to
-decode or any external request was attempted.
+the network fails here as well as in tests/test_report_compare.py. Exit status 1 when an image
+fails to decode or any external request was attempted.
 """
 
 from __future__ import annotations

@@ -67,10 +67,11 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from bloodcell.config import TrainConfig
-from bloodcell.data import BatchLoader, discover, load_dataset
-from bloodcell.engine import Step, make_optimizer, resolve_precision, set_threads, train_one_epoch
+from bloodcell.data import BatchLoader, discover_grouped, load_dataset
+from bloodcell.engine import Step, make_optimizer, train_one_epoch
 from bloodcell.info import MEAN, STD
 from bloodcell.models import get_model, model_info
+from bloodcell.runtime import resolve_precision, set_threads
 
 DEFAULT_CONFIGS = "cnn4x32@64,vgg3@64,resnet18@64,resnet18@128"
 QUICK_CONFIGS = "cnn4x32@32,vgg3@32"  # resnet18 alone takes ~20 s of CPU per round
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"matmul peak ({args.peak_size}^3): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 {peak['bf16']:,.0f} GFLOP/s")
 
     t0 = time.perf_counter()
-    src = discover(args.data)
+    src = discover_grouped(args.data)
     discover_s = time.perf_counter() - t0
     train_items = [it for it in src.items if it.split == "train"]
     if not train_items:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bloodcell.config import TrainConfig, load_yaml, make_config
 from bloodcell.data import load_dataset
-from bloodcell.engine import physical_cores
+from bloodcell.runtime import physical_cores
 from bloodcell.train import train
 from bloodcell.tune import tune
 

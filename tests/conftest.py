@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from bloodcell.config import TrainConfig, make_config
 
 KAGGLE_CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 
@@ -125,3 +128,38 @@ def class_folders(tmp_path) -> Path:
             write_image(root / cls / f"{cls}_{i}{exts[i % len(exts)]}", color=(80 * c, 40, 200 - 60 * c),
                         seed=c * 100 + i)
     return root
+
+
+# --- training and prediction helpers shared by several test files -------------------------------
+
+TINY = dict(data="synthetic:96", image_size=32, batch_size=16, epochs=2, model="cnn2x32", threads=1,
+            precision="fp32")
+
+
+def quiet(msg: str) -> None:
+    """A log function that drops every line."""
+
+
+def tiny(**kw) -> TrainConfig:
+    """A training config that runs in seconds (synthetic data, 32 px, 2 epochs), with ``kw`` on top."""
+    return make_config(TrainConfig, TINY, kw)
+
+
+def png_bytes(seed: int = 0, size=(48, 36), fmt: str = "PNG") -> bytes:
+    """A small random RGB image file's bytes."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    """Five small random image files in PNG, JPEG, BMP and TIFF."""
+    out = []
+    for i, fmt in enumerate(["PNG", "JPEG", "BMP", "PNG", "TIFF"]):
+        p = tmp_path / "imgs" / f"cell{i}.{fmt.lower()}"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(png_bytes(i, fmt=fmt))
+        out.append(p)
+    return out

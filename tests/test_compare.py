@@ -41,9 +41,9 @@ def test_compare_end_to_end_on_real_subset(kaggle_subset, tmp_path, capsys):
     assert not list(finite_numbers(res)), list(finite_numbers(res))
     row = res["models"][0]
     assert {"val", "test", "test_simple"} <= set(row)
-    from bloodcell.data.layouts import discover
+    from bloodcell.data import discover_grouped
 
-    cells = {it.group for it in discover(kaggle_subset).items if it.split == "test"}  # look-alike groups
+    cells = {it.group for it in discover_grouped(kaggle_subset).items if it.split == "test"}  # look-alike groups
     assert row["test"]["n_groups"] == len(cells) >= 4 and row["study"]["label"] == "Model 1"
     assert res["dataset"]["layout"] == "kaggle" and not res["dataset"]["synthetic"]
     html = (out / "report.html").read_text()
@@ -144,7 +144,7 @@ def test_every_shipped_preset_is_a_valid_protocol(capsys):
 def test_ensemble_row_averages_saved_probabilities(tmp_path):
     import numpy as np
 
-    from bloodcell.train import read_predictions
+    from bloodcell.runfiles import read_predictions
 
     out = tmp_path / "cmp"
     res = compare(["cnn2x32", "cnn4x32"], {"data": "synthetic:96", **FAST}, out, log=lambda m: None,

@@ -9,7 +9,7 @@ from test_predict import CLASSES, make_checkpoint, png_bytes, real_test_images
 
 from bloodcell.checkpoint import load_model
 from bloodcell.cli import main
-from bloodcell.data.cache import load_image
+from bloodcell.data.images import load_image
 from bloodcell.errors import BloodcellError
 from bloodcell.export import FixedAdaptiveAvgPool2d, export_model, read_metadata, run_exported
 from bloodcell.predict import decode_image

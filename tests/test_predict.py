@@ -1,25 +1,23 @@
-"""predict: decoding like training, backends that agree, error rows, TTA, top-k, Grad-CAM, the CLI."""
+"""predict: decoding like training, backends that agree, error rows, TTA, top-k, the CLI."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import png_bytes
 from PIL import Image
 from torch import nn
 
-from bloodcell.cam import GradCAM, grad_cam, last_conv, overlay_png
 from bloodcell.checkpoint import save_checkpoint
 from bloodcell.cli import main
-from bloodcell.data.cache import load_image
-from bloodcell.engine import _views
-from bloodcell.models import get_model, list_models
+from bloodcell.data.images import load_image
+from bloodcell.models import get_model
 from bloodcell.predict import ImageError, Predictor, decode_image, expand_inputs
-from bloodcell.transforms import normalize, to_float
+from bloodcell.transforms import normalize, to_float, tta_view
 
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 
@@ -41,14 +39,6 @@ def make_checkpoint(path: Path, model: str = "cnn4x32", image_size: int = 32, se
     return path
 
 
-def png_bytes(seed: int = 0, size=(48, 36), fmt: str = "PNG") -> bytes:
-    """A small random RGB image file's bytes."""
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 def real_test_images(kaggle_root: Path, per_class: int = 3) -> list[Path]:
     """A few real images of each class from the Kaggle TEST split."""
     base = kaggle_root / "dataset2-master" / "images" / "TEST"
@@ -63,17 +53,6 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def predictor(ckpt) -> Predictor:
     return Predictor(ckpt, backend="torch")
-
-
-@pytest.fixture
-def images(tmp_path) -> list[Path]:
-    out = []
-    for i, fmt in enumerate(["PNG", "JPEG", "BMP", "PNG", "TIFF"]):
-        p = tmp_path / "imgs" / f"cell{i}.{fmt.lower()}"
-        p.parent.mkdir(exist_ok=True)
-        p.write_bytes(png_bytes(i, fmt=fmt))
-        out.append(p)
-    return out
 
 
 def reference_probs(predictor: Predictor, arrays: np.ndarray) -> np.ndarray:
@@ -138,7 +117,7 @@ def test_tta_averages_the_eight_views(predictor, images) -> None:
     arrays = np.stack([load_image(str(p), 32) for p in images])
     x = normalize(to_float(torch.from_numpy(arrays.copy())))
     with torch.no_grad():
-        want = np.mean([torch.softmax(predictor.model(_views(x, k)), 1).numpy() for k in range(8)], 0)
+        want = np.mean([torch.softmax(predictor.model(tta_view(x, k)), 1).numpy() for k in range(8)], 0)
     got = predictor.probs(arrays, tta=True)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert not np.allclose(got, predictor.probs(arrays), atol=1e-4)  # the views do differ
@@ -171,61 +150,6 @@ def test_expand_inputs_files_folders_globs(images, tmp_path) -> None:
 
 
 # --- Grad-CAM ------------------------------------------------------------------------------------
-
-
-FAST = ("cnn2x32", "cnn4x32", "cnn4x64", "vgg3")
-
-
-@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in list_models()])
-def test_grad_cam_works_for_every_registered_model(name) -> None:
-    torch.manual_seed(0)
-    model = get_model(name, num_classes=4, image_size=32).eval()
-    x = torch.randn(2, 3, 32, 32)
-    layer_name, layer = last_conv(model, x)
-    assert isinstance(layer, nn.Conv2d)
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    assert layer_name in convs
-    heat = grad_cam(model, x)
-    assert heat.shape == (2, 32, 32) and np.isfinite(heat).all()
-    assert heat.min() >= 0 and heat.max() <= 1 + 1e-6
-    with torch.no_grad():
-        before = model(x)
-    assert torch.equal(before, model(x))  # the model itself is untouched (no hooks left, same output)
-
-
-def test_last_conv_of_a_study_model_is_its_fourth_conv() -> None:
-    model = get_model("cnn4x32", num_classes=4, image_size=32)
-    assert last_conv(model, torch.zeros(1, 3, 32, 32))[0] == "features.3.0"  # block 4's conv
-    old = get_model("cnn4x32", num_classes=4, image_size=32, pool_first=False)
-    assert last_conv(old, torch.zeros(1, 3, 32, 32))[0] == "features.6.0"  # pools between blocks
-
-
-def test_grad_cam_points_at_the_evidence() -> None:
-    # A model whose class 0 score is the mean brightness: the map must peak where the image is bright.
-    model = nn.Sequential(nn.Conv2d(3, 1, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(1, 2))
-    with torch.no_grad():
-        model[0].weight.fill_(1.0)
-        model[0].bias.zero_()
-        model[4].weight.copy_(torch.tensor([[1.0], [-1.0]]))
-        model[4].bias.zero_()
-    x = torch.zeros(1, 3, 32, 32)
-    x[..., 20:28, 4:12] = 1.0
-    heat = GradCAM(model, x)(x, target=0)[0]
-    assert heat[20:28, 4:12].mean() > 0.9 and heat[:16, 16:].max() < 0.1
-    assert np.unravel_index(heat.argmax(), heat.shape)[0] in range(18, 30)
-
-
-def test_overlay_png_is_a_png_of_the_original_shape(images) -> None:
-    arr = load_image(str(images[0]), 32)
-    png = overlay_png(arr, np.linspace(0, 1, 32 * 32).reshape(32, 32), original=images[0].read_bytes())
-    with Image.open(io.BytesIO(png)) as im:
-        assert im.format == "PNG" and im.mode == "RGB"
-        assert abs(im.width / im.height - 48 / 36) < 0.05  # squash: back to the file's aspect ratio
-
-
-# --- CLI -----------------------------------------------------------------------------------------
 
 
 def test_cli_predict_formats_and_exit_codes(ckpt, images, tmp_path, capsys) -> None:

@@ -136,9 +136,8 @@ def test_a_streamed_body_over_the_limit_is_cut_off(client) -> None:
 
 
 def test_loopback_by_default() -> None:
-    from bloodcell.cli import build_parser, extra_commands
+    from bloodcell.cli import build_parser
 
-    extra_commands()
     args = build_parser().parse_args(["serve", "run"])
     assert args.host == "127.0.0.1" and args.port == 8000
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from bloodcell.data.images import to_rgb
+
 
 def conv_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Conv2d]]:
     """The convolutions that produce a spatial map (> 1 x 1) for input x, in module order."""
@@ -114,8 +116,6 @@ def overlay_png(image: np.ndarray, heat: np.ndarray, original: str | os.PathLike
         try:
             src = io.BytesIO(original) if isinstance(original, bytes | bytearray) else original
             with Image.open(src) as im:
-                from bloodcell.data.cache import to_rgb
-
                 im = to_rgb(im)
                 s = min(1.0, max_side / max(im.size))
                 im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BILINEAR)

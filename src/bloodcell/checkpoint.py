@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -11,6 +11,8 @@ import torch
 from bloodcell import __version__
 from bloodcell.errors import BloodcellError
 from bloodcell.info import MEAN, STD
+from bloodcell.models import get_model, model_info
+from bloodcell.runfiles import atomic_write
 
 FORMAT = "bloodcell-checkpoint/1"
 
@@ -19,7 +21,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, model_na
                     classes: list[str], image_size: int, resize: str, config: dict | None = None,
                     epoch: int = 0, optimizer=None, scheduler=None, best_metric: float | None = None,
                     extra: dict | None = None) -> None:
-    """Write a checkpoint atomically: a temporary file in the same folder, then a rename."""
+    """Write a checkpoint atomically (runfiles.atomic_write: the old file or the new, never half)."""
     ckpt = {
         "format": FORMAT, "bloodcell_version": __version__,
         "model": {"name": model_name, "kwargs": dict(model_kwargs)},
@@ -31,15 +33,9 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, model_na
         "epoch": int(epoch), "best_metric": best_metric, "config": config or {},
     }
     ckpt.update(extra or {})
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -69,8 +65,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def model_kwargs_of(ckpt: dict) -> dict:
     """The arguments that rebuild a checkpoint's model (``get_model(name, **them)``)."""
-    from bloodcell.models import get_model, model_info
-
     name = ckpt["model"]["name"]
     kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "weights"}
     if "pool_first" in model_info(name)["options"] and "pool_first" not in kwargs:
@@ -85,8 +79,6 @@ def model_kwargs_of(ckpt: dict) -> dict:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from a run folder or checkpoint file; returns (model in eval mode, meta)."""
-    from bloodcell.models import get_model
-
     ckpt = read_checkpoint(path)
     model = get_model(ckpt["model"]["name"], **model_kwargs_of(ckpt))
     model.load_state_dict(ckpt["state_dict"])

@@ -7,29 +7,34 @@ stopped: finished models are not trained again, an unfinished one resumes from i
 
 from __future__ import annotations
 
-import csv
 import json
-import platform
 import re
-import shlex
-import sys
+import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bloodcell import __version__
-from bloodcell.config import TrainConfig, load_yaml, make_config, save_yaml
+from bloodcell.config import DEFAULT_MODELS, TrainConfig, load_yaml, make_config
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.info import STUDY
+from bloodcell.metrics import split_metrics
+from bloodcell.models import count_parameters, get_model, list_models, model_info
+from bloodcell.runfiles import (
+    read_predictions,
+    write_csv,
+    write_json,
+    write_predictions,
+    write_yaml,
+)
+from bloodcell.runtime import environment
+from bloodcell.train import config_dataset, dataset_key, model_kwargs, train
 
-DEFAULT_MODELS = ("cnn2x32", "cnn4x64", "cnn4x32", "vgg3", "resnet18")
-PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS_DIR = Path(__file__).parent / "presets" / "compare"
 
 
 def list_presets() -> list[str]:
-    """Names of the presets shipped in the package (presets/compare-*.yaml)."""
-    return sorted(p.stem.removeprefix("compare-") for p in PRESETS_DIR.glob("compare-*.yaml"))
+    """Names of the presets shipped in the package (presets/compare/*.yaml)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
 def load_protocol(config: str | None = None, preset: str | None = None) -> tuple[dict, list[str] | None, dict]:
@@ -39,7 +44,7 @@ def load_protocol(config: str | None = None, preset: str | None = None) -> tuple
     overrides: dict = {}
     sources = []
     if preset:
-        path = PRESETS_DIR / f"compare-{preset}.yaml"
+        path = PRESETS_DIR / f"{preset}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(list_presets()) or 'none'}")
         sources.append(load_yaml(path))
@@ -48,7 +53,7 @@ def load_protocol(config: str | None = None, preset: str | None = None) -> tuple
     for src in sources:
         src = dict(src)
         if "models" in src:
-            models = _model_list(src.pop("models"))
+            models = model_list(src.pop("models"))
         for name, ov in (src.pop("overrides", None) or {}).items():
             if not isinstance(ov, dict):
                 raise ConfigError(f"overrides.{name} must be a mapping of config keys")
@@ -63,9 +68,8 @@ def architecture(entry: str) -> str:
     return entry.split("@", 1)[0]
 
 
-def _model_list(value) -> list[str]:
-    from bloodcell.models import list_models
-
+def model_list(value) -> list[str]:
+    """A comma-separated string or list of model entries, checked (NAME or NAME@LABEL)."""
     names = [str(m).strip() for m in (value.split(",") if isinstance(value, str) else value) if str(m).strip()]
     if not names:
         raise ConfigError("no models to compare")
@@ -80,32 +84,9 @@ def _model_list(value) -> list[str]:
     return names
 
 
-def environment(device: str, precision: str, threads: int) -> dict:
-    """Software versions and machine, for the report's protocol section."""
-    import torch
-    import torchvision
-
-    from bloodcell.engine import physical_cores
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__, "bloodcell": __version__,
-            "platform": platform.platform(), "cpu": cpu, "cores": physical_cores(), "threads": threads,
-            "device": device, "precision": precision}
-
-
 def ensemble_row(out: Path, rows: list[dict], ds) -> dict | None:
     """A row for the mean of the compared models' probabilities (uniform: no weight is fitted,
     so the test split chooses nothing), computed from their saved predictions."""
-    from bloodcell.train import read_predictions, split_metrics, write_predictions
-
     members = [r["model"] for r in rows]
     run = out / "runs" / "ensemble"
     run.mkdir(parents=True, exist_ok=True)
@@ -120,7 +101,7 @@ def ensemble_row(out: Path, rows: list[dict], ds) -> dict | None:
         probs = sum(p[0] for p in parts) / len(parts)
         metrics[split] = split_metrics(ds.classes, ds.splits[split].groups, parts[0][1], probs)
         write_predictions(run / f"predictions_{split}.csv", parts[0][2], parts[0][1], probs, ds.classes)
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_json(run / "metrics.json", metrics)
     return {
         "model": "ensemble", "description": "mean of the probabilities of " + ", ".join(members),
         "params": sum(r["params"] for r in rows), "image_size": rows[0]["image_size"],
@@ -138,9 +119,6 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
 
     With ``ensemble`` (and two or more models) a last row averages the models' probabilities.
     """
-    from bloodcell.models import count_parameters, get_model, model_info
-    from bloodcell.train import config_dataset, dataset_key, model_kwargs, train
-
     out = Path(out)
     models = list(models or DEFAULT_MODELS)
     overrides = overrides or {}
@@ -174,14 +152,12 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         if dataset_key(cfg) not in datasets:
             datasets[dataset_key(cfg)] = config_dataset(cfg)
     if overwrite and out.exists():
-        import shutil
-
         for p in ("runs", "figures"):
             shutil.rmtree(out / p, ignore_errors=True)
         for p in ("results.json", "results.csv", "report.html", "report.md", "compare.yaml"):
             (out / p).unlink(missing_ok=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    save_yaml(json.loads(json.dumps(protocol)), saved)
+    write_yaml(saved, json.loads(json.dumps(protocol)))
 
     rows = []
     run_info: dict = {}
@@ -229,11 +205,13 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         "models": rows,
         "wall_minutes_this_session": (time.perf_counter() - t0) / 60,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out / "results.json", results)
     write_results_csv(rows, out / "results.csv")
     log(format_table(rows))
     if report:
-        from bloodcell.report import build_report
+        from bloodcell.report import (
+            build_report,  # lazy: matplotlib only where a report is asked for
+        )
 
         html, md = build_report(out)
         log(f"report: {html}\n        {md}")
@@ -255,10 +233,7 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
                 f[f"{s}_{k}_lo"], f[f"{s}_{k}_hi"] = ci
         f["study_accuracy"] = (r["study"] or {}).get("accuracy")
         flat.append(f)
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(flat[0]))
-        w.writeheader()
-        w.writerows(flat)
+    write_csv(path, flat)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -274,51 +249,3 @@ def format_table(rows: list[dict]) -> str:
                      f"{pct(r[key]['accuracy']):>6s} {pct(r[key].get('group_accuracy')):>6s} "
                      f"{r['train_minutes']:6.1f} {'-' if ips is None else f'{ips:.0f}':>7s}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def cmd_compare(args) -> int:
-    """bloodcell compare --data PATH --models cnn2x32,cnn4x64,cnn4x32,vgg3,resnet18 --out DIR"""
-    from bloodcell.cli import given
-
-    preset = args.preset
-    if preset is None and args.config is None and args.data is None:
-        preset = "demo"  # no data given: the synthetic demo, sized to finish in minutes
-        print("no --data given: running the built-in synthetic demo (preset 'demo'); "
-              "see 'bloodcell compare --help' to use your images", file=sys.stderr)
-    shared, models, overrides = load_protocol(args.config, preset)
-    ensemble = bool(shared.pop("ensemble", False))
-    shared.update(given(args, TrainConfig))
-    if args.models:
-        models = _model_list(args.models)
-    compare(models, shared, args.out, overrides, overwrite=args.overwrite, progress=not args.quiet,
-            report=not args.no_report, command="bloodcell " + shlex.join(sys.argv[1:]),
-            ensemble=args.ensemble or ensemble)
-    print(f"results: {Path(args.out) / 'results.json'}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    """Register `bloodcell compare`."""
-    from bloodcell.cli import add_config_flags
-
-    p = sub.add_parser("compare", help="train several models under one protocol and write a report",
-                       description=cmd_compare.__doc__ + "\n\n" + __doc__.split("\n\n")[1],
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)}; "
-                                    "see 'bloodcell models'); NAME@LABEL trains an architecture again under "
-                                    "a label, which a --config file's overrides can give other settings")
-    p.add_argument("--out", default="runs/compare", help="compare folder (default: runs/compare)")
-    p.add_argument("--config", help="YAML: shared config keys, 'models' and per-model 'overrides'")
-    p.add_argument("--preset", help="a protocol shipped with bloodcell: demo (the built-in data, minutes), "
-                                    "best (Kaggle blood cells), pbc (PBC), crosslab (a model for another lab's "
-                                    "images); src/bloodcell/presets holds them")
-    p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's runs and results")
-    p.add_argument("--ensemble", action="store_true",
-                   help="add a row for the mean of all models' probabilities (uniform weights)")
-    p.add_argument("--no-report", action="store_true", help="skip report.html/report.md")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(p, TrainConfig, skip=("model",))
-    p.set_defaults(func=cmd_compare)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -26,6 +26,13 @@ CHOICES = {
     "group_by": ("auto", "similar", "name", "file"),
     "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
 }
+
+# Choices and defaults of the commands around training, which their CLI flags show too.
+DEFAULT_MODELS = ("cnn2x32", "cnn4x64", "cnn4x32", "vgg3", "resnet18")  # compare's default list
+BACKENDS = ("auto", "onnx", "torchscript", "torch")  # predict and serve: the inference engine
+EXPORT_FORMATS = ("onnx", "torchscript")
+MAX_UPLOAD_MB = 10.0  # serve: the largest image file accepted
+MAX_BATCH = 64  # serve: the most files in one /predict/batch
 
 # What each TrainConfig field does: the --help text of its flag.
 FIELD_HELP = {
@@ -161,19 +168,19 @@ class TrainConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
-def _coerce(name: str, tp, value):
+def coerce(name: str, tp, value):
     """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        return _coerce(name, next(a for a in args if a is not type(None)), value)
+        return coerce(name, next(a for a in args if a is not type(None)), value)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split()]
         try:
-            return tuple(_coerce(name, args[0], v) for v in value)
+            return tuple(coerce(name, args[0], v) for v in value)
         except TypeError as e:
             raise ConfigError(f"{name} must be a list, got {value!r}") from e
     try:
@@ -209,7 +216,7 @@ def make_config(cls, *sources: dict):
                 close = [n for n in known if n.startswith(k[:3])]
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
                 raise ConfigError(f"unknown config key {key!r} for {cls.__name__}{hint}")
-            merged[k] = _coerce(k, types_[k], value)
+            merged[k] = coerce(k, types_[k], value)
     return cls(**merged)
 
 
@@ -227,6 +234,50 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def save_yaml(data: dict, path: str | Path) -> None:
-    """Write a mapping as YAML, keys in the order given."""
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+# ---------------------------------------------------------------------------------------------
+# tune: what a study is (bloodcell.tune runs it)
+
+# Validation metrics a study may maximise: the config's monitor and the history.csv column.
+TUNE_METRICS = {"macro_f1": ("val_macro_f1", "val_macro_f1"), "accuracy": ("val_accuracy", "val_acc")}
+PRUNERS = ("median", "hyperband", "none")
+# The first epoch a pruner may stop a trial after. Epoch 1 runs inside the default one-epoch
+# learning-rate warm-up, where a trial's score says little about where it ends: in the 20-trial
+# Kaggle study, 9 trials were pruned there when pruning began at epoch 1 (bench/RESULTS.md).
+PRUNE_FROM_EPOCH = 2
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """Everything that defines a study (the space resolved), saved so `--resume` needs only DIR."""
+
+    data: str = "synthetic"
+    model: str = "cnn4x32"
+    trials: int = 20
+    timeout_min: float | None = None
+    space: dict = field(default_factory=dict)  # resolved, space-file format
+    grid: dict = field(default_factory=dict)
+    storage: str | None = None  # None: sqlite in DIR
+    study: str | None = None  # None: bloodcell-<model>
+    metric: str = "macro_f1"
+    pruner: str = "median"
+    base: dict = field(default_factory=dict)  # train config keys every trial shares
+    sampler_seed: int | None = None
+
+    # Keys that may change between runs of one study (more trials, another time limit), and base
+    # keys that belong to one machine rather than to the study.
+    MUTABLE = ("trials", "timeout_min", "sampler_seed")
+    LOCAL = ("cache_dir", "device", "threads")
+
+    def identity(self) -> dict:
+        """The settings two workers of one study must agree on."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.MUTABLE}
+        d["base"] = {k: v for k, v in self.base.items() if k not in self.LOCAL}
+        return d
+
+    def study_name(self) -> str:
+        """The study's name in its storage."""
+        return self.study or f"bloodcell-{self.model}"
+
+    def storage_url(self, out: Path) -> str:
+        """The study's storage: the given URL, else a SQLite file in the study folder."""
+        return self.storage or f"sqlite:///{(out / 'study.db').resolve()}"

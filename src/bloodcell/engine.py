@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,159 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
 from bloodcell.errors import BloodcellError
+from bloodcell.runtime import autocast, check_stop
+from bloodcell.transforms import TTA_VIEWS, tta_view
 
 
 class TrainingDiverged(BloodcellError):
     """The loss became NaN or infinite."""
-
-
-# ---------------------------------------------------------------------------------------------
-# runtime: device, precision, threads
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process (hyper-threads do not help convolution)."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:
-        cpus = set(range(os.cpu_count() or 1))
-    cores = set()
-    for c in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f:
-                core = f.read().strip()
-            with open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as f:
-                pkg = f.read().strip()
-            cores.add((pkg, core))
-        except OSError:
-            cores.add(("?", c))
-    return max(1, len(cores))
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda if available, else cpu; asking for cuda without one is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BloodcellError("--device cuda asked for, but no CUDA GPU is available")
-    return torch.device(device)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """True where bf16 autocast runs natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware supports it natively, else fp32."""
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    if precision == "bf16" and not bf16_supported(device):
-        raise BloodcellError(f"--precision bf16 is not supported on this {device.type} "
-                             "(no native bf16); use --precision fp32")
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a precision ('fp32' gives a no-op context)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def set_threads(threads: int) -> int:
-    """Use the physical cores (or the number given); returns the number set."""
-    n = threads if threads > 0 else physical_cores()
-    torch.set_num_threads(n)
-    return n
-
-
-# ---------------------------------------------------------------------------------------------
-# progress
-
-
-class Progress:
-    """A one-line progress bar on a terminal; plain log lines when output is not a terminal."""
-
-    def __init__(self, total: int, desc: str, stream=None, enabled: bool = True):
-        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self.last_log = self.t0
-
-    def update(self, step: int, images: int, loss: float) -> None:
-        """Show step/total, images/s, running loss and ETA."""
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        el = now - self.t0
-        ips = images / el if el > 0 else 0.0
-        eta = el / step * (self.total - step) if step else 0.0
-        msg = f"{self.desc} {step}/{self.total} | {ips:,.0f} img/s | loss {loss:.4f} | ETA {eta:4.0f}s"
-        if self.tty:
-            bar = "#" * int(20 * step / self.total)
-            self.stream.write(f"\r[{bar:<20}] {msg}\033[K")
-            self.stream.flush()
-        elif now - self.last_log > 30:  # a line every 30 s at most in logs
-            self.stream.write(msg + "\n")
-            self.last_log = now
-
-    def close(self) -> None:
-        """End the bar's line."""
-        if self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
-# ---------------------------------------------------------------------------------------------
-# Ctrl-C between batches
-
-_stop = threading.Event()
-
-
-@contextlib.contextmanager
-def stop_between_batches():
-    """Make the first Ctrl-C (SIGINT) a request to stop that the training and scoring loops honour
-    at their next batch, raising KeyboardInterrupt there instead of wherever the signal lands (in
-    the middle of a tuner's database write, say). A second Ctrl-C interrupts at once.
-
-    Does nothing off the main thread or where SIGINT is ignored (a background job); a request
-    still pending when the block ends is raised there.
-    """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
-        yield
-        return
-
-    def request(signum, frame) -> None:
-        if _stop.is_set():
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        _stop.set()
-        os.write(2, b"\nbloodcell: stopping at the next batch (Ctrl-C again to stop at once)\n")
-
-    _stop.clear()
-    signal.signal(signal.SIGINT, request)
-    try:
-        yield
-        check_stop()
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        _stop.clear()
-
-
-def check_stop() -> None:
-    """Raise KeyboardInterrupt if a Ctrl-C came in under stop_between_batches()."""
-    if _stop.is_set():
-        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,25 +43,38 @@ class Step:
 
 
 class EMA:
-    """An exponential moving average of a model's weights (evaluated instead of the raw weights)."""
+    """An exponential moving average of a model's weights and float buffers (evaluated instead of
+    the raw weights): torch's ``AveragedModel`` with its EMA update. The average starts from the
+    model as it is now, and the first update already blends (``n_averaged`` starts at 1), so the
+    average after k steps is the usual EMA of the k+1 weights seen."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.averaged.n_averaged.fill_(1)
+        self.averaged.eval()
+        for p in self.averaged.parameters():
             p.requires_grad_(False)
 
-    @torch.no_grad()
+    @property
+    def model(self) -> torch.nn.Module:
+        """The averaged network itself (its state_dict keys are the model's own)."""
+        return self.averaged.module
+
     def update(self, model: torch.nn.Module) -> None:
-        """Move the average towards the current weights; buffers (BN statistics) are copied."""
-        for e, m in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
-            if e.dtype.is_floating_point:
-                e.lerp_(m, 1 - self.decay)
-            else:
-                e.copy_(m)
+        """Move the average towards the current weights and float buffers (BN statistics)."""
+        self.averaged.update_parameters(model)
 
 
-def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: Progress | None = None) -> dict:
+def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """tqdm's bar on stderr: redrawn in place on a terminal; in a log, nothing for an epoch shorter
+    than 30 s and then an update every 30 s at most."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr,
+                mininterval=0.1 if tty else 30, delay=0 if tty else 30, unit="batch", dynamic_ncols=True)
+
+
+def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: tqdm | None = None) -> dict:
     """One pass over the training loader; returns loss, accuracy, images/s and seconds."""
     model.train()
     t0 = time.perf_counter()
@@ -238,27 +103,15 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: Progre
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum().item()  # soft: its top class
         seen += n
-        if progress:
-            progress.update(i, seen, total_loss / seen)
-    if progress:
+        if progress is not None:
+            progress.set_postfix_str(f"{seen / (time.perf_counter() - t0):,.0f} img/s, loss {total_loss / seen:.4f}",
+                                     refresh=False)
+            progress.update()
+    if progress is not None:
         progress.close()
     secs = time.perf_counter() - t0
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
             "seconds": secs, "images_per_s": seen / secs if secs > 0 else 0.0}
-
-
-TTA_VIEWS = 8
-
-
-def _views(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 flips/transpositions of a square image batch."""
-    if k & 1:
-        x = x.flip(3)
-    if k & 2:
-        x = x.flip(2)
-    if k & 4:
-        x = x.transpose(2, 3)
-    return x
 
 
 @torch.no_grad()
@@ -276,7 +129,7 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, precisio
         p = 0
         for k in views:
             with autocast(device, precision):
-                p = p + torch.softmax(model(_views(x, k)).float(), 1)
+                p = p + torch.softmax(model(tta_view(x, k)).float(), 1)
         probs.append((p / len(views)).cpu().numpy())
         labels.append(y.cpu().numpy())
     return np.concatenate(probs), np.concatenate(labels)
@@ -361,7 +214,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs:
         # resumed run draws exactly what the uninterrupted run would have drawn.
         torch.manual_seed(seed * 1_000_003 + epoch)
         train_loader.set_epoch(epoch)
-        bar = Progress(len(train_loader), f"epoch {epoch}/{epochs}", enabled=progress)
+        bar = progress_bar(len(train_loader), f"epoch {epoch}/{epochs}", enabled=progress)
         lr = step.optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_loader, step, bar)
         t0 = time.perf_counter()

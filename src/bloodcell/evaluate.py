@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,11 @@ import torch
 
 from bloodcell.checkpoint import load_model
 from bloodcell.data import BatchLoader, Dataset, Split, load_dataset, problem_lines, take_rows
-from bloodcell.engine import evaluate, resolve_device, resolve_precision, set_threads
+from bloodcell.engine import evaluate
 from bloodcell.errors import BloodcellError
-from bloodcell.train import split_metrics, write_predictions
+from bloodcell.metrics import split_metrics
+from bloodcell.runfiles import write_json, write_predictions
+from bloodcell.runtime import resolve_device, resolve_precision, set_threads
 
 
 def parse_class_map(text: str | None) -> dict[str, str]:
@@ -125,5 +126,5 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
             Path(out).mkdir(parents=True, exist_ok=True)
             write_predictions(Path(out) / f"predictions_{name}.csv", paths, labels, probs, classes)
     if out:
-        (Path(out) / "metrics.json").write_text(json.dumps(results, indent=1))
+        write_json(Path(out) / "metrics.json", results)
     return results

@@ -8,6 +8,7 @@ consumer needs nothing else. Every export is checked against PyTorch before it i
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -15,19 +16,22 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 
+from bloodcell import __version__
+from bloodcell.checkpoint import load_model
+from bloodcell.config import EXPORT_FORMATS
 from bloodcell.errors import BloodcellError
+from bloodcell.runfiles import atomic_write
 
-FORMATS = ("onnx", "torchscript")
 OPSET = 17
 META_FILE = "bloodcell.json"
 
 
 def metadata(meta: dict) -> dict:
     """The facts stored in an exported file (from a checkpoint's meta)."""
-    from bloodcell import __version__
-
     return {"classes": list(meta["classes"]), "image_size": int(meta["image_size"]),
             "resize": meta.get("resize", "squash"), "mean": list(meta["mean"]), "std": list(meta["std"]),
             "model": meta["model"]["name"], "input": "input: float32 N x 3 x S x S, normalised RGB",
@@ -62,8 +66,6 @@ class FixedAdaptiveAvgPool2d(torch.nn.Module):
 
 def exportable(model: torch.nn.Module, image_size: int) -> torch.nn.Module:
     """The model, or a copy whose adaptive pools that ONNX cannot express are written as matrices."""
-    import copy
-
     shapes: dict[str, tuple] = {}
     pools = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)}
     hooks = [m.register_forward_hook(lambda _m, i, o, n=n: shapes.__setitem__(n, (i[0].shape[2:], o.shape[2:])))
@@ -86,8 +88,6 @@ def exportable(model: torch.nn.Module, image_size: int) -> torch.nn.Module:
 
 def onnx_bytes(model: torch.nn.Module, image_size: int, meta: dict | None = None) -> bytes:
     """The model as an ONNX file in memory (dynamic batch size), with metadata if given."""
-    import onnx
-
     model = exportable(model.cpu().eval(), image_size)
     example = torch.zeros(2, 3, image_size, image_size)
     buf = io.BytesIO()
@@ -122,8 +122,6 @@ def read_metadata(path: str | os.PathLike, fmt: str | None = None) -> dict:
     """The bloodcell metadata of an exported file (format from the suffix unless given)."""
     path = Path(path)
     if _format_of(path, fmt) == "onnx":
-        import onnx
-
         proto = onnx.load(str(path), load_external_data=False)
         return {p.key: json.loads(p.value) for p in proto.metadata_props}
     files = {META_FILE: ""}
@@ -137,8 +135,6 @@ def run_exported(path: str | os.PathLike, x: np.ndarray, fmt: str | None = None)
     """Logits of an exported file for a normalised float32 batch (ONNX Runtime or TorchScript)."""
     path = Path(path)
     if _format_of(path, fmt) == "onnx":
-        import onnxruntime as ort
-
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
     with warnings.catch_warnings():
@@ -155,23 +151,21 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
     With ``check``, random batches of two sizes go through the file and through PyTorch and the
     largest absolute difference of the logits must stay below 1e-4.
     """
-    from bloodcell.checkpoint import load_model
-
-    if fmt not in FORMATS:
-        raise BloodcellError(f"unknown export format {fmt!r}; known: {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise BloodcellError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
     model, meta = load_model(checkpoint)
     size = int(meta["image_size"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     if fmt == "onnx":
-        tmp.write_bytes(onnx_bytes(model, size, meta))
+        atomic_write(out, onnx_bytes(model, size, meta))
     else:
         module = torchscript_module(model, size)
+        buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.jit.save(module, str(tmp), _extra_files={META_FILE: json.dumps(metadata(meta))})
-    os.replace(tmp, out)
+            torch.jit.save(module, buf, _extra_files={META_FILE: json.dumps(metadata(meta))})
+        atomic_write(out, buf.getvalue())
     summary = {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "max_abs_diff": None,
                "metadata": metadata(meta)}
     if check:
@@ -186,24 +180,3 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
         if not diff < 1e-4:
             raise BloodcellError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (> 1e-4)")
     return summary
-
-
-def cmd_export(args) -> int:
-    """bloodcell export runs/cnn4x32 --format onnx --out cnn4x32.onnx"""
-    out = args.out or f"model.{'onnx' if args.format == 'onnx' else 'pt'}"
-    s = export_model(args.checkpoint, args.format, out)
-    meta = s["metadata"]
-    print(f"wrote {s['path']} ({s['format']}, {s['bytes'] / 1e6:.2f} MB): {meta['model']}, "
-          f"{meta['image_size']} px, classes {', '.join(meta['classes'])}; "
-          f"max |difference| vs PyTorch {s['max_abs_diff']:.1e}")
-    return 0
-
-
-def add_cli(sub) -> None:
-    """Add the ``export`` subcommand."""
-    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
-                       description=cmd_export.__doc__)
-    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
-    p.add_argument("--format", choices=FORMATS, default="onnx")
-    p.add_argument("--out", help="output file (default model.onnx / model.pt)")
-    p.set_defaults(func=cmd_export)

@@ -18,6 +18,8 @@ Conventions, matching scikit-learn's defaults where it has one:
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 
 EPS = 1e-12
@@ -146,8 +148,6 @@ def wilson_ci(successes: int, n: int, level: float = 0.95) -> list[float] | None
     """Wilson score interval of a binomial proportion (sound at 0 % and 100 %)."""
     if n <= 0:
         return None
-    from statistics import NormalDist
-
     z = NormalDist().inv_cdf(0.5 + level / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -249,3 +249,14 @@ def compute_metrics(
         # claims a certainty that 71 cells cannot give.
         out["group_accuracy_ci"] = wilson_ci(int(np.sum(labels == preds)), len(ids)) if n_boot > 0 else None
     return out
+
+
+def split_metrics(classes: list[str], groups: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """compute_metrics for one split, with group-level figures where images share groups."""
+    groups = groups if len(np.unique(groups)) < len(groups) else None
+    m = compute_metrics(labels, probs, classes, groups=groups)
+    if groups is None:  # every image its own source: group figures are the image figures
+        m.setdefault("group_accuracy", m["accuracy"])
+        m.setdefault("group_accuracy_ci", wilson_ci(int(round(m["accuracy"] * len(labels))), len(labels)))
+        m.setdefault("n_groups", int(len(labels)))
+    return m

@@ -9,28 +9,27 @@ PyTorch model, since it needs gradients.
 
 from __future__ import annotations
 
-import csv
 import glob
 import io
-import json
 import os
-import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from PIL import UnidentifiedImageError
 
+from bloodcell.cam import GradCAM, overlay_png
 from bloodcell.checkpoint import load_model
-from bloodcell.data.cache import _describe, load_image
-from bloodcell.engine import TTA_VIEWS, _views, physical_cores
+from bloodcell.config import BACKENDS
+from bloodcell.data.images import describe_error, load_image
 from bloodcell.errors import BloodcellError
+from bloodcell.export import onnx_bytes
 from bloodcell.info import IMAGE_EXTENSIONS
-from bloodcell.transforms import normalize, to_float
-
-BACKENDS = ("auto", "onnx", "torchscript", "torch")
+from bloodcell.runtime import physical_cores
+from bloodcell.transforms import TTA_VIEWS, normalize, to_float, tta_view
 
 
 class ImageError(BloodcellError):
@@ -54,10 +53,8 @@ def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squas
     except IsADirectoryError:
         raise ImageError("is a folder", "missing") from None
     except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
-        from PIL import UnidentifiedImageError
-
         kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
-        raise ImageError(_describe(e), kind) from None
+        raise ImageError(describe_error(e), kind) from None
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -82,18 +79,12 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def select_backend(backend: str, device: torch.device) -> str:
-    """auto -> ONNX Runtime on the CPU where installed (fastest measured), else plain PyTorch."""
+    """auto -> ONNX Runtime on the CPU (fastest measured), PyTorch on a GPU."""
     if backend not in BACKENDS:
         raise BloodcellError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if device.type != "cpu":
-        return "torch"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "onnx"
+    return "onnx" if device.type == "cpu" else "torch"
 
 
 class Predictor:
@@ -120,10 +111,6 @@ class Predictor:
     def _make_runner(self):
         example = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
         if self.backend == "onnx":
-            import onnxruntime as ort
-
-            from bloodcell.export import onnx_bytes
-
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
@@ -160,7 +147,7 @@ class Predictor:
         """Class probabilities N x C for uint8 images N x H x W x 3 (8-view TTA averages flips/rotations)."""
         x = self.preprocess(images)
         views = TTA_VIEWS if tta else 1
-        batch = torch.cat([_views(x, k) for k in range(views)]) if views > 1 else x
+        batch = torch.cat([tta_view(x, k) for k in range(views)]) if views > 1 else x
         with self.lock:
             p = torch.softmax(self.logits(batch), 1)
         return p.view(views, len(x), -1).mean(0).numpy()
@@ -219,81 +206,9 @@ class Predictor:
     def cam_png(self, image: np.ndarray, target: int | None = None,
                 source: str | os.PathLike | bytes | None = None) -> bytes:
         """A PNG of the Grad-CAM heat map over the image (over the original file where given)."""
-        from bloodcell.cam import GradCAM, overlay_png
-
         x = self.preprocess(image[None]).to(self.device)
         with self.lock:
             if self._cam is None:
                 self._cam = GradCAM(self.model, x)
             heat = self._cam(x, target)[0]
         return overlay_png(image, heat, original=source, resize=self.resize)
-
-
-# ---------------------------------------------------------------------------------------------
-# output
-
-
-def format_rows(rows: list[dict], fmt: str, classes: list[str]) -> str:
-    """Rows as an aligned table, CSV (every class's probability) or JSON."""
-    if fmt == "json":
-        return json.dumps(rows, indent=1)
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        extra = ["cam"] if any("cam" in r for r in rows) else []
-        w.writerow(["path", "class", "probability", *[f"p_{c}" for c in classes], "error", *extra])
-        for r in rows:
-            if r.get("error"):
-                w.writerow([r["path"], "", "", *[""] * len(classes), r["error"], *[""] * len(extra)])
-            else:
-                w.writerow([r["path"], r["class"], f"{r['probability']:.6f}",
-                            *[f"{r['probs'][c]:.6f}" for c in classes], "",
-                            *[r.get("cam", "") for _ in extra]])
-        return buf.getvalue().rstrip("\n")
-    width = max([len("path"), *(len(r["path"]) for r in rows)])
-    k = max((len(r.get("top_k", [])) for r in rows), default=1)
-    head = f"{'path':<{width}}  {'class':<12} {'prob':>6}"
-    if k > 1:
-        head += "  " + "  ".join(f"{'top' + str(i + 1):<19}" for i in range(1, k))
-    lines = [head]
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"{r['path']:<{width}}  ERROR: {r['error']}")
-            continue
-        line = f"{r['path']:<{width}}  {r['class']:<12} {r['probability']:>6.3f}"
-        for t in r["top_k"][1:]:
-            line += f"  {t['class']:<12} {t['probability']:>6.3f}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def cmd_predict(args) -> int:
-    """bloodcell predict runs/cnn4x32 cells/*.jpeg new_cell.png --top-k 2 --cam cams/ --format table"""
-    paths = expand_inputs(args.paths)
-    t0 = time.perf_counter()
-    predictor = Predictor(args.checkpoint, device=args.device, backend=args.backend)
-    rows = predictor.predict_paths(paths, top_k=args.top_k, tta=args.tta, batch_size=args.batch_size,
-                                   cam_dir=args.cam)
-    print(format_rows(rows, args.format, predictor.classes))
-    failed = sum(1 for r in rows if r.get("error"))
-    print(f"{len(rows) - failed} predicted, {failed} failed, {time.perf_counter() - t0:.2f}s "
-          f"({predictor.model_name}, {predictor.backend})", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def add_cli(sub) -> None:
-    """Add the ``predict`` subcommand."""
-    p = sub.add_parser("predict", help="predict the class of image files, folders or globs",
-                       description=cmd_predict.__doc__)
-    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--top-k", type=int, default=1, help="show the k most probable classes (default 1)")
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
-    p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="inference engine (default auto: ONNX Runtime on CPU, the fastest measured)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.set_defaults(func=cmd_predict)
-

@@ -13,7 +13,6 @@ import ipaddress
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -21,18 +20,23 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from bloodcell.errors import BloodcellError
-from bloodcell.predict import BACKENDS, ImageError, Predictor, decode_image
+import numpy as np
+import uvicorn
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-MAX_UPLOAD_MB = 10.0
-MAX_BATCH = 64
+from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB
+from bloodcell.errors import BloodcellError
+from bloodcell.models import count_parameters
+from bloodcell.predict import ImageError, Predictor, decode_image
+
 _MULTIPART_SLACK = 64 * 1024  # headers and boundaries of a multipart body
 
 
 def model_card(predictor: Predictor) -> dict:
     """What GET /model returns: classes, architecture, input, and the run's saved metrics."""
-    from bloodcell.models import count_parameters
-
     meta = predictor.meta
     metrics = {}
     path = Path(meta["path"]).parent / "metrics.json"
@@ -73,10 +77,8 @@ class UploadLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                from starlette.exceptions import HTTPException
-
                 # An HTTPException passes through FastAPI's body parsing unchanged (a 413).
-                raise HTTPException(413, _too_large(seen, limit))
+                raise StarletteHTTPException(413, _too_large(seen, limit))
             return message
 
         async def watched(message):
@@ -84,11 +86,9 @@ class UploadLimit:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        from starlette.exceptions import HTTPException
-
         try:
             await self.app(scope, counted, watched)
-        except HTTPException as e:
+        except StarletteHTTPException as e:
             if e.status_code != 413 or started:
                 raise
             await _json(send, 413, e.detail)
@@ -109,10 +109,6 @@ async def _json(send, status: int, detail: str) -> None:
 def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_UPLOAD_MB,
                max_batch: int = MAX_BATCH, backend: str = "auto"):
     """The FastAPI app for a run folder, checkpoint or already loaded Predictor."""
-    from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-
     predictor = model if isinstance(model, Predictor) else Predictor(model, backend=backend)
     max_bytes = int(max_upload_mb * 1e6)
     card = model_card(predictor)
@@ -192,8 +188,6 @@ def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_
             except ImageError as e:
                 results.append({"filename": f.filename, "error": str(e), "status": status_of(e)})
         if arrays:
-            import numpy as np
-
             for i, row in zip(good, predictor.rows(np.stack(arrays), top_k, tta), strict=True):
                 results[i].update(row)
         return {"results": results, "failed": len(results) - len(good),
@@ -220,8 +214,6 @@ def is_loopback(host: str) -> bool:
 @contextmanager
 def serving(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
     """Run the app under uvicorn in a background thread; yields its base URL (port 0: a free one)."""
-    import uvicorn
-
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -239,34 +231,3 @@ def serving(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warni
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-def cmd_serve(args) -> int:
-    """bloodcell serve runs/cnn4x32 --port 8000   # then open http://127.0.0.1:8000/"""
-    import uvicorn
-
-    if not is_loopback(args.host):
-        print(f"bloodcell: warning: listening on {args.host}, reachable from other machines; "
-              "there is no authentication", file=sys.stderr)
-    app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, max_batch=args.max_batch,
-                     backend=args.backend)
-    p = app.state.predictor
-    print(f"serving {p.model_name} ({', '.join(p.classes)}; {p.backend}) on "
-          f"http://{args.host}:{args.port}/  (API docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
-
-
-def add_cli(sub) -> None:
-    """Add the ``serve`` subcommand."""
-    p = sub.add_parser("serve", help="serve a trained model: HTTP API and web page",
-                       description=cmd_serve.__doc__)
-    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
-                   help=f"largest accepted image file (default {MAX_UPLOAD_MB:g} MB)")
-    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most files per /predict/batch")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
-    p.set_defaults(func=cmd_serve)

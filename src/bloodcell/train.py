@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -11,15 +10,8 @@ import numpy as np
 import torch
 
 from bloodcell.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
-from bloodcell.config import TrainConfig, load_yaml, make_config, save_yaml
-from bloodcell.data import (
-    BatchLoader,
-    Dataset,
-    join_train,
-    load_dataset,
-    problem_lines,
-    save_splits,
-)
+from bloodcell.config import TrainConfig, load_yaml, make_config
+from bloodcell.data import BatchLoader, Dataset, join_train, load_dataset, problem_lines
 from bloodcell.engine import (
     EMA,
     FitState,
@@ -29,21 +21,24 @@ from bloodcell.engine import (
     fit,
     make_optimizer,
     make_scheduler,
-    resolve_device,
-    resolve_precision,
-    set_threads,
 )
 from bloodcell.errors import BloodcellError, DataError
-from bloodcell.metrics import compute_metrics, wilson_ci
-from bloodcell.models import get_model
-
-RUN_FILES = ("config.yaml", "history.csv", "best.pt", "last.pt", "splits.json", "metrics.json", "DONE")
+from bloodcell.metrics import compute_metrics, split_metrics
+from bloodcell.models import get_model, model_info
+from bloodcell.runfiles import (
+    clear_run_dir,
+    mark_done,
+    prepare_run_dir,
+    write_history,
+    write_json,
+    write_predictions,
+    write_yaml,
+)
+from bloodcell.runtime import resolve_device, resolve_precision, set_threads
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
     """The arguments that rebuild the model (saved in every checkpoint)."""
-    from bloodcell.models import model_info
-
     kw = {"num_classes": num_classes, "image_size": cfg.image_size}
     options = model_info(cfg.model)["options"]
     if "norm" in options:
@@ -53,29 +48,6 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
     if cfg.stain_norm != "none":
         kw["stain_norm"] = cfg.stain_norm
     return kw
-
-
-def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a finished run unless asked; create the folder. An overwritten run's files
-    stay until clear_run_dir, once the new run's data and model have loaded."""
-    if resume:
-        if not (out / "config.yaml").is_file():
-            raise BloodcellError(f"--resume: {out} holds no run to resume (no config.yaml)")
-        return
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "a finished run" if (out / "DONE").exists() else "files (an unfinished run?)"
-        raise BloodcellError(f"{out} already holds {what}; use --overwrite to replace it"
-                             + ("" if (out / "DONE").exists() else " or --resume to continue it"))
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def clear_run_dir(out: Path) -> None:
-    """Remove the files of the run being overwritten (a bad path or --init-from fails before this,
-    and leaves that run whole)."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for p in out.glob("predictions_*.csv"):
-        p.unlink()
 
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
@@ -126,48 +98,6 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, 
     return model, kw
 
 
-def write_history(rows: list[dict], path: Path) -> None:
-    """history.csv, one row per epoch."""
-    if not rows:
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: np.ndarray,
-                      classes: list[str]) -> None:
-    """predictions_<split>.csv: path, true label, predicted label, confidence and every probability."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "pred", "confidence", *[f"p_{c}" for c in classes]])
-        pred = probs.argmax(1)
-        for p, y, k, row in zip(paths, labels, pred, probs, strict=True):
-            w.writerow([p, classes[y], classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]])
-
-
-def split_metrics(classes: list[str], groups: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict:
-    """compute_metrics for one split, with group-level figures where images share groups."""
-    groups = groups if len(np.unique(groups)) < len(groups) else None
-    m = compute_metrics(labels, probs, classes, groups=groups)
-    if groups is None:  # every image its own source: group figures are the image figures
-        m.setdefault("group_accuracy", m["accuracy"])
-        m.setdefault("group_accuracy_ci", wilson_ci(int(round(m["accuracy"] * len(labels))), len(labels)))
-        m.setdefault("n_groups", int(len(labels)))
-    return m
-
-
-def read_predictions(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read predictions_<split>.csv back: (probabilities N x C, label indices, paths)."""
-    index = {c: i for i, c in enumerate(classes)}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
-    probs /= probs.sum(1, keepdims=True)  # undo the rounding of the 6-decimal file
-    return probs, np.array([index[r["label"]] for r in rows], dtype=np.int64), [r["path"] for r in rows]
-
-
 def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
           log=print, progress: bool = True, dataset: Dataset | None = None, on_epoch=None) -> dict:
     """Train one model as cfg says, into run folder ``out``; returns the metrics per split.
@@ -208,9 +138,9 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
                                               "classes": ds.classes}}
     if not resume:
         clear_run_dir(out)
-        save_yaml(cfg.to_dict(), out / "config.yaml")
-        save_splits(ds, out / "splits.json")
-    save_yaml(resolved, out / "resolved.yaml")
+        write_yaml(out / "config.yaml", cfg.to_dict())
+        write_json(out / "splits.json", ds.split_files())
+    write_yaml(out / "resolved.yaml", resolved)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -288,8 +218,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
                       "train_minutes": train_minutes,
                       "train_images_per_s": float(np.median([h["images_per_s"] for h in state.history])),
                       "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "DONE").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    write_json(out / "metrics.json", metrics)
+    mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     for name in ("test", "test_simple", "val"):
         if name in metrics:
             m = metrics[name]

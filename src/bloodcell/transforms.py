@@ -188,3 +188,17 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mode: str, alp
     else:
         raise ValueError(f"unknown mix {mode!r}; known: {', '.join(CHOICES['mix'])}")
     return x, onehot * lam + onehot[perm] * (1 - lam)
+
+
+TTA_VIEWS = 8  # test-time augmentation: the 8 flips and transpositions of a square image
+
+
+def tta_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th (0-7) of the 8 flips/transpositions of a square image batch N x C x H x W."""
+    if k & 1:
+        x = x.flip(3)
+    if k & 2:
+        x = x.flip(2)
+    if k & 4:
+        x = x.transpose(2, 3)
+    return x

@@ -7,10 +7,11 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-from PIL import Image
 
-from bloodcell.data.cache import _describe, load_image
-from bloodcell.data.layouts import Problem, discover, is_synthetic
+from bloodcell.data.dataset import discover_grouped, load_dataset
+from bloodcell.data.images import describe_error, load_image, open_image
+from bloodcell.data.layouts import is_synthetic
+from bloodcell.data.records import Problem
 from bloodcell.data.splits import make_splits
 
 
@@ -19,12 +20,12 @@ def _inspect(paths: list[str]) -> list[tuple[str, str, str | None]]:
     out = []
     for p in paths:
         try:
-            with Image.open(p) as im:
+            with open_image(p) as im:
                 size, mode = f"{im.size[0]}x{im.size[1]}", im.mode
             load_image(p, 16, "squash")
             out.append((size, mode, None))
         except Exception as e:  # noqa: BLE001 - every decoder failure is reported, none is fatal
-            out.append(("?", "?", _describe(e)))
+            out.append(("?", "?", describe_error(e)))
     return out
 
 
@@ -33,14 +34,12 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
                group_by: str = "auto", cache_dir: str | os.PathLike | None = None) -> dict:
     """Inspect a data set: classes x splits (images and groups), sizes, modes and problems."""
     if is_synthetic(path):
-        from bloodcell.data import load_dataset
-
         ds = load_dataset(path, image_size=64, seed=seed, fractions=fractions)
         return {"root": "synthetic", "layout": "synthetic", "classes": ds.classes, "splits": ds.summary(),
                 "sizes": {"64x64 (generated)": sum(len(s) for s in ds.splits.values())},
                 "modes": {"RGB": sum(len(s) for s in ds.splits.values())}, "problems": [], "usable": True,
                 "synthetic": True}
-    src = discover(path, group_regex=group_regex, group_by=group_by, cache_dir=cache_dir)
+    src = discover_grouped(path, group_regex=group_regex, group_by=group_by, cache_dir=cache_dir)
     problems = list(src.problems)
     paths = [it.path for it in src.items]
     chunks = [paths[i:i + 200] for i in range(0, len(paths), 200)]

@@ -29,6 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
+from bloodcell.runfiles import write_json
+
 BINS = 8
 SIMILAR_THRESHOLD = 0.02
 _THUMB = (60, 60)  # JPEG draft: 80 x 60 for a 320 x 240 Kaggle frame
@@ -107,18 +109,16 @@ def _key(items) -> str:
     return h.hexdigest()[:24]
 
 
-def similar_groups(items, cache_dir=None, workers: int | None = None) -> None:
+def similar_groups(items, cache_dir: str | os.PathLike, workers: int | None = None) -> None:
     """Set each item's ``group`` to its similarity component (within its class and split origin).
 
     Byte-identical files are at distance 0, so they always share a component. Results are cached in
-    ``cache_dir`` (default: the decoded-image cache folder) under a key of the file list.
+    the folder ``cache_dir`` (load_dataset gives it the decoded-image cache folder) under a key of
+    the file list.
     """
-    from bloodcell.data.cache import default_cache_dir
-
     if not items:
         return
-    folder = default_cache_dir() if cache_dir is None else cache_dir
-    path = os.path.join(folder, f"groups-{_key(items)}.json")
+    path = os.path.join(cache_dir, f"groups-{_key(items)}.json")
     try:
         with open(path) as f:
             groups = json.load(f)
@@ -142,10 +142,7 @@ def similar_groups(items, cache_dir=None, workers: int | None = None) -> None:
     for it, g in zip(items, groups, strict=True):
         it.group = g
     try:
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(groups, f)
-        os.replace(tmp, path)
+        os.makedirs(cache_dir, exist_ok=True)
+        write_json(path, groups, indent=None)
     except OSError:
         pass  # a read-only cache folder only costs the recomputation next time

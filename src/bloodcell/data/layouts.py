@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from bloodcell.config import CHOICES
+from bloodcell.data.records import Item, Problem, Source
 from bloodcell.errors import DataError
-from bloodcell.info import IMAGE_EXTENSIONS
+from bloodcell.info import IMAGE_EXTENSIONS, SYNTHETIC_CLASSES
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -28,43 +28,6 @@ SPLIT_ALIASES = {
 }
 KAGGLE_NAME = re.compile(r"^_(\d+)_(\d+)\.jpe?g$", re.IGNORECASE)
 SYNTHETIC_DEFAULT_N = 3000
-
-
-@dataclass
-class Item:
-    """One image file: where it is, its class index, its source group and its given split."""
-
-    path: str
-    label: int
-    group: str
-    split: str = ""  # "" means: to be assigned by splits.py
-    size: int = 0
-    mtime_ns: int = 0
-    sha1: str = ""
-
-
-@dataclass
-class Problem:
-    """Something wrong found in the data; ``fatal`` ones make the data unusable."""
-
-    kind: str
-    detail: str
-    paths: list[str] = field(default_factory=list)
-    fatal: bool = False
-
-
-@dataclass
-class Source:
-    """What discover() found: layout, classes, items and problems."""
-
-    root: str
-    layout: str
-    classes: list[str]
-    items: list[Item]
-    problems: list[Problem] = field(default_factory=list)
-    synthetic_n: int = 0
-    excluded: list[str] = field(default_factory=list)
-    group_by: str = "file"
 
 
 def is_synthetic(path: str | os.PathLike | None) -> bool:
@@ -128,14 +91,15 @@ def resolve_group_by(group_by: str, layout: str, group_regex: str | None) -> str
     return "similar" if layout == "kaggle" else "file"
 
 
-def discover(path: str | os.PathLike | None, group_regex: str | None = None, group_by: str = "auto",
-             cache_dir: str | os.PathLike | None = None) -> Source:
+def discover(path: str | os.PathLike | None, group_regex: str | None = None, group_by: str = "auto") -> Source:
     """Detect the layout under ``path`` and list every image with its class, group and split.
 
     Groups (images of one source, never split apart) follow ``group_by``: ``name`` (the part of the
     file name ``group_regex`` matches; the Kaggle ``_K_N`` K without one), ``similar`` (look-alike
-    images, data.groups), ``file`` (each file alone) or ``auto`` (resolve_group_by). Byte-identical
-    files always share a group.
+    images), ``file`` (each file alone) or ``auto`` (resolve_group_by). Byte-identical files always
+    share a group. Look-alike groups need the images decoded and are not made here: where
+    ``group_by`` resolves to ``similar``, the items keep their file (and duplicate) groups until
+    ``groups.similar_groups`` sets them; ``dataset.discover_grouped`` does both.
     """
     if is_synthetic(path):
         n = SYNTHETIC_DEFAULT_N
@@ -146,8 +110,6 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None, gro
                 raise DataError(f"synthetic:N needs a whole number of images, got {path!r}") from e
             if n < 40:
                 raise DataError(f"synthetic:N needs at least 40 images, got {n}")
-        from bloodcell.info import SYNTHETIC_CLASSES
-
         return Source("synthetic", "synthetic", list(SYNTHETIC_CLASSES), [], synthetic_n=n)
 
     root = Path(path).expanduser()
@@ -170,10 +132,6 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None, gro
     src.group_by = how
     _hash_and_merge_duplicates(src)
     _check_usable(src)
-    if how == "similar" and not any(p.fatal for p in src.problems):
-        from bloodcell.data.groups import similar_groups
-
-        similar_groups(src.items, cache_dir=cache_dir)
     return src
 
 

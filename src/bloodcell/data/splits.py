@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from bloodcell.data.layouts import Item
+from bloodcell.data.records import Item
 
 
 def grouped_split(items: list[Item], fractions: dict[str, float], seed: int) -> dict[str, list[int]]:

@@ -72,6 +72,7 @@ def _rate(n: int, size: int, tries: int = 3) -> float:
     return best
 
 
+@pytest.mark.slow
 def test_speed_on_one_core():
     # Measured 2026-11-26 with _rate itself (best of 3): 869 images/s at 64 px and 318 at 128 px on
     # this project's CI machine, 487 at 64 px on the lent GPU machine's slower cores. The bounds sit

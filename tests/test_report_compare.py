@@ -17,7 +17,7 @@ from PIL import Image
 from bloodcell.cli import main
 from bloodcell.info import STUDY
 from bloodcell.metrics import compute_metrics
-from bloodcell.report import build_report, pct, pct_ci
+from bloodcell.report import build_report, pct_ci
 
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -229,8 +229,3 @@ def test_report_without_results_is_one_line_error(tmp_path, capsys):
     assert err.startswith("bloodcell: error:") and "results.json" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "report.html").exists()
-
-
-def test_formatting():
-    assert pct(0.91234) == "91.2 %" and pct(None) == "–" and pct(float("nan")) == "–"
-    assert pct_ci(0.5, [0.4, 0.6]) == "50.0 % [40.0–60.0]" and pct_ci(0.5, None) == "50.0 %"

@@ -1,0 +1,59 @@
+"""bloodcell: train, compare, tune and serve CNNs for blood-cell image classification.
+
+Usage:
+    bloodcell compare --out runs/compare            # the main job (built-in synthetic data)
+    bloodcell compare --data PATH --out runs/mine   # ... on your images
+    bloodcell train --data PATH --model cnn4x32 --epochs 10 --out runs/cnn4x32
+    bloodcell evaluate runs/cnn4x32 --data PATH
+    bloodcell data check PATH
+    bloodcell models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bloodcell import __version__
+from bloodcell.cli import compare, data, predict, train, tune
+from bloodcell.errors import BloodcellError
+
+# The order of the commands in `bloodcell --help`.
+COMMANDS = (train, data, compare, tune, predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    ap = argparse.ArgumentParser(prog="bloodcell", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Run 'bloodcell COMMAND --help' for a command's options.")
+    ap.add_argument("--version", action="version", version=f"bloodcell {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parsers(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run, and turn a BloodcellError into one line and exit code 2."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return args.func(args) or 0
+    except BloodcellError as e:
+        print(f"bloodcell: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a library function's argument check, e.g. an unknown model name
+        print(f"bloodcell: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bloodcell: interrupted; finished epochs are saved: 'train --resume RUN_DIR', the same "
+              "'compare' command, or 'tune --resume DIR' continues", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

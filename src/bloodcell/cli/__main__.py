@@ -1,0 +1,8 @@
+"""``python -m bloodcell.cli ...`` (as ``python -m bloodcell``) is the ``bloodcell`` command."""
+
+import sys
+
+from bloodcell.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

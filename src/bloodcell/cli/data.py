@@ -1,0 +1,61 @@
+"""``bloodcell data check`` and ``bloodcell models``: what is in a data set, and which models there are."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bloodcell.cli.flags import DATA_HELP
+from bloodcell.config import CHOICES, FIELD_HELP
+
+
+def cmd_data_check(args) -> int:
+    """bloodcell data check PATH [--json]"""
+    from bloodcell.data.check import check_data, format_check  # lazy: start-up
+
+    report = check_data(args.path, seed=args.seed, group_regex=args.group_regex, group_by=args.group_by)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_check(report))
+    if not report["usable"]:
+        fatal = [p["detail"] for p in report["problems"] if p["fatal"]]
+        print(f"bloodcell: error: data not usable: {fatal[0] if fatal else 'see problems above'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_models(args) -> int:
+    """bloodcell models"""
+    from bloodcell.models import (  # lazy: start-up
+        count_parameters,
+        get_model,
+        list_models,
+        model_info,
+    )
+
+    print(f"{'name':20s} {'params':>12s}  description (parameters at {args.image_size} px, 4 classes)")
+    for name in list_models():
+        n = count_parameters(get_model(name, num_classes=4, image_size=args.image_size))
+        print(f"{name:20s} {n:>12,}  {model_info(name)['description']}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register `bloodcell data check` and `bloodcell models`."""
+    p = sub.add_parser("data", help="data set tools", description="bloodcell data check PATH")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    q = dsub.add_parser("check", help="tables of classes x splits, sizes, modes and problems",
+                        description=cmd_data_check.__doc__)
+    q.add_argument("path", nargs="?", default="synthetic", help=DATA_HELP)
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    q.add_argument("--group-regex", help=FIELD_HELP["group_regex"])
+    q.add_argument("--group-by", default="auto", choices=CHOICES["group_by"], help=FIELD_HELP["group_by"]
+                   + " (default: auto)")
+    q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("models", help="list the registered models", description=cmd_models.__doc__)
+    p.add_argument("--image-size", type=int, default=64)
+    p.set_defaults(func=cmd_models)

@@ -1,0 +1,44 @@
+"""Flags made from config fields: one flag per field (``--image-size`` for ``image_size``)."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import fields
+
+from bloodcell.config import CHOICES, FIELD_HELP, TrainConfig, hints, load_yaml, make_config
+
+DATA_HELP = ("data: a folder of images (Kaggle blood-cells layout, <class>/ folders, or "
+             "{train,val,test}/<class>/ folders) or 'synthetic[:N]' for the built-in generated set "
+             "(default)")
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field (--image-size for image_size), default None = 'not given'."""
+    types_ = hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = types_[f.name]
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_ = (DATA_HELP if f.name == "data" else FIELD_HELP.get(f.name, "")) + f" (default: {shown})"
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            metavar = "LIST" if typing.get_origin(tp) is tuple else f.name.upper()
+            if f.name in CHOICES:
+                metavar = "{" + ",".join(CHOICES[f.name]) + "}"
+            p.add_argument(flag, default=None, metavar=metavar, help=help_.strip())
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    """The config fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """YAML file (--config) first, then flags on top; unknown keys are an error."""
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return make_config(TrainConfig, base, given(args, TrainConfig))

@@ -1,0 +1,132 @@
+"""``bloodcell predict``, ``bloodcell export`` and ``bloodcell serve``: using a trained model.
+
+The library is imported inside the handlers (lazy imports, marked): ``bloodcell --help`` and a bad
+flag answer at once, without loading torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+
+from bloodcell.config import BACKENDS, EXPORT_FORMATS, MAX_BATCH, MAX_UPLOAD_MB
+
+
+def format_rows(rows: list[dict], fmt: str, classes: list[str]) -> str:
+    """Rows as an aligned table, CSV (every class's probability) or JSON."""
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        extra = ["cam"] if any("cam" in r for r in rows) else []
+        w.writerow(["path", "class", "probability", *[f"p_{c}" for c in classes], "error", *extra])
+        for r in rows:
+            if r.get("error"):
+                w.writerow([r["path"], "", "", *[""] * len(classes), r["error"], *[""] * len(extra)])
+            else:
+                w.writerow([r["path"], r["class"], f"{r['probability']:.6f}",
+                            *[f"{r['probs'][c]:.6f}" for c in classes], "",
+                            *[r.get("cam", "") for _ in extra]])
+        return buf.getvalue().rstrip("\n")
+    width = max([len("path"), *(len(r["path"]) for r in rows)])
+    k = max((len(r.get("top_k", [])) for r in rows), default=1)
+    head = f"{'path':<{width}}  {'class':<12} {'prob':>6}"
+    if k > 1:
+        head += "  " + "  ".join(f"{'top' + str(i + 1):<19}" for i in range(1, k))
+    lines = [head]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['path']:<{width}}  ERROR: {r['error']}")
+            continue
+        line = f"{r['path']:<{width}}  {r['class']:<12} {r['probability']:>6.3f}"
+        for t in r["top_k"][1:]:
+            line += f"  {t['class']:<12} {t['probability']:>6.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cmd_predict(args) -> int:
+    """bloodcell predict runs/cnn4x32 cells/*.jpeg new_cell.png --top-k 2 --cam cams/ --format table"""
+    from bloodcell.predict import Predictor, expand_inputs  # lazy: start-up
+
+    paths = expand_inputs(args.paths)
+    t0 = time.perf_counter()
+    predictor = Predictor(args.checkpoint, device=args.device, backend=args.backend)
+    rows = predictor.predict_paths(paths, top_k=args.top_k, tta=args.tta, batch_size=args.batch_size,
+                                   cam_dir=args.cam)
+    print(format_rows(rows, args.format, predictor.classes))
+    failed = sum(1 for r in rows if r.get("error"))
+    print(f"{len(rows) - failed} predicted, {failed} failed, {time.perf_counter() - t0:.2f}s "
+          f"({predictor.model_name}, {predictor.backend})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_export(args) -> int:
+    """bloodcell export runs/cnn4x32 --format onnx --out cnn4x32.onnx"""
+    from bloodcell.export import export_model  # lazy: start-up
+
+    out = args.out or f"model.{'onnx' if args.format == 'onnx' else 'pt'}"
+    s = export_model(args.checkpoint, args.format, out)
+    meta = s["metadata"]
+    print(f"wrote {s['path']} ({s['format']}, {s['bytes'] / 1e6:.2f} MB): {meta['model']}, "
+          f"{meta['image_size']} px, classes {', '.join(meta['classes'])}; "
+          f"max |difference| vs PyTorch {s['max_abs_diff']:.1e}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """bloodcell serve runs/cnn4x32 --port 8000   # then open http://127.0.0.1:8000/"""
+    import uvicorn  # lazy: start-up
+
+    from bloodcell.serve import create_app, is_loopback  # lazy: start-up
+
+    if not is_loopback(args.host):
+        print(f"bloodcell: warning: listening on {args.host}, reachable from other machines; "
+              "there is no authentication", file=sys.stderr)
+    app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, max_batch=args.max_batch,
+                     backend=args.backend)
+    p = app.state.predictor
+    print(f"serving {p.model_name} ({', '.join(p.classes)}; {p.backend}) on "
+          f"http://{args.host}:{args.port}/  (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register `bloodcell predict`, `bloodcell export` and `bloodcell serve`."""
+    p = sub.add_parser("predict", help="predict the class of image files, folders or globs",
+                       description=cmd_predict.__doc__)
+    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--top-k", type=int, default=1, help="show the k most probable classes (default 1)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
+    p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="inference engine (default auto: ONNX Runtime on CPU, the fastest measured)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
+                       description=cmd_export.__doc__)
+    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
+    p.add_argument("--out", help="output file (default model.onnx / model.pt)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a trained model: HTTP API and web page",
+                       description=cmd_serve.__doc__)
+    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                   help=f"largest accepted image file (default {MAX_UPLOAD_MB:g} MB)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most files per /predict/batch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,77 @@
+"""``bloodcell train`` and ``bloodcell evaluate``: one model into a run folder, and its scores on any data.
+
+The library is imported inside the handlers (lazy imports, marked): ``bloodcell --help`` and a bad
+flag answer at once, without loading torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bloodcell.cli.flags import DATA_HELP, add_config_flags, train_config
+from bloodcell.config import CHOICES, TrainConfig
+
+
+def cmd_train(args) -> int:
+    """bloodcell train --data PATH --model NAME --epochs E --out RUN_DIR"""
+    from bloodcell.train import train  # lazy: start-up
+
+    if args.resume:
+        train(TrainConfig(), args.resume, resume=True, progress=not args.quiet)
+        return 0
+    cfg = train_config(args)
+    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """bloodcell evaluate RUN_DIR|CHECKPOINT --data PATH [--split NAME[,NAME...]]"""
+    from bloodcell.evaluate import evaluate_checkpoint  # lazy: start-up
+
+    res = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, class_map=args.class_map,
+                              tta=args.tta, cache_dir=args.cache_dir, device=args.device, out=args.out,
+                              restrict=args.restrict,
+                              log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    for name, m in res.items():
+        ci = m.get("accuracy_ci") or [float("nan")] * 2
+        gci = m.get("group_accuracy_ci") or [float("nan")] * 2
+        print(f"{name:12s} n={m['n']:<6} accuracy {m['accuracy']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  "
+              f"macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
+              f"group accuracy {m.get('group_accuracy', float('nan')):.4f} [{gci[0]:.4f}, {gci[1]:.4f}] "
+              f"(n={m.get('n_groups', '?')} groups)")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register `bloodcell train` and `bloodcell evaluate`."""
+    p = sub.add_parser("train", help="train one model into a run folder",
+                       description=cmd_train.__doc__)
+    p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
+    p.add_argument("--config", help="YAML file of config keys (flags override it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained model on any data set",
+                       description=cmd_evaluate.__doc__)
+    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--split", help="split(s) to evaluate, comma-separated, 'all' for every image (default: "
+                                   "test and test_simple of the training data; all images of another data set)")
+    p.add_argument("--class-map", help="DATA=MODEL,... where class names differ beyond case")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
+    p.add_argument("--restrict", action="store_true",
+                   help="score only the classes the data has (renormalised): e.g. an 8-class model on a "
+                        "4-class set")
+    p.add_argument("--cache-dir", help="decoded-image cache folder")
+    p.add_argument("--device", default="auto", choices=list(CHOICES["device"]))
+    p.add_argument("--out", help="folder for metrics.json and predictions CSVs")
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)

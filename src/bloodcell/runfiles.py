@@ -1,0 +1,198 @@
+"""The run-folder contract: what a run, a comparison or an evaluation writes, and how it is read back.
+
+Every file goes through ``atomic_write``: written under a temporary name in the same folder, then
+renamed over the old one, so a reader (or a rerun after a kill) sees the old file or the new one,
+never half of one. docs/design.md lists the files of each folder.
+
+A train run folder: ``config.yaml`` (the config as given, for --resume), ``resolved.yaml``,
+``history.csv``, ``best.pt``, ``last.pt``, ``splits.json``, ``metrics.json``,
+``predictions_<split>.csv`` and the ``DONE`` marker.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bloodcell.errors import BloodcellError
+
+RUN_FILES = ("config.yaml", "history.csv", "best.pt", "last.pt", "splits.json", "metrics.json", "DONE")
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    """The mode a plainly created file gets here (0o666 less the umask), read without changing it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write text (UTF-8) or bytes to ``path`` via a temporary file in its folder and a rename.
+
+    The file gets the permissions a plain write would give it (mkstemp's private 0600 is not kept).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            os.fchmod(f.fileno(), _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data, indent: int | None = 1, **kwargs) -> Path:
+    """A JSON file, atomically."""
+    return atomic_write(path, json.dumps(data, indent=indent, **kwargs))
+
+
+def write_yaml(path: str | os.PathLike, data: dict) -> Path:
+    """A YAML mapping, keys in the order given, atomically."""
+    return atomic_write(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict] | list[list], fieldnames: list[str] | None = None,
+              **kwargs) -> Path:
+    """A CSV file, atomically: dict rows under ``fieldnames`` (default: the first row's keys), or
+    plain rows where ``fieldnames`` is a header list and rows are lists."""
+    buf = io.StringIO(newline="")
+    if rows and isinstance(rows[0], dict):
+        w = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), **kwargs)
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        w = csv.writer(buf, **kwargs)
+        if fieldnames is not None:
+            w.writerow(fieldnames)
+        w.writerows(rows)
+    return atomic_write(path, buf.getvalue())
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def read_csv(path: str | os.PathLike) -> list[dict] | None:
+    """Rows of a CSV file as dicts, or None when it is missing or unreadable."""
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's content (a missing or broken file raises, as a caller may want to know)."""
+    return json.loads(Path(path).read_text())
+
+
+# --- a train run folder -----------------------------------------------------------------------
+
+
+def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a finished run unless asked; create the folder. An overwritten run's files
+    stay until clear_run_dir, once the new run's data and model have loaded."""
+    if resume:
+        if not (out / "config.yaml").is_file():
+            raise BloodcellError(f"--resume: {out} holds no run to resume (no config.yaml)")
+        return
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "a finished run" if (out / "DONE").exists() else "files (an unfinished run?)"
+        raise BloodcellError(f"{out} already holds {what}; use --overwrite to replace it"
+                             + ("" if (out / "DONE").exists() else " or --resume to continue it"))
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove the files of the run being overwritten (a bad path or --init-from fails before this,
+    and leaves that run whole)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for p in out.glob("predictions_*.csv"):
+        p.unlink()
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    """history.csv, one row per epoch."""
+    if rows:
+        write_csv(path, rows)
+
+
+def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: np.ndarray,
+                      classes: list[str]) -> None:
+    """predictions_<split>.csv: path, true label, predicted label, confidence and every probability."""
+    pred = probs.argmax(1)
+    rows = [[p, classes[y], classes[k], f"{row[k]:.6f}", *[f"{v:.6f}" for v in row]]
+            for p, y, k, row in zip(paths, labels, pred, probs, strict=True)]
+    write_csv(path, rows, ["path", "label", "pred", "confidence", *[f"p_{c}" for c in classes]])
+
+
+def read_predictions(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read predictions_<split>.csv back: (probabilities N x C, label indices, paths)."""
+    index = {c: i for i, c in enumerate(classes)}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+    probs /= probs.sum(1, keepdims=True)  # undo the rounding of the 6-decimal file
+    return probs, np.array([index[r["label"]] for r in rows], dtype=np.int64), [r["path"] for r in rows]
+
+
+def read_history(path: Path) -> dict[str, np.ndarray] | None:
+    """history.csv as float columns (NaN where empty or unparsable), or None when there is no epoch."""
+    rows = read_csv(path)
+    if not rows or "epoch" not in rows[0]:
+        return None
+    return {k: np.array([_float(r.get(k)) for r in rows], dtype=float) for k in rows[0]}
+
+
+def _float(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+    return v if np.isfinite(v) else float("nan")
+
+
+def mark_done(out: Path, stamp: str) -> None:
+    """The DONE marker: the run finished and its metrics.json is whole."""
+    atomic_write(out / "DONE", stamp)
+
+
+# --- a compare folder -------------------------------------------------------------------------
+
+
+def load_results(d: Path) -> dict:
+    """results.json of a compare folder; a BloodcellError when it is missing or unreadable."""
+    path = d / "results.json"
+    if not path.is_file():
+        raise BloodcellError(f"{d} holds no results.json (not a compare folder? "
+                             "'bloodcell compare --out DIR' writes one)")
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BloodcellError(f"{path} could not be read: {e}") from e
+    if not isinstance(res, dict) or not isinstance(res.get("models"), list):
+        raise BloodcellError(f"{path} has no 'models' list; is it a bloodcell compare result?")
+    return res
+
+
+def run_dir(d: Path, row: dict) -> Path:
+    """A model's run folder (results.json gives it relative to the compare folder)."""
+    return d / (row.get("run_dir") or f"runs/{row.get('model')}")

@@ -1,0 +1,61 @@
+"""The command line: flags from the config, one clear line for bad input, an end-to-end run on real data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bloodcell.cli import main
+from bloodcell.config import TrainConfig, make_config
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "nope"], "unknown model 'nope'; known: "),
+    (["--image-size", "16"], "needs image_size >= 32"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--optimizer", "adam"], "optimizer must be one of"),
+    (["--lr", "fast"], "lr must be float"),
+])
+def test_bad_train_flags_are_one_line(tmp_path, capsys, args, needle):
+    code = main(["train", "--data", "synthetic:80", "--epochs", "1", "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_every_train_flag_says_what_it_does(capsys):
+    from dataclasses import fields
+
+    from bloodcell.config import CHOICES, FIELD_HELP
+
+    assert {f.name for f in fields(TrainConfig)} - {"data"} == set(FIELD_HELP)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, allowed in CHOICES.items():  # the choices are shown, and each is accepted
+        assert "{" + ",".join(allowed) + "}" in text, name
+        for value in allowed:
+            make_config(TrainConfig, {name: value})
+    assert "cellfit: that square sized to the cell" in text
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_cli_train_and_evaluate_on_real_subset(kaggle_subset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(kaggle_subset), "--model", "cnn4x32", "--image-size", "32",
+                 "--epochs", "2", "--batch-size", "16", "--out", str(out), "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test", "test_simple"}
+    assert metrics["test"]["n"] == 4 * 3 * 4 and metrics["test_simple"]["n"] == 12
+    from bloodcell.data import discover_grouped
+
+    cells = {it.group for it in discover_grouped(kaggle_subset).items if it.split == "test"}
+    assert metrics["test"]["n_groups"] == len(cells) >= 4  # majority vote over each source cell
+    lo, hi = metrics["test"]["group_accuracy_ci"]
+    assert lo <= metrics["test"]["group_accuracy"] <= hi
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(kaggle_subset), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])

@@ -1,0 +1,104 @@
+"""engine: the weight average, the progress bar, the loops on one batch."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import torch
+from conftest import quiet
+
+from bloodcell.engine import EMA, FitState, Step, fit, make_optimizer, make_scheduler, progress_bar
+from bloodcell.models import get_model
+
+
+def _hand_ema(start: dict, steps: list[dict], decay: float) -> dict:
+    """The textbook EMA of state dicts: e <- decay * e + (1 - decay) * w, from the start weights."""
+    e = {k: v.clone() for k, v in start.items() if v.dtype.is_floating_point}
+    for w in steps:
+        for k in e:
+            e[k] = decay * e[k] + (1 - decay) * w[k]
+    return e
+
+
+def test_ema_is_the_textbook_average_from_the_first_step() -> None:
+    torch.manual_seed(0)
+    model = get_model("cnn2x32", num_classes=4, image_size=32)
+    start = copy.deepcopy(model.state_dict())
+    ema = EMA(model, decay=0.9)
+    steps = []
+    for _ in range(3):  # change every weight and BN statistic, as training steps would
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.dtype.is_floating_point:
+                    t.add_(torch.randn_like(t))
+        steps.append(copy.deepcopy(model.state_dict()))
+        ema.update(model)
+    want = _hand_ema(start, steps, 0.9)
+    got = ema.model.state_dict()
+    assert set(want) <= set(got)  # the averaged network keeps the model's own key names
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    k = next(iter(want))
+    assert not torch.allclose(got[k], model.state_dict()[k])  # it lags the model
+
+
+def test_disabled_progress_bar_writes_nothing(capsys) -> None:
+    bar = progress_bar(5, "epoch 1/1", enabled=False)
+    for _ in range(5):
+        bar.update()
+    bar.close()
+    assert capsys.readouterr().err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_in_a_log(monkeypatch) -> None:
+    for stream, shown in ((_Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        bar = progress_bar(4, "epoch 2/3", enabled=True)
+        for _ in range(4):
+            bar.update()
+        assert bar.n == 4
+        bar.close()
+        # a terminal sees the bar at once; a log sees nothing of an epoch shorter than 30 s
+        assert ("epoch 2/3" in stream.getvalue()) is shown
+
+
+class _Loader:
+    """One fixed batch per epoch, as a BatchLoader would give."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        yield self.x, self.y
+
+
+def test_fit_on_one_batch_learns_and_saves_each_epoch() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 2
+    model = get_model("cnn2x32", num_classes=2, image_size=32, dropout=0.0)
+    opt = make_optimizer(model, "adamw", 3e-3, 0.0, 0.9)
+    step = Step(opt, make_scheduler(opt, "constant", 20, 0), torch.device("cpu"), channels_last=False)
+    saved = {"last": 0, "best": 0}
+
+    def val_metrics(labels, probs):
+        return {"loss": float(-torch.log(torch.tensor(probs[range(len(labels)), labels])).mean()),
+                "accuracy": float((probs.argmax(1) == labels).mean()), "macro_f1": 0.0}
+
+    state = fit(model, _Loader(x, y), _Loader(x, y), step, epochs=20, monitor="val_loss", patience=0, seed=0,
+                state=FitState(), val_metrics=val_metrics,
+                save_last=lambda s: saved.__setitem__("last", saved["last"] + 1),
+                save_best=lambda s: saved.__setitem__("best", saved["best"] + 1), log=quiet, progress=False)
+    assert state.epoch == 20 and saved["last"] == 20 and 1 <= saved["best"] <= 20
+    assert state.history[-1]["val_loss"] < state.history[0]["val_loss"] / 2  # it learned the batch
