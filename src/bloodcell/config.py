@@ -33,6 +33,7 @@ BACKENDS = ("auto", "onnx", "torchscript", "torch")  # predict and serve: the in
 EXPORT_FORMATS = ("onnx", "torchscript")
 MAX_UPLOAD_MB = 10.0  # serve: the largest image file accepted
 MAX_BATCH = 64  # serve: the most files in one /predict/batch
+SHUTDOWN_TIMEOUT_S = 10.0  # serve: how long a SIGTERM waits for the requests in flight
 
 # What each TrainConfig field does: the --help text of its flag.
 FIELD_HELP = {

@@ -1,4 +1,5 @@
-"""The runtime: device, precision, threads, Ctrl-C between batches, and the facts of this machine.
+"""The runtime: device, precision, threads, SIGINT and SIGTERM between batches, worker processes
+that end with their parent, and the facts of this machine.
 
 Nothing here is chosen by a config alone: ``auto`` resolves to what the hardware offers, and every
 run folder records what it resolved to.
@@ -7,10 +8,14 @@ run folder records what it resolved to.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import signal
 import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -83,46 +88,132 @@ def set_threads(threads: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ctrl-C between batches
+# SIGINT and SIGTERM between batches
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal: SIGINT (Ctrl-C) or SIGTERM (a scheduler's time limit, a
+    container's shutdown, ``kill PID``). A KeyboardInterrupt, so every handler of Ctrl-C handles it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
+
 
 _stop = threading.Event()
+_stop_signal = [int(signal.SIGINT)]  # which signal asked, for the message and the exit code
+_active: list[bool] = []  # non-empty inside a stop_between_batches block
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code for a KeyboardInterrupt: 128 + its signal (a plain one is SIGINT's, 130)."""
+    return e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
+
+
+def stopped_by(e: KeyboardInterrupt) -> str:
+    """'interrupted' for Ctrl-C, 'stopped by SIGTERM' for SIGTERM: the start of a closing line."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    return "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
 
 
 @contextlib.contextmanager
 def stop_between_batches():
-    """Make the first Ctrl-C (SIGINT) a request to stop that the training and scoring loops honour
-    at their next batch, raising KeyboardInterrupt there instead of wherever the signal lands (in
-    the middle of a tuner's database write, say). A second Ctrl-C interrupts at once.
+    """Make the first SIGINT or SIGTERM a request to stop that the training and scoring loops (and
+    the cache build, between chunks) honour at their next batch, raising ``Interrupted`` there
+    instead of wherever the signal lands (in the middle of a tuner's database write, say). A second
+    signal of either kind interrupts at once.
 
-    Does nothing off the main thread or where SIGINT is ignored (a background job); a request
+    Does nothing off the main thread or inside another such block (the outer one keeps its
+    requests); a signal that is ignored here (SIGINT in a background job) stays ignored. A request
     still pending when the block ends is raised there.
     """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+    if threading.current_thread() is not threading.main_thread() or _active:
         yield
         return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    taken = [s for s, h in previous.items() if h not in (signal.SIG_IGN, None)]
+
+    def put_back() -> None:
+        for s in taken:
+            signal.signal(s, previous[s])
 
     def request(signum, frame) -> None:
         if _stop.is_set():
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
+            put_back()
+            raise Interrupted(signum)
+        _stop_signal[0] = int(signum)
         _stop.set()
-        os.write(2, b"\nbloodcell: stopping at the next batch (Ctrl-C again to stop at once)\n")
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+        name = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
+        os.write(2, f"\nbloodcell: {name}stopping at the next batch ({again} to stop at once)\n".encode())
 
     _stop.clear()
-    signal.signal(signal.SIGINT, request)
+    for s in taken:
+        signal.signal(s, request)
+    _active.append(True)
     try:
         yield
         check_stop()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _active.pop()
+        put_back()
         _stop.clear()
 
 
 def check_stop() -> None:
-    """Raise KeyboardInterrupt if a Ctrl-C came in under stop_between_batches()."""
+    """Raise ``Interrupted`` if a SIGINT or SIGTERM came in under stop_between_batches()."""
     if _stop.is_set():
-        raise KeyboardInterrupt
+        raise Interrupted(_stop_signal[0])
+
+
+def worker_init() -> None:
+    """The start of every worker process bloodcell starts (cache builders): it ends with its parent.
+
+    The parent's SIGINT and SIGTERM handlers are not the worker's: a Ctrl-C in the terminal reaches
+    the whole process group, and the parent stops its workers itself between chunks, so the worker
+    ignores SIGINT; SIGTERM ends it. Where Linux allows, the kernel sends it SIGTERM when its
+    parent dies, SIGKILL included, so no worker outlives a killed run.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):  # not Linux: poll for the parent instead
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def worker_map(fn: Callable, jobs: Iterable, workers: int, chunksize: int = 1) -> Iterator:
+    """``fn`` over ``jobs`` in ``workers`` processes (each started with worker_init), the results
+    in order. A stop request (check_stop) is honoured between results; however the loop ends, the
+    jobs not yet started are cancelled and the workers end before this returns or raises."""
+    pool = ProcessPoolExecutor(workers, initializer=worker_init)
+    try:
+        for result in pool.map(fn, jobs, chunksize=chunksize):
+            yield result
+            check_stop()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from bloodcell import __version__
@@ -41,18 +42,25 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         ap.print_help()
         return 0 if args.command is None else 2
+    # lazy: start-up (runtime loads torch); `--help` and a bad flag have returned by now
+    from bloodcell.runtime import exit_code, stop_between_batches, stopped_by
+
+    # SIGINT and SIGTERM alike stop at the next batch (a second one at once); serve has its own
+    # graceful shutdown
+    guard = contextlib.nullcontext() if getattr(args, "own_signals", False) else stop_between_batches()
     try:
-        return args.func(args) or 0
+        with guard:
+            return args.func(args) or 0
     except BloodcellError as e:
         print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # a library function's argument check, e.g. an unknown model name
         print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bloodcell: interrupted; finished epochs are saved: 'train --resume RUN_DIR', the same "
+    except KeyboardInterrupt as e:
+        print(f"bloodcell: {stopped_by(e)}; finished epochs are saved: 'train --resume RUN_DIR', the same "
               "'compare' command, or 'tune --resume DIR' continues", file=sys.stderr)
-        return 130
+        return exit_code(e)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
 import sys
 import time
 
-from bloodcell.config import BACKENDS, EXPORT_FORMATS, MAX_BATCH, MAX_UPLOAD_MB
+from bloodcell.config import BACKENDS, EXPORT_FORMATS, MAX_BATCH, MAX_UPLOAD_MB, SHUTDOWN_TIMEOUT_S
 
 
 def format_rows(rows: list[dict], fmt: str, classes: list[str]) -> str:
@@ -92,7 +93,20 @@ def cmd_serve(args) -> int:
     p = app.state.predictor
     print(f"serving {p.model_name} ({', '.join(p.classes)}; {p.backend}) on "
           f"http://{args.host}:{args.port}/  (API docs at /docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn shuts down gracefully on SIGTERM or SIGINT (stops accepting, finishes the requests in
+    # flight within --shutdown-timeout), then raises the signal again: it lands here, and the exit is 0
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if received:
+        print(f"bloodcell: serve stopped by {signal.Signals(received[0]).name}: no new requests taken, "
+              "those in flight finished", file=sys.stderr)
     return 0
 
 
@@ -129,4 +143,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="most files per /predict/batch")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
-    p.set_defaults(func=cmd_serve)
+    p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S, metavar="S",
+                   help="on SIGTERM or Ctrl-C, wait at most S seconds for the requests in flight "
+                        f"(default {SHUTDOWN_TIMEOUT_S:g})")
+    p.set_defaults(func=cmd_serve, own_signals=True)

@@ -19,6 +19,7 @@ def cmd_tune(args) -> int:
     The study's hand strategy: --grid image_size=48,64,96 batch_size=32,64,128.
     Continue an interrupted study: bloodcell tune --resume DIR. Rebuild its report: bloodcell tune report DIR.
     """
+    from bloodcell.runtime import exit_code, stopped_by  # lazy: start-up (torch)
     from bloodcell.tune import tune  # lazy: start-up (optuna, torch)
 
     base = load_yaml(args.config) if args.config else {}
@@ -35,11 +36,11 @@ def cmd_tune(args) -> int:
                  timeout_min=args.timeout, space=args.space, grid=args.grid, storage=args.storage,
                  study_name=args.study, metric=args.metric, pruner=args.pruner, base=base,
                  sampler_seed=args.sampler_seed, report=not args.no_report)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         out = args.out if args.resume in (None, True) else args.resume
-        print(f"bloodcell: interrupted; finished trials are kept: 'bloodcell tune --resume {out}' "
+        print(f"bloodcell: {stopped_by(e)}; finished trials are kept: 'bloodcell tune --resume {out}' "
               "continues the study", file=sys.stderr)
-        return 130
+        return exit_code(e)
     return 0
 
 

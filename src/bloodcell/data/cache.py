@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from bloodcell.data import synthetic
 from bloodcell.data.images import RESIZE_MODES, describe_error, load_image
 from bloodcell.data.records import Item
 from bloodcell.runfiles import write_json
+from bloodcell.runtime import check_stop, worker_map
 
 CACHE_FORMAT = 1
 
@@ -89,15 +89,15 @@ def build_cache(items: list[Item], size: int, resize: str = "squash", cache_dir:
         errors: list[str | None] = []
         if workers <= 1 or n < 512:
             for j in jobs:
+                check_stop()
                 errors.extend(_decode_chunk(j))
                 if progress:
                     progress(len(errors), n)
         else:
-            with ProcessPoolExecutor(workers) as pool:
-                for errs in pool.map(_decode_chunk, jobs):
-                    errors.extend(errs)
-                    if progress:
-                        progress(len(errors), n)
+            for errs in worker_map(_decode_chunk, jobs, workers):
+                errors.extend(errs)
+                if progress:
+                    progress(len(errors), n)
         os.replace(tmp, data_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

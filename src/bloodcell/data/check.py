@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -13,6 +12,7 @@ from bloodcell.data.images import describe_error, load_image, open_image
 from bloodcell.data.layouts import is_synthetic
 from bloodcell.data.records import Problem
 from bloodcell.data.splits import make_splits
+from bloodcell.runtime import worker_map
 
 
 def _inspect(paths: list[str]) -> list[tuple[str, str, str | None]]:
@@ -45,8 +45,7 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
     chunks = [paths[i:i + 200] for i in range(0, len(paths), 200)]
     workers = workers or min(os.cpu_count() or 1, max(1, len(chunks)))
     if workers > 1 and len(paths) > 400:
-        with ProcessPoolExecutor(workers) as pool:
-            info = [r for chunk in pool.map(_inspect, chunks) for r in chunk]
+        info = [r for chunk in worker_map(_inspect, chunks, workers) for r in chunk]
     else:
         info = [r for chunk in chunks for r in _inspect(chunk)]
     bad = [(p, e) for p, (_, _, e) in zip(paths, info, strict=True) if e]

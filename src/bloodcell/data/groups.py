@@ -24,12 +24,12 @@ import json
 import os
 import warnings
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from bloodcell.runfiles import write_json
+from bloodcell.runtime import worker_map
 
 BINS = 8
 SIMILAR_THRESHOLD = 0.02
@@ -69,8 +69,7 @@ def _histogram(path: str) -> np.ndarray:
 def histograms(paths: list[str], workers: int = 1) -> np.ndarray:
     """histogram() of every path, in order; in ``workers`` processes from 512 paths up."""
     if workers > 1 and len(paths) >= 512:
-        with ProcessPoolExecutor(workers) as ex:
-            return np.stack(list(ex.map(histogram, paths, chunksize=128)))
+        return np.stack(list(worker_map(histogram, paths, workers, chunksize=128)))
     return np.stack([histogram(p) for p in paths]) if paths else np.zeros((0, BINS ** 3), np.float32)
 
 

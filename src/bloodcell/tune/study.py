@@ -82,7 +82,7 @@ def _no_bookkeeping_records(record) -> bool:
     if not msg.startswith("Trial ") or " failed with " not in msg:
         return True
     number = msg.split()[1]
-    if SurplusTrial.__name__ in msg or "KeyboardInterrupt" in msg:
+    if SurplusTrial.__name__ in msg or "KeyboardInterrupt" in msg or "Interrupted(" in msg:
         _hushed["trial"] = number
         return False
     if number == _hushed["trial"] and " failed with value " in msg:
