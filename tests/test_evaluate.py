@@ -70,7 +70,7 @@ def test_evaluate_leaving_classes_out_reads_kept_images_from_the_memory_map(tmp_
     cmap = "alpha=eosinophil,beta=lymphocyte"
     plain = ev.evaluate_checkpoint(tmp_path / "r", str(class_folders), class_map=cmap, log=quiet)["all"]
 
-    loading, batches, read, scored, mapped = ev.load_dataset, ev.BatchLoader, [], [], []
+    loading, batches, read, scored, mapped = ev.load_sources, ev.BatchLoader, [], [], []
 
     def counting(*a, **k):
         ds = loading(*a, **k)
@@ -80,7 +80,7 @@ def test_evaluate_leaving_classes_out_reads_kept_images_from_the_memory_map(tmp_
                 mapped.append(s.labels)
         return ds
 
-    monkeypatch.setattr(ev, "load_dataset", counting)
+    monkeypatch.setattr(ev, "load_sources", counting)
     monkeypatch.setattr(ev, "BatchLoader", lambda split, *a, **k: scored.append((sum(read), split)) or
                         batches(split, *a, **k))
     logged = []
@@ -115,7 +115,7 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
         assert one["accuracy"] == both[name]["accuracy"] and one["n"] == both[name]["n"]
     assert both["all"]["n"] > both["val"]["n"] + both["test"]["n"]
 
-    loading = ev.load_dataset
+    loading = ev.load_sources
 
     def counting(*a, **k):
         ds = loading(*a, **k)
@@ -125,7 +125,7 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
 
     read, sources = [], []
     batches = ev.BatchLoader
-    monkeypatch.setattr(ev, "load_dataset", counting)
+    monkeypatch.setattr(ev, "load_sources", counting)
     monkeypatch.setattr(ev, "BatchLoader", lambda split, *a, **k: sources.append(split.images) or
                         batches(split, *a, **k))
     assert evaluate_checkpoint(tmp_path / "r", data, split="all", log=quiet)["all"] == both["all"]

@@ -214,3 +214,19 @@ def test_stain_norm_wraps_any_model_and_refuses_unknown_modes() -> None:
     assert not isinstance(get_model("cnn4x32", num_classes=4), StainNormed)
     with pytest.raises(ValueError, match="stain_norm"):
         get_model("cnn4x32", num_classes=4, stain_norm="macenko")
+
+
+def test_group_norm_uses_each_images_own_statistics() -> None:
+    torch.manual_seed(0)
+    net = get_model("cnn4x32", num_classes=4, image_size=32, norm="group", dropout=0.0).eval()
+    assert any(isinstance(m, nn.GroupNorm) for m in net.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        alone = torch.cat([net(x[i:i + 1]) for i in range(6)])
+        # in training mode too, an image's output does not depend on the batch it is in (batch norm's does)
+        net.train()
+        torch.testing.assert_close(net(x), alone)
+    bn = get_model("cnn4x32", num_classes=4, image_size=32, dropout=0.0).train()
+    with torch.no_grad():
+        assert not torch.allclose(bn(x)[:1], bn(x[:1].repeat(6, 1, 1, 1))[:1])

@@ -13,6 +13,7 @@ import torch
 from conftest import other_lab, quiet, tiny
 
 from bloodcell.checkpoint import load_model, read_checkpoint
+from bloodcell.config import TrainConfig
 from bloodcell.errors import BloodcellError, ConfigError, DataError
 from bloodcell.models import StainNormed
 from bloodcell.train import train
@@ -221,3 +222,21 @@ def test_stain_norm_run_and_init_from_across_it(tmp_path):
           log=quiet, progress=False)
     back = read_checkpoint(tmp_path / "c" / "best.pt")["state_dict"]
     assert all(torch.allclose(src[k], back[k], atol=1e-6) for k in conv)
+
+
+def test_several_sources_train_as_one_and_are_reported_apart(tmp_path, class_folders):
+    lab2 = other_lab(tmp_path / "lab2")
+    cfg = tiny(data=[str(class_folders), str(lab2)])
+    assert cfg.sources == (str(class_folders), str(lab2))
+    lines: list[str] = []
+    m = train(cfg, tmp_path / "r", log=lines.append, progress=False)
+    for split in ("val", "test"):
+        per = m[split]["per_source"]
+        assert list(per) == [str(class_folders), str(lab2)]
+        assert sum(p["n"] for p in per.values()) == m[split]["n"]
+        weighted = sum(p["accuracy"] * p["n"] for p in per.values()) / m[split]["n"]
+        assert weighted == pytest.approx(m[split]["accuracy"])
+    assert any(line.startswith(f"data: source {lab2} (class-folders): train ") for line in lines)
+    assert any(line.startswith(f"  test of {lab2}: accuracy ") for line in lines)
+    # the run folder keeps both sources: a resume (here of a finished run) reads them back
+    assert train(TrainConfig(), tmp_path / "r", resume=True, log=quiet)["test"] == m["test"]

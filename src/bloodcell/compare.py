@@ -199,7 +199,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         "protocol": {**protocol, "ensemble": ensemble},
         "dataset": {"root": ds0.root, "layout": ds0.layout, "synthetic": ds0.layout == "synthetic",
                     "group_by": ds0.group_by, "classes": ds0.classes, "image_size": ds0.image_size,
-                    "splits": ds0.summary(), "extra_train": ds0.extra_train,
+                    "splits": ds0.summary(), "extra_train": ds0.extra_train, "sources": ds0.sources,
                     "problems": [{"kind": p.kind, "detail": p.detail, "n": len(p.paths)} for p in ds0.problems]},
         "environment": environment(run_info["device"], run_info["precision"], run_info["threads"]),
         "models": rows,
@@ -226,7 +226,8 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
                                "best_epoch", "train_minutes", "train_images_per_s", "norm", "precision")}
         for s in ("val", "test", "test_simple"):
             m = r.get(s)
-            for k in ("accuracy", "loss", "macro_f1", "balanced_accuracy", "auc", "ece", "group_accuracy"):
+            for k in ("accuracy", "loss", "macro_f1", "balanced_accuracy", "auc", "ece", "group_accuracy",
+                      "f1_positive", "pr_auc"):  # the last two: binary data only (else empty)
                 f[f"{s}_{k}"] = None if m is None else m.get(k)
             for k in ("accuracy_ci", "group_accuracy_ci"):
                 ci = (m or {}).get(k) or [None, None]

@@ -2,61 +2,33 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bloodcell.checkpoint import load_model
-from bloodcell.data import BatchLoader, Dataset, Split, load_dataset, problem_lines, take_rows
+from bloodcell.data import (
+    BatchLoader,
+    load_sources,
+    parse_class_map,
+    problem_lines,
+    select_classes,
+    source_names,
+)
 from bloodcell.engine import evaluate
 from bloodcell.errors import BloodcellError
-from bloodcell.metrics import split_metrics
+from bloodcell.metrics import per_source_metrics, split_metrics
 from bloodcell.runfiles import write_json, write_predictions
 from bloodcell.runtime import resolve_device, resolve_precision, set_threads
 
 
-def parse_class_map(text: str | None) -> dict[str, str]:
-    """'data_class=model_class,...' -> {data_class_lower: model_class_lower}."""
-    out = {}
-    for pair in filter(None, (text or "").split(",")):
-        if "=" not in pair:
-            raise BloodcellError(f"--class-map entries look like DATA=MODEL, got {pair!r}")
-        a, b = pair.split("=", 1)
-        out[a.strip().lower()] = b.strip().lower()
-    return out
+def as_sources(data) -> list[str]:
+    """A config's or a caller's ``data`` (a path, or a list of them) as a list of sources."""
+    return [str(data)] if isinstance(data, str | Path) or data is None else [str(d) for d in data]
 
 
-def align_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, str]) -> tuple[Dataset, list[str]]:
-    """Keep the data's images whose class the model knows (case-insensitively or mapped), relabelled."""
-    index = {c.lower(): i for i, c in enumerate(model_classes)}
-    remap, dropped = {}, []
-    for i, c in enumerate(ds.classes):
-        name = class_map.get(c.lower(), c.lower())
-        if name in index:
-            remap[i] = index[name]
-        else:
-            dropped.append(c)
-    if not remap:
-        raise BloodcellError(f"no class of the data ({', '.join(ds.classes)}) matches the model's "
-                             f"({', '.join(model_classes)}); use --class-map DATA=MODEL,...")
-    splits = {}
-    for name, s in ds.splits.items():
-        keep = np.flatnonzero(np.isin(s.labels, list(remap)))
-        if len(keep) == 0:
-            continue
-        lut = np.array([remap.get(i, -1) for i in range(len(ds.classes))])
-        if len(keep) == len(s):  # every image stays: keep the memory map, copy no pixels
-            splits[name] = dataclasses.replace(s, labels=lut[s.labels])
-            continue
-        # a memory-mapped split stays mapped (a batch reads the kept images); one in RAM is copied
-        splits[name] = Split(take_rows(s.images, keep), lut[s.labels[keep]], s.groups[keep],
-                             [s.paths[k] for k in keep])
-    return dataclasses.replace(ds, classes=list(model_classes), splits=splits), dropped
-
-
-def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: str | None = None,
                         class_map: str | None = None, tta: bool = False, cache_dir: str | None = None,
                         device: str = "auto", precision: str = "auto", seed: int | None = None,
                         out: str | Path | None = None, log=print, restrict: bool = False) -> dict:
@@ -67,21 +39,23 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
 
     ``restrict`` keeps only the model's outputs for the classes the data has, renormalised: the
     fair way to test an 8-class model on a 4-class set from another lab.
+
+    ``data`` may be several sources (a list): each split is scored pooled and per source.
     """
     set_threads(0)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model, meta = load_model(checkpoint, dev)
     cfg = meta.get("config", {})
-    same_data = str(data) == str(cfg.get("data"))
+    same_data = as_sources(data) == as_sources(cfg.get("data"))
     seed = cfg.get("seed", 0) if seed is None else seed
-    ds = load_dataset(data, image_size=meta["image_size"], seed=seed, resize=meta["resize"], cache_dir=cache_dir,
+    ds = load_sources(data, image_size=meta["image_size"], seed=seed, resize=meta["resize"], cache_dir=cache_dir,
                       fractions=tuple(cfg.get("fractions", (0.7, 0.15, 0.15))),
                       val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"),
                       group_by=cfg.get("group_by", "auto"))
     for line in problem_lines(ds, data):  # files skipped (unreadable, say): the figures below leave them out
         log(line)
-    ds, dropped = align_classes(ds, meta["classes"], parse_class_map(class_map))
+    ds, dropped = select_classes(ds, meta["classes"], parse_class_map(class_map))
     if dropped:
         log(f"left out classes the model does not know: {', '.join(dropped)}")
     if split is None:
@@ -110,9 +84,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
             labels, probs = np.concatenate([q[0] for q in pieces]), np.concatenate([q[1] for q in pieces])
             groups = np.concatenate([ds.splits[k].groups for k in base])
             paths = [q for k in base for q in ds.splits[k].paths]
+            sources = np.concatenate([ds.splits[k].sources for k in base]) if ds.sources else None
         elif name in ds.splits:
             labels, probs = score(name)
-            groups, paths = ds.splits[name].groups, ds.splits[name].paths
+            groups, paths, sources = ds.splits[name].groups, ds.splits[name].paths, ds.splits[name].sources
         else:  # the default names where the data lacks one (no test_simple, say)
             continue
         classes = ds.classes
@@ -122,6 +97,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str | None = N
             labels = np.searchsorted(keep, labels)
             classes = [ds.classes[k] for k in keep]
         results[name] = split_metrics(classes, groups, labels, probs)
+        if sources is not None and len(ds.sources) > 1:
+            results[name]["per_source"] = per_source_metrics(classes, groups, labels, probs, sources,
+                                                             source_names(ds))
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             write_predictions(Path(out) / f"predictions_{name}.csv", paths, labels, probs, classes)

@@ -49,6 +49,7 @@ files, and predict, serve and evaluate apply it without knowing it is there.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -195,13 +196,20 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 # --- the study's four ------------------------------------------------------------------------
 
 
+NORMS = CHOICES["norm"]
+GROUPS = 8  # channels per GroupNorm group: out_ch / GROUPS (32 channels: 8 groups of 4)
+
+
 def conv_block(in_ch: int, out_ch: int, norm: str = "batch") -> nn.Sequential:
-    """3x3 convolution (padding 1), optional BatchNorm, ReLU."""
-    if norm not in ("batch", "none"):
-        raise ValueError(f"norm must be 'batch' or 'none', got '{norm}'")
+    """3x3 convolution (padding 1), then BatchNorm (``batch``), GroupNorm (``group``: statistics of
+    each image alone, the same in training and at test time, in any lab) or nothing, then ReLU."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got '{norm}'")
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=norm == "none")]
     if norm == "batch":
         layers.append(nn.BatchNorm2d(out_ch))
+    elif norm == "group":
+        layers.append(nn.GroupNorm(math.gcd(GROUPS, out_ch), out_ch))
     layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 

@@ -11,7 +11,16 @@ import torch
 
 from bloodcell.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.config import TrainConfig, load_yaml, make_config
-from bloodcell.data import BatchLoader, Dataset, join_train, load_dataset, problem_lines
+from bloodcell.data import (
+    BatchLoader,
+    Dataset,
+    join_train,
+    load_dataset,
+    load_sources,
+    problem_lines,
+    select_classes,
+    source_names,
+)
 from bloodcell.engine import (
     EMA,
     FitState,
@@ -23,7 +32,7 @@ from bloodcell.engine import (
     make_scheduler,
 )
 from bloodcell.errors import BloodcellError, DataError
-from bloodcell.metrics import compute_metrics, split_metrics
+from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.models import get_model, model_info
 from bloodcell.runfiles import (
     clear_run_dir,
@@ -52,7 +61,7 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
 DATASET_KEYS = ("data", "image_size", "resize", "seed", "cache_dir", "fractions", "val_fraction",
-                "group_regex", "group_by", "extra_train")
+                "group_regex", "group_by", "extra_train", "classes")
 
 
 def dataset_key(cfg: TrainConfig) -> tuple:
@@ -63,9 +72,9 @@ def dataset_key(cfg: TrainConfig) -> tuple:
 def config_dataset(cfg: TrainConfig):
     """The data set a training config describes: its data, image size, resize, split and groups,
     and the train images of --extra-train (split by its own defaults and the same seed) joined."""
-    ds = load_dataset(cfg.data, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
-                      cache_dir=cfg.cache_dir, fractions=cfg.fractions, val_fraction=cfg.val_fraction,
-                      group_regex=cfg.group_regex, group_by=cfg.group_by)
+    ds = load_sources(cfg.data if isinstance(cfg.data, str) else list(cfg.data), image_size=cfg.image_size,
+                      seed=cfg.seed, resize=cfg.resize, cache_dir=cfg.cache_dir, fractions=cfg.fractions,
+                      val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
     if cfg.extra_train:
         try:
             extra = load_dataset(cfg.extra_train, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
@@ -73,6 +82,13 @@ def config_dataset(cfg: TrainConfig):
         except DataError as e:  # say which of the two data sets it is about
             raise DataError(f"--extra-train: {e}") from e
         ds = join_train(ds, extra)
+    if cfg.classes:  # chosen after the split, so each kept image is in the split it would be in anyway
+        ds, _ = select_classes(ds, list(cfg.classes), whose="--classes")
+        missing = [c for c in cfg.classes if not any((s.labels == cfg.classes.index(c)).any()
+                                                     for s in ds.splits.values())]
+        if missing:
+            raise DataError(f"--classes: no image of {', '.join(missing)} in {ds.root} (its classes: "
+                            f"{', '.join(sorted({c for s in ds.sources for c in s['classes']}) or ds.classes)})")
     return ds
 
 
@@ -128,6 +144,9 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         log(f"data: train also holds {sum(ds.extra_train['images'].values()):,} images of "
             f"{ds.extra_train['root']}'s train split ("
             + ", ".join(f"{c} {n:,}" for c, n in ds.extra_train["images"].items()) + ")")
+    for k, (name, src) in enumerate(zip(source_names(ds), ds.sources, strict=True)):  # what each brought
+        log(f"data: source {name} ({src['layout']}): " + ", ".join(
+            f"{n} {int((s.sources == k).sum()):,}" for n, s in ds.splits.items() if (s.sources == k).any()))
     for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
         log(line)
 
@@ -135,6 +154,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     model, kw = build_model(cfg, ds.classes)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
                                               "threads": threads, "layout": ds.layout,
+                                              "sources": source_names(ds) or [ds.root],
                                               "classes": ds.classes}}
     if not resume:
         clear_run_dir(out)
@@ -210,7 +230,11 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
             continue
         r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device), device, precision,
                      cfg.channels_last, cfg.tta)
-        metrics[name] = split_metrics(ds.classes, ds.splits[name].groups, r["labels"], r["probs"])
+        s = ds.splits[name]
+        metrics[name] = split_metrics(ds.classes, s.groups, r["labels"], r["probs"])
+        if len(ds.sources) > 1:  # several sources: their validation is pooled, and shown apart too
+            metrics[name]["per_source"] = per_source_metrics(ds.classes, s.groups, r["labels"], r["probs"],
+                                                             s.sources, source_names(ds))
         write_predictions(out / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"], r["probs"],
                           ds.classes)
     metrics["run"] = {"best_epoch": state.best_epoch, "epochs_run": state.epoch,
@@ -224,5 +248,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         if name in metrics:
             m = metrics[name]
             log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-                f"group accuracy {m.get('group_accuracy', float('nan')):.4f}")
+                f"group accuracy {m.get('group_accuracy', float('nan')):.4f}  {binary_line(m)}".rstrip())
+            for root, ms in m.get("per_source", {}).items():
+                log(f"  {name} of {root}: accuracy {ms['accuracy']:.4f}  macro-F1 {ms['macro_f1']:.4f}  "
+                    f"(n={ms['n']})")
     return metrics

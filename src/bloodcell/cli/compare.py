@@ -41,6 +41,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_crosslab(args) -> int:
+    """bloodcell crosslab --data LAB_A --data LAB_B [--data LAB_C ...] --model cnn4x32 --out DIR
+
+    Leave one lab out: for each lab, a model trained on the others (validation from them only) is
+    tested on every image of that lab; DIR/crosslab.json and DIR/report.html hold the lab-by-lab
+    matrix. Rerun the same command to continue an interrupted run: finished folds are kept."""
+    from bloodcell.compare import load_protocol  # lazy: start-up
+    from bloodcell.crosslab import crosslab  # lazy: start-up
+
+    shared, _, overrides = load_protocol(args.config, args.preset)
+    if overrides:
+        print("bloodcell: warning: the preset's per-model overrides do not apply to crosslab", file=sys.stderr)
+    shared.pop("ensemble", None)
+    shared.update(given(args, TrainConfig))
+    crosslab(shared, args.out, overwrite=args.overwrite, progress=not args.quiet, report=not args.no_report,
+             command="bloodcell " + shlex.join(sys.argv[1:]))
+    print(f"results: {Path(args.out) / 'crosslab.json'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     """bloodcell report runs/compare   (rebuilds report.html and report.md from saved results)"""
     from bloodcell.report import build_report  # lazy: start-up (matplotlib)
@@ -71,6 +91,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p, TrainConfig, skip=("model",))
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("crosslab", help="leave one lab out: train on the other labs, test on the one left out",
+                       description=cmd_crosslab.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/crosslab", help="crosslab folder (default: runs/crosslab)")
+    p.add_argument("--config", help="YAML of shared config keys")
+    p.add_argument("--preset", help="a compare preset's settings (e.g. crosslab); its model list is not used")
+    p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's folds and results")
+    p.add_argument("--no-report", action="store_true", help="skip report.html/report.md")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, TrainConfig)
+    p.set_defaults(func=cmd_crosslab)
 
     p = sub.add_parser("report", help="rebuild a compare folder's report.html and report.md",
                        description=cmd_report.__doc__)

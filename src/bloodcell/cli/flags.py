@@ -8,9 +8,12 @@ from dataclasses import fields
 
 from bloodcell.config import CHOICES, FIELD_HELP, TrainConfig, hints, load_yaml, make_config
 
-DATA_HELP = ("data: a folder of images (Kaggle blood-cells layout, <class>/ folders, or "
-             "{train,val,test}/<class>/ folders) or 'synthetic[:N]' for the built-in generated set "
-             "(default)")
+DATA_HELP = ("data: a folder of images (Kaggle blood-cells layout, Kaggle breast histopathology (IDC) "
+             "<patient>/{0,1}/ folders, <class>/ folders, or {train,val,test}/<class>/ folders), a label "
+             "table (.csv or .tsv: path,label[,group][,split]), a MedMNIST .npz file or name "
+             "(bloodmnist, bloodmnist_128), or 'synthetic[:N]' for the built-in generated set "
+             "(default); give --data again for several sources (labs) as one data set: classes matched "
+             "by name, each source split on its own, validation pooled and reported per source")
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -24,7 +27,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_ = (DATA_HELP if f.name == "data" else FIELD_HELP.get(f.name, "")) + f" (default: {shown})"
-        if tp is bool:
+        if f.name == "data":
+            p.add_argument(flag, action="append", default=None, metavar="DATA", help=help_)
+        elif tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             metavar = "LIST" if typing.get_origin(tp) is tuple else f.name.upper()

@@ -32,7 +32,8 @@ def cmd_tune(args) -> int:
             tune(out=out, trials=args.trials, timeout_min=args.timeout, resume=True,
                  report=not args.no_report)
         else:
-            tune(args.data or "synthetic", args.model or "cnn4x32", args.trials, args.out,
+            data = (args.data[0] if len(args.data) == 1 else args.data) if args.data else "synthetic"
+            tune(data, args.model or "cnn4x32", args.trials, args.out,
                  timeout_min=args.timeout, space=args.space, grid=args.grid, storage=args.storage,
                  study_name=args.study, metric=args.metric, pruner=args.pruner, base=base,
                  sampler_seed=args.sampler_seed, report=not args.no_report)
@@ -56,7 +57,9 @@ def add_parsers(sub) -> None:
     """Register `bloodcell tune` (and `bloodcell tune report DIR`)."""
     p = sub.add_parser("tune", help="tune the training config with Optuna (resumable, many workers)",
                        description=cmd_tune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="a folder of images or 'synthetic[:N]' (default: synthetic)")
+    p.add_argument("--data", action="append", metavar="DATA",
+                   help="a folder of images or 'synthetic[:N]' (default: synthetic); again for several "
+                        "sources as one data set")
     p.add_argument("--model", help="model to tune (default: cnn4x32)")
     p.add_argument("--trials", type=int, help="finished trials the study should have, over all workers "
                                               "(default: 20; a grid's size with --grid)")

@@ -53,6 +53,7 @@ class Split:
     labels: np.ndarray
     groups: np.ndarray
     paths: list[str]
+    sources: np.ndarray | None = None  # index into Dataset.sources per image; None: one source
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -72,6 +73,7 @@ class Dataset:
     cached: bool = False
     group_by: str = "file"
     extra_train: dict = field(default_factory=dict)  # what join_train added: root, images per class
+    sources: list[dict] = field(default_factory=list)  # several sources (data.sources): root, layout, ...
 
     def split_files(self) -> dict[str, list[str]]:
         """Split name -> the list of its files, as saved in every run's splits.json."""

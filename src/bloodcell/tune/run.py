@@ -109,10 +109,11 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
     for k in NOT_IN_SPACE:
         if k in base:
             raise ConfigError(f"base config: {k!r} is set by tune's own argument, not the config")
-    make_config(TrainConfig, base, {"data": data, "model": model})
-    if not is_synthetic(data):  # a bad path is one line now, not a failed trial's traceback
-        raise_if_fatal(discover(data, group_regex=base.get("group_regex"),
-                                group_by=base.get("group_by", "auto")))
+    data = make_config(TrainConfig, base, {"data": data, "model": model}).data
+    for source in ([data] if isinstance(data, str) else data):  # a bad path: one line now, not a failed trial
+        if not is_synthetic(source):
+            raise_if_fatal(discover(source, group_regex=base.get("group_regex"),
+                                    group_by=base.get("group_by", "auto")))
     resolved = load_space(space, model, base)
     grid_d = parse_grid(grid)
     if grid_d:
@@ -123,7 +124,7 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
         trials = min(trials or n_grid, n_grid)
     if trials is not None and trials < 1:
         raise ConfigError(f"trials must be at least 1, got {trials}")
-    return TuneSettings(data=str(data), model=model, trials=trials or 20, timeout_min=timeout_min,
+    return TuneSettings(data=data if isinstance(data, str) else list(data), model=model, trials=trials or 20, timeout_min=timeout_min,
                         space=space_to_yaml(resolved), grid=grid_d, storage=storage, study=study_name,
                         metric=metric, pruner=pname, base=base, sampler_seed=sampler_seed)
 

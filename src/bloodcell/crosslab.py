@@ -1,0 +1,130 @@
+"""bloodcell crosslab: leave one lab out, the honest test of a model meant for another microscope.
+
+>>> from bloodcell.crosslab import crosslab
+>>> res = crosslab({"data": ["labs/a", "labs/b", "labs/c"], "model": "cnn4x32"}, "runs/crosslab")
+>>> res["matrix"]            # held-out lab -> {lab: accuracy}; the diagonal is the unseen lab
+
+For each lab (each ``data`` source), one model is trained on the other labs, as one data set (each
+split on its own, validation pooled over them: nothing of the held-out lab chooses anything, not
+the epoch, not the checkpoint), and tested on every image of the held-out lab; its test split on
+the labs it trained on gives the in-lab figures beside. Only the classes every lab has are used
+unless ``classes`` says otherwise. The folds are run folders under ``DIR/folds/``; an interrupted
+run continues where it stopped (finished folds are kept), as ``compare`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from bloodcell import __version__
+from bloodcell.config import TrainConfig, load_yaml, make_config
+from bloodcell.data import discover
+from bloodcell.errors import BloodcellError, ConfigError
+from bloodcell.evaluate import evaluate_checkpoint
+from bloodcell.runfiles import read_json, write_json, write_yaml
+from bloodcell.train import train
+
+PROTOCOL_FILE = "crosslab.yaml"
+
+
+def lab_name(source: str) -> str:
+    """A short, file-safe name for a lab: its folder's name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.rstrip("/")).name) or "lab"
+
+
+def shared_classes(sources: tuple[str, ...]) -> list[str]:
+    """The classes every source has (names matched in any case), in the first source's spelling."""
+    found = [discover(s).classes for s in sources]
+    common = set.intersection(*({c.lower() for c in cs} for cs in found))
+    return sorted((c for c in found[0] if c.lower() in common), key=str.lower)
+
+
+def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, progress: bool = True,
+             report: bool = True, command: str | None = None) -> dict:
+    """Leave each lab out once; write DIR/crosslab.json (the matrix) and the report; return it."""
+    out = Path(out)
+    base = make_config(TrainConfig, shared)
+    labs = base.sources
+    if len(labs) < 2:
+        raise ConfigError("crosslab needs two or more labs: give --data once for each")
+    names = [lab_name(s) for s in labs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two labs have the same folder name ({', '.join(names)}); crosslab names folds by it")
+    classes = list(base.classes) or shared_classes(labs)
+    if len(classes) < 2:
+        raise BloodcellError(f"the labs share fewer than two classes ({', '.join(classes) or 'none'}); "
+                             "name the classes to use with --classes")
+    base = make_config(TrainConfig, base.to_dict(), {"classes": classes})
+    protocol = {**base.to_dict(), "labs": list(labs)}
+    saved = out / PROTOCOL_FILE
+    if saved.exists() and not overwrite:
+        old = load_yaml(saved)
+        diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != json.loads(json.dumps(protocol)).get(k))
+        if diff:
+            raise BloodcellError(f"{out} holds a crosslab run with another protocol (differs in: {', '.join(diff)}); "
+                                 "use --overwrite or another --out")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise BloodcellError(f"{out} exists and is not a crosslab folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(saved, json.loads(json.dumps(protocol)))
+    log(f"crosslab: {len(labs)} labs ({', '.join(names)}), classes {', '.join(classes)}, model {base.model}")
+    t0 = time.perf_counter()
+    folds = []
+    for k, (lab, name) in enumerate(zip(labs, names, strict=True)):
+        others = tuple(s for s in labs if s != lab)
+        cfg = make_config(TrainConfig, base.to_dict(), {"data": list(others)})
+        run = out / "folds" / f"{k}-{name}"
+        if (run / "DONE").exists() and not overwrite:
+            log(f"[{k + 1}/{len(labs)}] held out {name}: already finished, kept")
+            metrics = read_json(run / "metrics.json")
+        else:
+            resume = (run / "last.pt").exists() and (run / "config.yaml").exists() and not overwrite
+            log(f"[{k + 1}/{len(labs)}] held out {name}: {'resuming' if resume else 'training'} on "
+                f"{', '.join(lab_name(s) for s in others)}")
+            metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress)
+        held = evaluate_checkpoint(run, lab, split="all", cache_dir=cfg.cache_dir, device=cfg.device,
+                                   out=run / "held_out", log=log)["all"]
+        per = metrics["test"].get("per_source")
+        if per is None:  # one lab trained on
+            in_lab = {others[0]: metrics["test"]}
+        elif set(per) <= set(others):
+            in_lab = per
+        else:  # keyed by the layouts' roots (a run before sources kept their given names): same order
+            in_lab = dict(zip(others, per.values(), strict=False))
+        folds.append({"held_out": lab, "name": name, "trained_on": list(others), "run_dir": str(run.relative_to(out)),
+                      "held_out_metrics": held, "in_lab": in_lab, "best_epoch": metrics["run"]["best_epoch"],
+                      "train_minutes": metrics["run"]["train_minutes"]})
+        log(f"  held-out {name}: accuracy {held['accuracy']:.4f}  macro-F1 {held['macro_f1']:.4f}  (n={held['n']}); "
+            + "  ".join(f"in-lab {lab_name(s)} {m['accuracy']:.4f}" for s, m in in_lab.items()))
+    matrix = {f["name"]: {**{lab_name(s): m["accuracy"] for s, m in f["in_lab"].items()},
+                          f["name"]: f["held_out_metrics"]["accuracy"]} for f in folds}
+    res = {"bloodcell_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "command": command or "bloodcell.crosslab.crosslab(...)", "protocol": protocol, "classes": classes,
+           "labs": [{"root": s, "name": n} for s, n in zip(labs, names, strict=True)], "folds": folds,
+           "matrix": matrix, "wall_minutes_this_session": (time.perf_counter() - t0) / 60}
+    write_json(out / "crosslab.json", res)
+    log(format_matrix(res))
+    if report:
+        # lazy: matplotlib only where a report is asked for (training code never imports it)
+        from bloodcell.report.crosslab import build_crosslab_report
+
+        log(f"report: {build_crosslab_report(out)}")
+    return res
+
+
+def format_matrix(res: dict) -> str:
+    """The lab-by-lab matrix as text: rows held-out lab, columns the lab scored (the diagonal: unseen)."""
+    names = [lab["name"] for lab in res["labs"]]
+    w = max(12, *(len(n) for n in names)) + 2
+    lines = ["held out".ljust(w) + "".join(f"{n:>{w}}" for n in names) + "   (accuracy; [x]: the held-out lab)"]
+    for row in names:
+        cells = []
+        for col in names:
+            v = res["matrix"].get(row, {}).get(col)
+            text = "-" if v is None else f"{100 * v:.1f}"
+            cells.append(f"{f'[{text}]' if row == col else text:>{w}}")
+        lines.append(row.ljust(w) + "".join(cells))
+    return "\n".join(lines)

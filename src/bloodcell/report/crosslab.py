@@ -1,0 +1,89 @@
+"""The leave-one-lab-out report: DIR/report.html and report.md from a crosslab folder's crosslab.json.
+
+The lab-by-lab matrix (rows: the held-out lab; its own column is the accuracy on that unseen lab,
+the others are the model's test accuracy on the labs it was trained on), the held-out figures with
+their intervals, and each held-out lab's confusion matrix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bloodcell.errors import BloodcellError
+from bloodcell.report.document import Block, Cell, Figure, Table, render_html, render_md
+from bloodcell.report.figures import PALETTE, fig_confusions, style
+from bloodcell.report.format import MISSING, count, fixed, pct, pct_ci, setting
+from bloodcell.runfiles import atomic_write, read_json
+
+NAV = (("matrix", "Lab matrix"), ("held-out", "Held-out labs"), ("confusion", "Confusions"),
+       ("protocol", "Protocol"))
+FOOTER = "Built by `bloodcell crosslab` from crosslab.json."
+
+
+def matrix_table(res: dict) -> Table:
+    """Rows: held-out lab; columns: the lab scored; the diagonal (bold) is the unseen lab."""
+    names = [lab["name"] for lab in res["labs"]]
+    rows = []
+    for row in names:
+        cells = [row]
+        for col in names:
+            v = res["matrix"].get(row, {}).get(col)
+            cells.append(Cell(f"**{pct(v)}**", f"<strong>{pct(v)}</strong>") if row == col else pct(v))
+        rows.append(cells)
+    return Table(["Held-out lab", *names], rows, numeric=set(range(1, len(names) + 1)), id="lab-matrix",
+                 caption="Accuracy of the model that never saw the row's lab: on that lab (diagonal, bold) and "
+                         "on the test splits of the labs it was trained on.")
+
+
+def held_out_table(res: dict) -> Table:
+    """The held-out figures of each fold, with their 95 % intervals and what it was trained on."""
+    rows = []
+    for f in res["folds"]:
+        m = f["held_out_metrics"]
+        rows.append([f["name"], pct_ci(m.get("accuracy"), m.get("accuracy_ci")), pct(m.get("macro_f1")),
+                     pct(m.get("balanced_accuracy")), count(m.get("n")),
+                     ", ".join(Path(s.rstrip("/")).name for s in f["trained_on"]),
+                     count(f.get("best_epoch")), fixed(f.get("train_minutes"), 1)])
+    return Table(["Held-out lab", "Accuracy [95 % CI]", "Macro-F1", "Balanced acc", "Images", "Trained on",
+                  "Best epoch", "Train min"], rows, numeric={1, 2, 3, 4, 6, 7}, id="held-out-table")
+
+
+def build_blocks(res: dict) -> list:
+    """The whole report as blocks, in reading order."""
+    classes = list(res.get("classes") or [])
+    folds = res.get("folds") or []
+    if not folds:
+        raise BloodcellError("crosslab.json lists no fold")
+    held = [f["held_out_metrics"]["accuracy"] for f in folds]
+    blocks: list = [Block("p", f"Each of {len(folds)} labs was left out once: a {res['protocol'].get('model')} "
+                               "was trained on the others (validation from those labs only) and tested on every "
+                               f"image of the one left out, on the classes all labs share ({', '.join(classes)}). "
+                               f"Held-out accuracy: {pct(min(held))} to {pct(max(held))}.")]
+    blocks += [Block("h2", "Lab matrix", id="matrix"), matrix_table(res)]
+    blocks += [Block("h2", "Held-out labs", id="held-out"), held_out_table(res)]
+    rows = [{"model": f["name"], "test": f["held_out_metrics"]} for f in folds]
+    colors = {r["model"]: PALETTE[i % len(PALETTE)] for i, r in enumerate(rows)}
+    blocks += [Block("h2", "Confusion of each held-out lab", id="confusion"),
+               Figure("crosslab_confusion", fig_confusions(rows, classes, colors),
+                      alt="confusion matrix of each held-out lab",
+                      caption="Rows: the true class, normalised; a panel per held-out lab.")]
+    proto = res.get("protocol") or {}
+    blocks += [Block("h2", "Protocol", id="protocol"), Block("pre", res.get("command") or MISSING),
+               Table(["Setting", "Value"], [[k, setting(v)] for k, v in proto.items()], compact=True)]
+    return blocks
+
+
+def build_crosslab_report(dir: str | Path) -> Path:
+    """Write DIR/report.html (self-contained) and DIR/report.md (+ DIR/figures/); return the HTML's path."""
+    d = Path(dir)
+    path = d / "crosslab.json"
+    if not path.is_file():
+        raise BloodcellError(f"{d} holds no crosslab.json ('bloodcell crosslab --out DIR' writes one)")
+    res = read_json(path)
+    with style():
+        blocks = build_blocks(res)
+    title = "bloodcell leave-one-lab-out"
+    sub = f"{len(res['folds'])} labs · created {res.get('created') or MISSING} · bloodcell {res.get('bloodcell_version')}"
+    atomic_write(d / "report.html", render_html(blocks, title, sub, nav=NAV, footer=FOOTER))
+    atomic_write(d / "report.md", render_md(blocks, title, sub, d / "figures"))
+    return d / "report.html"
