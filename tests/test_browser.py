@@ -1,4 +1,5 @@
-"""The web page in headless Chromium: upload an image, see the predicted class and the Grad-CAM overlay."""
+"""The web page in headless Chromium: upload an image, see the predicted class and the Grad-CAM overlay;
+the test cells of the run, right and wrong, with their maps."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from test_predict import CLASSES, make_checkpoint, png_bytes
+from test_serve import example_run
 
 from bloodcell.predict import Predictor
 from bloodcell.serve import create_app, serving
@@ -60,3 +62,26 @@ def test_upload_shows_class_probabilities_and_overlay(browser, tmp_path) -> None
         assert "not an image" in error.inner_text()
         assert page.locator(".card").count() == 2 and not errors
         page.close()
+
+
+def test_page_shows_right_and_wrong_test_cells_with_their_maps(browser, tmp_path) -> None:
+    run, _ = example_run(tmp_path / "run")
+    predictor = Predictor(run, backend="torch")
+    with serving(create_app(predictor)) as url:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        want = page.request.get(url + "/examples").json()["examples"]
+        page.goto(url + "/")
+        page.wait_for_selector("#examples:not([hidden]) .example", timeout=15_000)
+        tiles = page.locator("#examples .example")
+        assert tiles.count() == len(want) == 15
+        for i, e in enumerate(want):  # what each tile says is what the run's predictions file says
+            tile = tiles.nth(i)
+            assert tile.locator(".label").inner_text() == e["label"]
+            assert tile.locator(".pred").inner_text() == e["pred"]
+            assert ("wrong" in tile.get_attribute("class")) == (not e["correct"])
+            assert tile.locator("img.cam").get_attribute("src") == e["cam_png"]
+        page.wait_for_function("() => [...document.querySelectorAll('#examples img')]"
+                               ".every((i) => i.complete && i.naturalWidth > 0)", timeout=10_000)
+        assert not errors

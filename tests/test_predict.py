@@ -12,6 +12,7 @@ from conftest import png_bytes
 from PIL import Image
 from torch import nn
 
+from bloodcell.cam import overlay_png
 from bloodcell.checkpoint import save_checkpoint
 from bloodcell.cli import main
 from bloodcell.data.images import load_image
@@ -170,6 +171,9 @@ def test_cli_predict_formats_and_exit_codes(ckpt, images, tmp_path, capsys) -> N
     assert len(pngs) == len(images)
     with Image.open(pngs[0]) as im:
         assert im.format == "PNG"
+    for png in pngs:  # beside each overlay, the raw map it shows, at the model's input size
+        heat = np.load(png.with_suffix(".npy"))
+        assert heat.shape == (32, 32) and heat.dtype == np.float32 and heat.min() >= 0
 
     assert main(["predict", str(ckpt), str(images[0])]) == 0
     out = capsys.readouterr().out
@@ -193,3 +197,9 @@ def test_predict_real_images_with_a_corrupt_one_in_the_batch(kaggle_root, ckpt, 
     got = np.array([[r["probs"][c] for c in CLASSES] for r in rows if not r["error"]])
     np.testing.assert_allclose(got, reference_probs(predictor, arrays), atol=1e-4)
     assert len(list((tmp_path / "cams").glob("*.png"))) == len(real)
+    for r in rows:  # the .npy is the map the overlay shows, on the original file's pixels
+        if r["error"] is None:
+            heat = np.load(Path(r["cam"]).with_suffix(".npy"))
+            want = overlay_png(load_image(r["path"], 32), heat / max(float(heat.max()), 1e-12),
+                               original=r["path"])
+            assert Path(r["cam"]).read_bytes() == want

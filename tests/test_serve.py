@@ -14,6 +14,7 @@ from PIL import Image
 from test_predict import CLASSES, make_checkpoint, png_bytes, real_test_images
 
 from bloodcell.predict import Predictor
+from bloodcell.runfiles import write_csv
 from bloodcell.serve import create_app, is_loopback, serving
 
 with warnings.catch_warnings():
@@ -52,7 +53,7 @@ def test_health_model_page_and_docs(client) -> None:
     assert 'id="file-input"' in page.text and "/predict?cam=true" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
     assert client.get("/docs").status_code == 200
-    assert {"/predict", "/predict/batch", "/health", "/model"} <= set(client.get("/openapi.json").json()["paths"])
+    assert {"/predict", "/predict/batch", "/health", "/model", "/examples"} <= set(client.get("/openapi.json").json()["paths"])
 
 
 def test_model_card_has_the_runs_test_metrics(tmp_path) -> None:
@@ -63,6 +64,42 @@ def test_model_card_has_the_runs_test_metrics(tmp_path) -> None:
                                       ' "run": {"best_epoch": 1}}')
     card = TestClient(create_app(run, backend="torch")).get("/model").json()
     assert card["metrics"] == {"test": {"n": 10, "accuracy": 0.7, "macro_f1": 0.6}}
+
+
+def example_run(run: Path) -> tuple[Path, list[dict]]:
+    """A run folder: a checkpoint and a predictions_test.csv of synthetic cells, per class 3 right
+    and 3 wrong calls, and one more wrong call, the most confident, whose file is gone."""
+    run.mkdir(parents=True)
+    make_checkpoint(run / "best.pt")
+    rows = []
+    for c, label in enumerate(CLASSES):
+        for k, (right, conf) in enumerate([(True, 0.9), (True, 0.8), (True, 0.7),
+                                           (False, 0.95), (False, 0.6), (False, 0.5)]):
+            pred = label if right else CLASSES[(c + 1 + k % 3) % len(CLASSES)]
+            rows.append({"path": f"synthetic://0/{6 * c + k}", "label": label, "pred": pred, "confidence": conf})
+    rows.append({"path": str(run / "gone.png"), "label": CLASSES[0], "pred": CLASSES[1], "confidence": 0.99})
+    write_csv(run / "predictions_test.csv", [{**r, **{f"p_{c}": 0.25 for c in CLASSES}} for r in rows])
+    return run, rows
+
+
+def test_examples_show_right_and_wrong_test_cells_per_class_with_their_maps(tmp_path) -> None:
+    run, rows = example_run(tmp_path / "run")
+    body = TestClient(create_app(run, backend="torch")).get("/examples").json()
+    assert body["missing"] == 1  # gone.png: left out, counted
+    shown = [(e["label"], e["pred"], e["confidence"]) for e in body["examples"]]
+    for label in CLASSES:  # the surest and least sure right calls, the two most confident errors
+        mine = [r for r in rows if r["label"] == label and r["path"].startswith("synthetic")]
+        right = sorted((r for r in mine if r["pred"] == label), key=lambda r: -r["confidence"])[::2]
+        wrong = sorted((r for r in mine if r["pred"] != label), key=lambda r: -r["confidence"])
+        wrong = wrong[:1] if label == CLASSES[0] else wrong[:2]  # the first class's top error is gone
+        assert [s for s in shown if s[0] == label] == [(r["label"], r["pred"], r["confidence"]) for r in right + wrong]
+    for e in body["examples"]:
+        assert e["correct"] == (e["label"] == e["pred"])
+        pics = [np.asarray(Image.open(io.BytesIO(base64.b64decode(e[k].split(",", 1)[1]))).convert("RGB"),
+                           dtype=np.int16) for k in ("image_png", "cam_png")]
+        assert pics[0].shape == pics[1].shape and np.abs(pics[0] - pics[1]).mean() > 3  # a map over it
+    empty = TestClient(create_app(make_checkpoint(tmp_path / "alone.pt"), backend="torch")).get("/examples")
+    assert empty.json() == {"examples": [], "missing": 0}  # no saved predictions: nothing to show
 
 
 def test_predict_one_image(client, predictor) -> None:

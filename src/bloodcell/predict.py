@@ -4,7 +4,9 @@
 resize with the run's ``resize`` mode (``data.cache``), then ``to_float`` and ``normalize``. The
 forward pass runs on the fastest backend measured by ``bench/infer_speed.py``: ONNX Runtime where it
 is installed (the model is exported in memory, no file), PyTorch otherwise. Grad-CAM always uses the
-PyTorch model, since it needs gradients.
+PyTorch model, since it needs gradients; ``predict_paths(cam_dir=DIR)`` writes, per image, the
+overlay (``<n>_<stem>_cam.png``) and the raw map beside it (``<n>_<stem>_cam.npy``: float32, the
+model's input size, >= 0 and not rescaled, zero where the class has no positive evidence).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -21,13 +24,15 @@ import onnxruntime as ort
 import torch
 from PIL import UnidentifiedImageError
 
-from bloodcell.cam import GradCAM, overlay_png
+from bloodcell.cam import GradCAM, npy_bytes, overlay_png, showcase
 from bloodcell.checkpoint import load_model
 from bloodcell.config import BACKENDS
 from bloodcell.data.images import describe_error, load_image
+from bloodcell.data.synthetic import generate
 from bloodcell.errors import BloodcellError
 from bloodcell.export import onnx_bytes
 from bloodcell.info import IMAGE_EXTENSIONS
+from bloodcell.runfiles import atomic_write, read_csv
 from bloodcell.runtime import physical_cores
 from bloodcell.transforms import TTA_VIEWS, normalize, to_float, tta_view
 
@@ -55,6 +60,21 @@ def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squas
     except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
         kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
         raise ImageError(describe_error(e), kind) from None
+
+
+SYNTHETIC_PATH = re.compile(r"^synthetic://(\d+)/(\d+)$")
+
+
+def saved_image(path: str, size: int, resize: str, bases: tuple[Path, ...] = ()) -> np.ndarray:
+    """An image named in a predictions file, as training decoded it: a synthetic one regenerated, a
+    file as written or relative to one of ``bases``; raises ImageError when it cannot be had."""
+    m = SYNTHETIC_PATH.match(path)
+    if m:
+        return generate(1, size, int(m.group(1)), start=int(m.group(2)))[0][0]
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute():
+        p = next((b / p for b in bases if (b / p).is_file()), p)
+    return decode_image(p, size, resize)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -196,19 +216,44 @@ class Predictor:
                 if good and cam_dir is not None:
                     out = Path(cam_dir) / f"{start + i:05d}_{Path(p).stem}_cam.png"
                     arr = arrays[sum(ok[:i])]
-                    out.write_bytes(self.cam_png(arr, self.classes.index(row["class"]), source=p))
+                    heat = self.cam_heat(arr, self.classes.index(row["class"]))
+                    atomic_write(out, self.cam_png(arr, heat=heat, source=p))
+                    atomic_write(out.with_suffix(".npy"), npy_bytes(heat))
                     row["cam"] = str(out)
                 results.append(row)
         return results
 
     # -- Grad-CAM -----------------------------------------------------------------------------
 
-    def cam_png(self, image: np.ndarray, target: int | None = None,
-                source: str | os.PathLike | bytes | None = None) -> bytes:
-        """A PNG of the Grad-CAM heat map over the image (over the original file where given)."""
+    def cam_heat(self, image: np.ndarray, target: int | None = None) -> np.ndarray:
+        """The raw Grad-CAM map (H x W at the model's input size, >= 0) of one uint8 image for a
+        class index (default: the predicted class), at the layer the model's head reads."""
         x = self.preprocess(image[None]).to(self.device)
         with self.lock:
             if self._cam is None:
                 self._cam = GradCAM(self.model, x)
-            heat = self._cam(x, target)[0]
-        return overlay_png(image, heat, original=source, resize=self.resize)
+            return self._cam(x, target, normalize=False)[0]
+
+    def cam_png(self, image: np.ndarray, target: int | None = None,
+                source: str | os.PathLike | bytes | None = None, heat: np.ndarray | None = None) -> bytes:
+        """A PNG of the Grad-CAM heat map over the image (over the original file where given)."""
+        heat = self.cam_heat(image, target) if heat is None else heat
+        return overlay_png(image, heat / max(float(heat.max()), 1e-12), original=source, resize=self.resize)
+
+    def examples(self, split: str = "test", n_correct: int = 2, n_wrong: int = 2,
+                 bases: tuple[Path, ...] = ()) -> tuple[list[dict], list[str]]:
+        """A few right and wrong calls per class from the run folder's saved predictions_<split>.csv
+        (``cam.showcase``), each row with ``image`` (the model's input) and ``heat`` (the raw map for
+        the predicted class); returns them and the paths that could not be read. No file: nothing."""
+        run = Path(self.meta["path"]).parent
+        rows = read_csv(run / f"predictions_{split}.csv") or []
+        out, missing = [], []
+        for r in showcase(rows, n_correct, n_wrong):
+            try:
+                image = saved_image(r["path"], self.image_size, self.resize, (run, *bases))
+            except ImageError:
+                missing.append(r["path"])
+                continue
+            target = self.classes.index(r["pred"]) if r.get("pred") in self.classes else None
+            out.append({**r, "image": image, "heat": self.cam_heat(image, target)})
+        return out, missing

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /predict`` (one image, multipart field ``file``; ``?cam=true`` adds a Grad-CAM
 overlay PNG as a data URL), ``POST /predict/batch`` (field ``files``, repeated), ``GET /health``,
-``GET /model`` and the OpenAPI docs at ``/docs``. Uploads above ``max_upload_mb`` get 413 before the
+``GET /model``, ``GET /examples`` (a few right and wrong test cells per class from the run
+folder's predictions_test.csv, each with its Grad-CAM overlay) and the OpenAPI docs at ``/docs``. Uploads above ``max_upload_mb`` get 413 before the
 body is read; bodies that are not multipart get 415; files that are not images 415; empty or
 corrupt images 422. Each error says what was wrong, and the server keeps serving.
 """
@@ -27,12 +28,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bloodcell.cam import overlay, png, upscale
 from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB
 from bloodcell.errors import BloodcellError
 from bloodcell.models import count_parameters
 from bloodcell.predict import ImageError, Predictor, decode_image
 
 _MULTIPART_SLACK = 64 * 1024  # headers and boundaries of a multipart body
+EXAMPLE_PX = 128  # side of the example cells' pictures on the page
+
+
+def data_url(png: bytes) -> str:
+    """PNG bytes as a data: URL an <img> shows."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def examples_card(predictor: Predictor, n_correct: int = 2, n_wrong: int = 2) -> dict:
+    """What GET /examples returns: per class a few right and wrong test calls with their overlays."""
+    rows, missing = predictor.examples("test", n_correct, n_wrong)
+    out = []
+    for r in rows:
+        heat = r["heat"] / max(float(r["heat"].max()), 1e-12)
+        out.append({"path": r["path"], "label": r["label"], "pred": r["pred"],
+                    "confidence": float(r["confidence"]), "correct": r["label"] == r["pred"],
+                    "image_png": data_url(png(upscale(r["image"], EXAMPLE_PX))),
+                    "cam_png": data_url(png(overlay(upscale(r["image"], EXAMPLE_PX), heat)))})
+    return {"examples": out, "missing": len(missing)}
 
 
 def model_card(predictor: Predictor) -> dict:
@@ -154,6 +175,16 @@ def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_
         """Classes, architecture, input size and normalisation, and the run's saved test metrics."""
         return card
 
+    shown: dict = {}
+
+    @app.get("/examples")
+    def examples() -> dict:
+        """Per class two right test calls (the surest, the least sure) and the two most confident
+        wrong ones, each with its Grad-CAM overlay."""
+        if not shown:  # computed on first request, then kept: the saved predictions do not change
+            shown.update(examples_card(predictor))
+        return shown
+
     @app.post("/predict", dependencies=[Depends(multipart)])
     def predict(file: Annotated[UploadFile, File(description="one image file (JPEG, PNG, BMP, TIFF)")],
                 top_k: Annotated[int, Query(ge=1, description="classes listed in top_k")] = n_classes,
@@ -168,7 +199,7 @@ def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_
         except ImageError as e:
             raise HTTPException(status_of(e), f"{file.filename or 'upload'}: {e}") from None
         if cam:
-            row["cam_png"] = "data:image/png;base64," + base64.b64encode(row["cam_png"]).decode()
+            row["cam_png"] = data_url(row["cam_png"])
         return {"filename": file.filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.post("/predict/batch", dependencies=[Depends(multipart)])

@@ -1,10 +1,10 @@
 """The compare report: report.html (one self-contained file) and report.md from a compare
 folder's saved results, built from one list of blocks (document.py).
 
-Reads only what `bloodcell compare` saved (results.json, runs/<model>/history.csv and
-predictions_test.csv) and never trains. Each model keeps one colour in every figure, by its order in
-the protocol; models are ranked by test accuracy for reading only (the compare protocol selects
-each model's epoch on validation and nothing on test).
+Reads only what `bloodcell compare` saved (results.json, runs/<model>/history.csv,
+predictions_test.csv and, for the Grad-CAM gallery, best.pt) and never trains. Each model keeps
+one colour in every figure, by its order in the protocol; models are ranked by test accuracy for
+reading only (the compare protocol selects each model's epoch on validation and nothing on test).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from bloodcell.errors import BloodcellError
+from bloodcell.report.cams import cam_blocks
 from bloodcell.report.document import Block, Figure, render_html, render_md
 from bloodcell.report.figures import (
     PALETTE,
@@ -37,6 +38,7 @@ from bloodcell.report.sections import (
     protocol_blocks,
     ranked,
     recall_table,
+    sources_table,
     study_table,
     summary_table,
 )
@@ -74,6 +76,9 @@ def build_blocks(d: Path, res: dict) -> list:
                           "them, measured under this report's protocol and data."),
                study_table(models, colors)]
     blocks += [Block("h3", "More test metrics"), metrics_table(models, colors)]
+    per_source = sources_table(models, colors, ds.get("sources"))
+    if per_source is not None:
+        blocks += [Block("h3", "Per source (lab)"), per_source]
 
     blocks.append(Block("h2", "Learning curves", id="curves"))
     blocks.append(Figure("learning_curves", fig_learning_curves(models, histories, colors),
@@ -109,9 +114,12 @@ def build_blocks(d: Path, res: dict) -> list:
     blocks.append(Block("h2", "Most confidently wrong test images", id="wrong"))
     blocks.append(Block("p", f"For each model, up to {MAX_WRONG} test images it got wrong with the highest "
                              "confidence, captioned true → predicted (confidence). Look for label noise, "
-                             "unusual stains and look-alike classes."))
+                             "unusual stains and look-alike classes. Then, per class, a few right and "
+                             "wrong cells with the Grad-CAM overlay of the saved model: where it looked."))
     for r in ranked(models):
         blocks += wrong_blocks(d, r, colors[r["model"]])
+        if not r.get("members"):  # an ensemble has no one model to take a map of
+            blocks += cam_blocks(d, run_dir(d, r), r["model"], classes, _slug(r["model"]))
 
     blocks.append(Block("h2", "Data set", id="data"))
     blocks += dataset_blocks(ds)
@@ -184,5 +192,5 @@ def drop_stale_figures(figdir: Path, blocks: list) -> None:
     """A rebuilt report drops the figures of models no longer in it (and keeps any other file)."""
     names = {f"{b.name}.png" for b in blocks if isinstance(b, Figure)}
     for old in figdir.glob("*.png"):
-        if old.name not in names and (old.stem in FIGURE_NAMES or old.stem.startswith("wrong_")):
+        if old.name not in names and (old.stem in FIGURE_NAMES or old.stem.startswith(("wrong_", "cams_"))):
             old.unlink()

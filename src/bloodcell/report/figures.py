@@ -274,7 +274,7 @@ def load_thumbnail(path: str, base: Path) -> np.ndarray | None:
         return None
 
 
-def _font(size: int):
+def font(size: int):
     """DejaVu Sans (matplotlib ships it) at a pixel size, else Pillow's built-in font."""
     try:
         return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
@@ -290,7 +290,7 @@ def fig_wrong(rows: list[dict], base: Path) -> tuple[bytes, list[str]]:
     nrows = math.ceil(len(rows) / ncols)
     canvas = Image.new("RGB", (ncols * (side + pad) + pad, nrows * (side + cap + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    font, small = _font(12), _font(11)
+    big, small = font(12), font(11)
     missing = []
     for i, r in enumerate(rows):
         x = pad + (i % ncols) * (side + pad)
@@ -304,9 +304,9 @@ def fig_wrong(rows: list[dict], base: Path) -> tuple[bytes, list[str]]:
         else:
             canvas.paste(Image.fromarray(img).resize((side, side), Image.Resampling.LANCZOS), (x, y + cap))
         conf = fixed(num(r.get("confidence")), 2)
-        draw.text((x + side / 2, y), f"{short(str(r.get('label', '?')))} →", font=font, fill="#111827",
+        draw.text((x + side / 2, y), f"{short(str(r.get('label', '?')))} →", font=big, fill="#111827",
                   anchor="ma")
-        draw.text((x + side / 2, y + 16), f"{short(str(r.get('pred', '?')))} ({conf})", font=font,
+        draw.text((x + side / 2, y + 16), f"{short(str(r.get('pred', '?')))} ({conf})", font=big,
                   fill="#b91c1c", anchor="ma")
     out = io.BytesIO()
     canvas.quantize(256, dither=Image.Dither.FLOYDSTEINBERG).save(out, format="PNG", optimize=True)
