@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""python bench/accuracy.py --task kaggle|pbc|cross|ensemble [--preset best] [--models a,b] [--seeds 0,1,2]
+"""python bench/accuracy.py --task kaggle|pbc|idc|cross|ensemble [--preset best] [--models a,b] [--seeds 0,1,2]
 
 The accuracy protocol: a `bloodcell compare` per seed (same preset, same data), then the mean and
 spread over seeds of every figure, written as a Markdown table, and the test groups (copies of one
@@ -9,6 +9,8 @@ to choose anything: the preset fixes the settings, each run's epoch is chosen on
 Tasks:
   kaggle  blood-cells, official TEST split (and TEST_SIMPLE), group (cell) accuracy with its interval
   pbc     the PBC share, seeded grouped 70/15/15 split
+  idc     the breast histopathology (IDC) subset, a seeded patient-grouped 70/15/15 split; the binary
+          figures (balanced accuracy, F1 of IDC, ROC AUC, PR AUC); --preset none: bloodcell's defaults
   cross   models trained by the kaggle and pbc tasks (same --out), each tested on the other lab's
           images of the four shared classes: its val split (seed 0) to choose settings on, its
           test split (seed 0) as the figure that counts, and all its images as before
@@ -31,7 +33,8 @@ from pathlib import Path
 from bloodcell.compare import compare, load_protocol
 
 ROOT = Path(os.environ.get("BLOODCELL_TEST_DATA", "../shared/data"))
-DATA = {"kaggle": ROOT / "blood-cells", "pbc": ROOT / "pbc" / "PBC_dataset_normal_DIB"}
+DATA = {"kaggle": ROOT / "blood-cells", "pbc": ROOT / "pbc" / "PBC_dataset_normal_DIB",
+        "idc": ROOT / "breast-histopathology"}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -46,7 +49,7 @@ def mean_sd(values: list[float]) -> str:
 def run_task(task: str, preset: str, models: list[str] | None, seeds: list[int], out: Path,
              extra: dict) -> None:
     """One compare per seed, each into OUT/<task>-seed<N> (resumable: a finished model is kept)."""
-    shared, preset_models, overrides = load_protocol(None, preset)
+    shared, preset_models, overrides = load_protocol(None, None if preset == "none" else preset)
     shared.update({"data": str(DATA[task]), **extra})
     models = models or preset_models
     for seed in seeds:
@@ -70,8 +73,25 @@ def collect(task: str, models: list[str] | None, seeds: list[int], out: Path) ->
     return rows
 
 
+def binary_table(task: str, rows: list[dict]) -> str:
+    """Mean ± sd over seeds per model of the binary figures (test split; val balanced accuracy)."""
+    lines = [f"### {task}: {len({r['seed'] for r in rows})} seeds", "",
+             "| model | image px | test acc | test balanced acc | test F1 (positive) | test ROC AUC | "
+             "test PR AUC | val balanced acc | train min |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        t = [r["test"] for r in rows if r["model"] == m]
+        rs = [r for r in rows if r["model"] == m]
+        lines.append(f"| {m} | {rs[0]['image_size']} | " + " | ".join(
+            mean_sd([x.get(k) for x in t]) for k in ("accuracy", "balanced_accuracy", "f1_positive", "auc", "pr_auc"))
+            + f" | {mean_sd([r['val']['balanced_accuracy'] for r in rs])} | "
+            f"{statistics.mean(r['train_minutes'] for r in rs):.1f} |")
+    return "\n".join(lines)
+
+
 def table(task: str, rows: list[dict]) -> str:
     """Mean ± sd over seeds per model."""
+    if task == "idc":
+        return binary_table(task, rows)
     lines = [f"### {task}: {len({r['seed'] for r in rows})} seeds",
              "",
              "| model | image px | test acc | test group acc | group acc 95 % CI (per seed) | TEST_SIMPLE acc | "
@@ -202,7 +222,7 @@ def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle", models: l
 def main() -> None:
     """Run one task and write its table to OUT/<task>.md."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["kaggle", "pbc", "cross", "ensemble"], required=True)
+    ap.add_argument("--task", choices=["kaggle", "pbc", "idc", "cross", "ensemble"], required=True)
     ap.add_argument("--preset", default="best")
     ap.add_argument("--models", help="comma-separated (default: the preset's)")
     ap.add_argument("--seeds", default="0,1,2")
@@ -236,7 +256,7 @@ def main() -> None:
         text = table(args.task, rows) + f"\n\npreset `{args.preset}`" + (f", with {extra}" if extra else "")
         text += "\n\n" + hardest_groups(args.task, rows, out)
     stamp = time.strftime("%Y-%m-%d")
-    preset = f" --preset {args.preset}" if args.task in ("kaggle", "pbc") else ""  # cross, ensemble: none used
+    preset = f" --preset {args.preset}" if args.task in ("kaggle", "pbc", "idc") else ""  # cross, ensemble: none used
     cmd = f"python bench/accuracy.py --task {args.task}{preset} --seeds {args.seeds}" + (
         f" --of {args.of}" if args.task == "ensemble" else "") + f" --out {args.out}" + (f" --also {args.also}" if args.also else "") + (
         f" --models {args.models}" if args.models else "") + (f" --set {' '.join(args.set)}" if args.set else "")

@@ -68,6 +68,46 @@ def pbc_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_labs() -> Path:
+    """The two small labs' folders (…/other-labs: tecom, cellavision); skips without BLOODCELL_TEST_DATA."""
+    root = _real_root()
+    if root is None:
+        pytest.skip("BLOODCELL_TEST_DATA is not set")
+    p = root / "other-labs"
+    if not (p / "tecom").is_dir() or not (p / "cellavision").is_dir():
+        pytest.skip(f"{p} not found")
+    return p
+
+
+def real_folder(*parts: str) -> Path:
+    """BLOODCELL_TEST_DATA/<parts>, or skip the test (the variable unset, or the folder not there)."""
+    root = _real_root()
+    if root is None:
+        pytest.skip("BLOODCELL_TEST_DATA is not set")
+    if not root.joinpath(*parts).is_dir():
+        pytest.skip(f"{root.joinpath(*parts)} not found")
+    return root.joinpath(*parts)
+
+
+@pytest.fixture(scope="session")
+def idc_root() -> Path:
+    """The breast histopathology (IDC) subset (…/breast-histopathology: 19 patients, 4,026 patches)."""
+    return real_folder("breast-histopathology")
+
+
+@pytest.fixture(scope="session")
+def idc_subset(idc_root, tmp_path_factory) -> Path:
+    """A few hundred real IDC patches in the IDC layout (links): every 12th patch of each patient and class."""
+    dst = tmp_path_factory.mktemp("idc-subset")
+    for folder in sorted(idc_root.glob("*/[01]")):
+        out = dst / folder.parent.name / folder.name
+        out.mkdir(parents=True)
+        for f in sorted(folder.glob("*.png"))[::12]:
+            (out / f.name).symlink_to(f.resolve())
+    return dst
+
+
+@pytest.fixture(scope="session")
 def kaggle_subset(kaggle_root, tmp_path_factory) -> Path:
     """A small real Kaggle-layout subset (links to real files): a few K values per class (K is not the
     cell, so the subset holds copies of more cells than that: data.groups)."""

@@ -59,3 +59,24 @@ def test_cli_train_and_evaluate_on_real_subset(kaggle_subset, tmp_path, capsys):
     assert main(["evaluate", str(out), "--data", str(kaggle_subset), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+
+
+@pytest.mark.realdata
+def test_two_real_labs_as_one_data_set(other_labs, tmp_path, capsys):
+    tecom, cv = other_labs / "tecom", other_labs / "cellavision"
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tecom), "--data", str(cv), "--model", "cnn2x32", "--image-size", "32",
+                 "--epochs", "1", "--threads", "1", "--resize", "cell", "--quiet", "--out", str(run)]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    per = m["test"]["per_source"]
+    assert list(per) == [str(tecom), str(cv)]
+    assert sum(p["n"] for p in per.values()) == m["test"]["n"]
+    splits = json.loads((run / "splits.json").read_text())
+    for name in ("train", "val", "test"):  # each lab is split on its own: both are in every split
+        assert any(p.startswith(str(tecom)) for p in splits[name])
+        assert any(p.startswith(str(cv)) for p in splits[name])
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(cv), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # another data set than the two trained on: every one of its images, the same ones training split
+    assert out["all"]["n"] == sum(p.startswith(str(cv)) for name in splits for p in splits[name])

@@ -8,12 +8,15 @@ from sklearn import metrics as skm
 
 from bloodcell.metrics import (
     accuracy,
+    average_precision,
     balanced_accuracy,
     binary_auc,
+    binary_line,
     bootstrap_ci,
     compute_metrics,
     confusion_matrix,
     expected_calibration_error,
+    f1_positive,
     group_accuracy,
     log_loss,
     macro_f1,
@@ -208,3 +211,34 @@ def test_wilson_interval_is_honest_at_100_percent():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]])
     m = compute_metrics(y, probs, ["a", "b"], groups=np.array([0, 0, 1, 1]))
     assert m["group_accuracy"] == 1.0 and m["group_accuracy_ci"][0] < 0.5
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_binary_figures_match_sklearn(seed: int, ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(300) < 0.3).astype(int)  # imbalanced, as IDC is (28 % positive)
+    p1 = np.clip(0.35 * y + rng.random(300) * 0.65, 0, 1)
+    if ties:
+        p1 = np.round(p1, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    assert average_precision(y == 1, p1) == pytest.approx(skm.average_precision_score(y, p1), abs=1e-12)
+    assert f1_positive(y, probs.argmax(1)) == pytest.approx(skm.f1_score(y, probs.argmax(1)), abs=1e-12)
+    m = compute_metrics(y, probs, ["no IDC", "IDC"], n_boot=0)
+    assert m["positive_class"] == "IDC" and m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p1))
+    assert m["f1_positive"] == pytest.approx(skm.f1_score(y, probs.argmax(1)))
+    assert m["auc"] == pytest.approx(skm.roc_auc_score(y, p1))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, probs.argmax(1)))
+    line = binary_line(m)
+    assert f"F1 (IDC) {m['f1_positive']:.4f}" in line and f"PR AUC {m['pr_auc']:.4f}" in line
+
+
+def test_binary_figures_only_for_two_classes_and_edge_cases() -> None:
+    y, probs = random_case(1)
+    m = compute_metrics(y, probs, CLASSES, n_boot=0)
+    assert "f1_positive" not in m and "pr_auc" not in m and binary_line(m) == ""
+    assert average_precision(np.zeros(4, bool), np.arange(4.0)) is None
+    assert average_precision(np.array([1, 0, 1, 0], bool), np.array([0.9, 0.8, 0.7, 0.1])) == pytest.approx((1 + 2 / 3) / 2)
+    assert f1_positive(np.array([0, 0]), np.array([0, 0])) == 0.0  # no positive anywhere: 0, not NaN
+    one_class = compute_metrics(np.zeros(5, int), np.tile([0.8, 0.2], (5, 1)), ["a", "b"], n_boot=0)
+    assert one_class["pr_auc"] is None and "ROC AUC -" in binary_line(one_class)

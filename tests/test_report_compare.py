@@ -229,3 +229,29 @@ def test_report_without_results_is_one_line_error(tmp_path, capsys):
     assert err.startswith("bloodcell: error:") and "results.json" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "report.html").exists()
+
+
+def test_grad_cam_gallery_of_right_and_wrong_cells_from_the_saved_model(tmp_path):
+    from test_predict import make_checkpoint  # the untrained checkpoint the predict tests use
+
+    from bloodcell.report.figures import THUMB
+
+    d = make_compare(tmp_path / "cmp", {"cnn4x32": (0.7, 0.7)}, synthetic=True)
+    make_checkpoint(d / "runs" / "cnn4x32" / "best.pt")
+    build_report(d)
+    text = (d / "report.html").read_text()
+    assert "cnn4x32, where it looks" in text and "No Grad-CAM" not in text
+    with Image.open(d / "figures" / "cams_cnn4x32.png") as im:
+        grid = np.asarray(im.convert("RGB"), dtype=np.int16)
+    # Each class's row: 4 pairs of (thumbnail, overlay); the overlay is the thumbnail with a map on it.
+    left, pad, cap = 110, 10, 18
+    assert grid.shape[1] == left + 4 * (2 * THUMB + pad) and grid.shape[0] == 4 * (THUMB + cap + pad) + pad
+    y = pad + cap
+    image, over = grid[y:y + THUMB, left:left + THUMB], grid[y:y + THUMB, left + THUMB:left + 2 * THUMB]
+    assert image.std() > 10 and np.abs(image - over).mean() > 3
+
+    (d / "runs" / "cnn4x32" / "best.pt").unlink()  # a folder copied without its checkpoints
+    assert main(["report", str(d)]) == 0
+    assert "No Grad-CAM: `cnn4x32/best.pt` is not in this folder" in (d / "report.md").read_text()
+    with Image.open(d / "figures" / "cams_cnn4x32.png") as im:
+        assert im.width == left + 4 * (THUMB + pad)  # the same cells, thumbnails alone

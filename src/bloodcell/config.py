@@ -20,7 +20,7 @@ from bloodcell.errors import ConfigError
 CHOICES = {
     "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
     "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-    "norm": ("batch", "none"), "stain_norm": ("none", "image", "gray"), "augment": ("none", "light", "strong"),
+    "norm": ("batch", "group", "none"), "stain_norm": ("none", "image", "gray"), "augment": ("none", "light", "strong"),
     "mix": ("none", "mixup", "cutmix"),
     "resize": ("squash", "crop", "pad", "cell", "cellfit"),
     "group_by": ("auto", "similar", "name", "file"),
@@ -53,9 +53,12 @@ FIELD_HELP = {
     "extra_train": "another data set (another lab's images, say) whose train split joins this one's: "
                    "its images of this data's classes, matched by name in any case, at the same size "
                    "and resize; its val and test are never used, and validation and test stay this data's",
+    "classes": "train on these classes only (names matched in any case, comma-separated; the others' "
+               "images are left out after the split); empty: every class of the data",
     "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
     "model": "registered model name (bloodcell models lists them)",
-    "norm": "normalisation layers of the study's four models",
+    "norm": "normalisation layers of the study's four models: batch norm; group norm (each image's own "
+            "statistics, the same at training and test time, whatever the lab); none",
     "stain_norm": "stain normalisation, a first layer of the model (so evaluate, predict, serve and "
                   "export apply it too): image = each image's colour channels shifted and scaled to "
                   "mean 0 and spread 1, removing a lab's stain and lighting cast; gray = the same on "
@@ -98,8 +101,8 @@ FIELD_HELP = {
 class TrainConfig:
     """Everything that decides what one training run does (data, model, optimisation, runtime)."""
 
-    # data
-    data: str = "synthetic"
+    # data: one source (a path or synthetic[:N]), or several as one data set (labs, say)
+    data: str | tuple[str, ...] = "synthetic"
     image_size: int = 64
     resize: str = "squash"
     val_fraction: float = 0.15
@@ -108,6 +111,7 @@ class TrainConfig:
     group_by: str = "auto"
     cache_dir: str | None = None
     extra_train: str | None = None
+    classes: tuple[str, ...] = ()
     # model
     model: str = "cnn4x32"
     norm: str = "batch"
@@ -142,6 +146,13 @@ class TrainConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, str):  # several sources: a tuple; one in a list is just one
+            srcs = tuple(str(d) for d in self.data)
+            if not srcs:
+                raise ConfigError("data: give at least one source")
+            if len(set(srcs)) < len(srcs):
+                raise ConfigError(f"data: a source is given twice: {', '.join(srcs)}")
+            object.__setattr__(self, "data", srcs[0] if len(srcs) == 1 else srcs)
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -164,6 +175,11 @@ class TrainConfig:
         if len(self.fractions) != 3 or min(self.fractions) <= 0:
             raise ConfigError(f"fractions must be three positive numbers, got {self.fractions}")
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The data sources, one or several (``data`` as a tuple)."""
+        return (self.data,) if isinstance(self.data, str) else self.data
+
     def to_dict(self) -> dict:
         """A plain dict (tuples as lists), ready for YAML."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -174,8 +190,12 @@ def coerce(name: str, tp, value):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
             return None
+        if isinstance(value, list | tuple):  # a list for a field that may hold one (data: several sources)
+            seq = [a for a in args if typing.get_origin(a) is tuple]
+            if seq:
+                return coerce(name, seq[0], value)
         return coerce(name, next(a for a in args if a is not type(None)), value)
     if origin is tuple:
         if isinstance(value, str):

@@ -10,6 +10,9 @@ Conventions, matching scikit-learn's defaults where it has one:
   averages the recall of the classes present in ``y_true``; an undefined precision/recall/F1 is 0;
 - ROC AUC is one-vs-rest, macro-averaged over the classes that have both positives and negatives in
   ``y_true`` (``None`` when there is none);
+- two classes: the second (index 1) is the positive one (IDC in the breast histopathology set);
+  ``f1_positive`` is its F1, ``pr_auc`` the area under its precision-recall curve as average
+  precision (scikit-learn's step sum, no interpolation), ``auc`` its ROC AUC;
 - ECE uses 15 equal-width confidence bins, each (lo, hi];
 - a group's label is the majority label of its images (lowest class index on a tie); its prediction
   is the majority of its images' predicted labels, a tie broken by the summed probabilities;
@@ -103,6 +106,27 @@ def roc_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> float | None:
         if 0 < np.sum(y_true == c) < len(y_true)
     ]
     return float(np.mean(aucs)) if aucs else None
+
+
+def f1_positive(y_true: np.ndarray, y_pred: np.ndarray, positive: int = 1) -> float:
+    """F1 of one class, by default the second (the positive class of binary data); 0 where undefined."""
+    n = max(_n_classes(y_true, y_pred, None), positive + 1)
+    return float(per_class_scores(confusion_matrix(y_true, y_pred, n))[2][positive])
+
+
+def average_precision(is_positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """PR AUC as average precision: the sum over score thresholds, highest first, of (recall gained)
+    x precision there; None without positives."""
+    pos = np.asarray(is_positive, dtype=bool)
+    if not pos.any():
+        return None
+    scores = np.asarray(scores, dtype=float)
+    order = np.argsort(-scores, kind="mergesort")
+    s, p = scores[order], pos[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # a threshold's last row: ties go together
+    tp = np.cumsum(p)[last]
+    precision, recall = tp / (last + 1), tp / pos.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
@@ -241,6 +265,9 @@ def compute_metrics(
         "confusion": cm.tolist(),
         "accuracy_ci": bootstrap_ci(correct, groups, n_boot, seed),
     }
+    if n_classes == 2:  # the binary headline figures (the second class is the positive one)
+        out.update(positive_class=classes[1], f1_positive=float(f1[1]),
+                   pr_auc=average_precision(y_true == 1, probs[:, 1]))
     if groups is not None:
         labels, preds, ids = group_votes(y_true, probs, groups)
         out["group_accuracy"] = float(np.mean(labels == preds))
@@ -249,6 +276,18 @@ def compute_metrics(
         # claims a certainty that 71 cells cannot give.
         out["group_accuracy_ci"] = wilson_ci(int(np.sum(labels == preds)), len(ids)) if n_boot > 0 else None
     return out
+
+
+def binary_line(m: dict) -> str:
+    """The binary headline figures of a metrics dict as console text ('' for more than two classes)."""
+    if "f1_positive" not in m:
+        return ""
+
+    def f(x) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    return (f"balanced accuracy {f(m.get('balanced_accuracy'))}  F1 ({m['positive_class']}) "
+            f"{f(m['f1_positive'])}  ROC AUC {f(m.get('auc'))}  PR AUC {f(m.get('pr_auc'))}")
 
 
 def split_metrics(classes: list[str], groups: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -260,3 +299,14 @@ def split_metrics(classes: list[str], groups: np.ndarray, labels: np.ndarray, pr
         m.setdefault("group_accuracy_ci", wilson_ci(int(round(m["accuracy"] * len(labels))), len(labels)))
         m.setdefault("n_groups", int(len(labels)))
     return m
+
+
+def per_source_metrics(classes: list[str], groups: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                       sources: np.ndarray, names: list[str]) -> dict:
+    """split_metrics of each source's images (``sources``: an index into ``names`` per image), by name."""
+    out = {}
+    for k, name in enumerate(names):
+        rows = np.flatnonzero(sources == k)
+        if len(rows):
+            out[name] = split_metrics(classes, groups[rows], labels[rows], probs[rows])
+    return out

@@ -29,8 +29,10 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     """bloodcell evaluate RUN_DIR|CHECKPOINT --data PATH [--split NAME[,NAME...]]"""
     from bloodcell.evaluate import evaluate_checkpoint  # lazy: start-up
+    from bloodcell.metrics import binary_line  # lazy: start-up
 
-    res = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, class_map=args.class_map,
+    data = args.data[0] if len(args.data) == 1 else args.data
+    res = evaluate_checkpoint(args.checkpoint, data, split=args.split, class_map=args.class_map,
                               tta=args.tta, cache_dir=args.cache_dir, device=args.device, out=args.out,
                               restrict=args.restrict,
                               log=lambda m: print(m, file=sys.stderr))
@@ -44,6 +46,10 @@ def cmd_evaluate(args) -> int:
               f"macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
               f"group accuracy {m.get('group_accuracy', float('nan')):.4f} [{gci[0]:.4f}, {gci[1]:.4f}] "
               f"(n={m.get('n_groups', '?')} groups)")
+        if binary_line(m):
+            print(f"{'':12s} {binary_line(m)}")
+        for root, ms in m.get("per_source", {}).items():
+            print(f"  {root}: n={ms['n']:<6} accuracy {ms['accuracy']:.4f}  macro-F1 {ms['macro_f1']:.4f}")
     return 0
 
 
@@ -62,7 +68,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained model on any data set",
                        description=cmd_evaluate.__doc__)
     p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
-    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--data", required=True, action="append", metavar="DATA", help=DATA_HELP)
     p.add_argument("--split", help="split(s) to evaluate, comma-separated, 'all' for every image (default: "
                                    "test and test_simple of the training data; all images of another data set)")
     p.add_argument("--class-map", help="DATA=MODEL,... where class names differ beyond case")

@@ -6,7 +6,7 @@
 
 The modules, one job each: records (the dataclasses), layouts (discover: what is under a path),
 groups (look-alike images as one group), splits, images (decoding one file), cache (the decoded
-arrays on disk), dataset (load_dataset, join_train), loader (BatchLoader), synthetic (the built-in
+arrays on disk), dataset (load_dataset, join_train), sources (several data sets as one), loader (BatchLoader), synthetic (the built-in
 data) and check (``bloodcell data check``).
 """
 
@@ -20,6 +20,16 @@ from bloodcell.data.dataset import (
 from bloodcell.data.layouts import discover
 from bloodcell.data.loader import BatchLoader
 from bloodcell.data.records import Dataset, Item, Problem, Source, Split
+from bloodcell.data.sources import (
+           join_sources,
+           load_sources,
+           parse_class_map,
+           select_classes,
+           source_names,
+           source_rows,
+)
 
 __all__ = ["BatchLoader", "Dataset", "Item", "Problem", "Source", "Split", "discover", "discover_grouped",
-           "join_train", "load_dataset", "problem_lines", "take_rows"]
+           "join_sources", "join_train", "load_dataset", "load_sources", "parse_class_map", "problem_lines",
+           "select_classes", "source_names", "source_rows",
+           "take_rows"]

@@ -64,6 +64,22 @@ def _decode_chunk(args: tuple[list[str], int, str, str, int]) -> list[str | None
     return errors
 
 
+def write_array(path: Path, shape: tuple[int, ...], fill):
+    """Create the uint8 array file ``path`` (.npy) of ``shape``: ``fill(tmp)`` writes the rows into the
+    file at ``tmp`` (open it with ``np.load(tmp, mmap_mode="r+")``), then one rename makes it whole,
+    so an interrupted build never leaves a file a later run would read. Returns what ``fill`` returns."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+    os.close(fd)
+    try:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()  # header and size
+        out = fill(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
 def build_cache(items: list[Item], size: int, resize: str = "squash", cache_dir: str | os.PathLike | None = None,
                 workers: int | None = None, progress=None) -> tuple[np.ndarray, list[str | None], bool]:
     """Return (images memmap N x size x size x 3, per-item error or None, was_cached)."""
@@ -77,31 +93,27 @@ def build_cache(items: list[Item], size: int, resize: str = "squash", cache_dir:
         if meta.get("n") == len(items):
             return np.load(data_path, mmap_mode="r"), meta["errors"], True
     n = len(items)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy", dir=cache_dir)
-    os.close(fd)
-    try:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        del arr
+
+    def decode_into(tmp: str) -> list[str | None]:
         paths = [it.path for it in items]
         chunk = 256
         jobs = [(paths[i:i + chunk], size, resize, tmp, i) for i in range(0, n, chunk)]
-        workers = workers or min(len(jobs), os.cpu_count() or 1)
+        nproc = workers or min(len(jobs), os.cpu_count() or 1)
         errors: list[str | None] = []
-        if workers <= 1 or n < 512:
+        if nproc <= 1 or n < 512:
             for j in jobs:
                 check_stop()
                 errors.extend(_decode_chunk(j))
                 if progress:
                     progress(len(errors), n)
         else:
-            for errs in worker_map(_decode_chunk, jobs, workers):
+            for errs in worker_map(_decode_chunk, jobs, nproc):
                 errors.extend(errs)
                 if progress:
                     progress(len(errors), n)
-        os.replace(tmp, data_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return errors
+
+    errors = write_array(data_path, (n, size, size, 3), decode_into)
     write_json(meta_path, {"n": n, "size": size, "resize": resize, "errors": errors, "format": CACHE_FORMAT},
                indent=None)
     return np.load(data_path, mmap_mode="r"), errors, False

@@ -10,8 +10,9 @@ import numpy as np
 from bloodcell.data.dataset import discover_grouped, load_dataset
 from bloodcell.data.images import describe_error, load_image, open_image
 from bloodcell.data.layouts import is_synthetic
+from bloodcell.data.medmnist import check_medmnist, is_medmnist
 from bloodcell.data.records import Problem
-from bloodcell.data.splits import make_splits
+from bloodcell.data.splits import make_splits, unusable_split
 from bloodcell.runtime import worker_map
 
 
@@ -39,6 +40,8 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
                 "sizes": {"64x64 (generated)": sum(len(s) for s in ds.splits.values())},
                 "modes": {"RGB": sum(len(s) for s in ds.splits.values())}, "problems": [], "usable": True,
                 "synthetic": True}
+    if is_medmnist(path):
+        return check_medmnist(path, cache_dir)
     src = discover_grouped(path, group_regex=group_regex, group_by=group_by, cache_dir=cache_dir)
     problems = list(src.problems)
     paths = [it.path for it in src.items]
@@ -58,7 +61,12 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
     splits = {}
     usable = not any(p.fatal for p in problems) and len({it.label for it in ok_items}) >= 2
     if usable:
-        for name, idx in make_splits(ok_items, seed, fractions, val_fraction).items():
+        made = make_splits(ok_items, seed, fractions, val_fraction)
+        refused = unusable_split(ok_items, made, src.classes, src.group_by)
+        if refused:
+            problems.append(refused)
+            usable = False
+        for name, idx in made.items():
             labels = np.array([ok_items[i].label for i in idx])
             groups = np.array([ok_items[i].group for i in idx])
             splits[name] = {

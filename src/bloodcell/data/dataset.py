@@ -11,8 +11,9 @@ import numpy as np
 from bloodcell.data.cache import build_cache, default_cache_dir, synthetic_arrays
 from bloodcell.data.groups import similar_groups
 from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
+from bloodcell.data.medmnist import is_medmnist, load_medmnist
 from bloodcell.data.records import Dataset, Item, Problem, Source, Split
-from bloodcell.data.splits import make_splits
+from bloodcell.data.splits import confounding, make_splits, unusable_split
 from bloodcell.errors import DataError
 
 
@@ -20,8 +21,12 @@ def discover_grouped(path: str | os.PathLike | None, group_regex: str | None = N
                      cache_dir: str | os.PathLike | None = None) -> Source:
     """discover(), then the look-alike groups (groups.similar_groups, cached in ``cache_dir``, by
     default the decoded-image cache folder) where ``group_by`` resolves to ``similar`` and the data
-    is usable: every item's group as load_dataset splits by it."""
+    is usable: every item's group as load_dataset splits by it; and the note where class and
+    source (patient) are confounded (splits.confounding)."""
     src = discover(path, group_regex=group_regex, group_by=group_by)
+    note = None if any(p.fatal for p in src.problems) else confounding(src)
+    if note:
+        src.problems.append(note)
     if src.group_by == "similar" and not any(p.fatal for p in src.problems):
         similar_groups(src.items, default_cache_dir() if cache_dir is None else cache_dir)
     return src
@@ -37,6 +42,8 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
         raise DataError(f"image size must be at least 8 px, got {image_size}")
     if is_synthetic(path):
         return _load_synthetic(path, image_size, seed, cache_dir, fractions)
+    if source is None and is_medmnist(path):  # a MedMNIST .npz: its official splits, no files
+        return load_medmnist(path, image_size, resize, cache_dir)
     src = source or discover_grouped(path, group_regex=group_regex, group_by=group_by, cache_dir=cache_dir)
     raise_if_fatal(src)
     images, errors, cached = build_cache(src.items, image_size, resize, cache_dir, workers, progress)
@@ -52,7 +59,11 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
     index = np.flatnonzero(ok)
     groups_all = {g: i for i, g in enumerate(sorted({it.group for it in good_items}))}
     splits = {}
-    for name, idx in make_splits(good_items, seed, fractions, val_fraction).items():
+    made = make_splits(good_items, seed, fractions, val_fraction)
+    refused = unusable_split(good_items, made, src.classes, src.group_by)
+    if refused:
+        raise DataError(refused.detail)
+    for name, idx in made.items():
         if not idx:
             continue
         rows = index[idx]
@@ -83,7 +94,7 @@ def join_train(ds: Dataset, extra: Dataset) -> Dataset:
     if a is None:
         raise DataError(f"{ds.root} has no train split to add {extra.root}'s images to")
     labels = lut[x.labels[keep]]
-    train = Split(_Joined([a.images, take_rows(x.images, keep)]), np.concatenate([a.labels, labels]),
+    train = Split(JoinedRows([a.images, take_rows(x.images, keep)]), np.concatenate([a.labels, labels]),
                   np.concatenate([a.groups, x.groups[keep] + int(a.groups.max(initial=-1)) + 1]),
                   list(a.paths) + [x.paths[k] for k in keep])
     added = {ds.classes[i]: int((labels == i).sum()) for i in range(len(ds.classes)) if (labels == i).any()}
@@ -96,11 +107,17 @@ def join_train(ds: Dataset, extra: Dataset) -> Dataset:
 _EXTRA = "--extra-train "  # how join_train marks the problems it brings in from the other set
 
 
-def problem_lines(ds: Dataset, data: str) -> list[str]:
+def problem_lines(ds: Dataset, data) -> list[str]:
     """One console line per problem the data load found (files skipped, say), naming the ``bloodcell
-    data check`` that lists it: ``data``'s, or the --extra-train set's for one join_train brought in."""
-    return [f"data: {p.detail} (bloodcell data check "
-            f"{ds.extra_train['root'] if p.detail.startswith(_EXTRA) else data} lists them)" for p in ds.problems]
+    data check`` that lists it: ``data``'s, the --extra-train set's for one join_train brought in, or
+    the source's of several (data.sources: its problems start with its root)."""
+    def where(p: Problem) -> str:
+        if p.detail.startswith(_EXTRA):
+            return ds.extra_train["root"]
+        own = [s["root"] for s in ds.sources if p.detail.startswith(f"{s['root']}: ")]
+        return own[0] if own else str(data)
+
+    return [f"data: {p.detail} (bloodcell data check {where(p)} lists them)" for p in ds.problems]
 
 
 def take_rows(images, rows: np.ndarray):
@@ -133,7 +150,7 @@ class _Rows:
         return a.astype(dtype) if dtype is not None else a
 
 
-class _Joined:
+class JoinedRows:
     """A lazy concatenation of row arrays (memory maps or their row views): a read touches only the
     rows it asks for."""
 

@@ -4,6 +4,11 @@ Layouts, tried in this order:
 - ``synthetic`` (or ``synthetic:N``): bloodcell's built-in generated smears, no files needed;
 - ``kaggle``: the Kaggle "Blood Cell Images" tree, ``images/{TRAIN,TEST,TEST_SIMPLE}/<CLASS>/*.jpeg``,
   found from ``images/``, ``dataset2-master/`` or the folder that holds ``dataset2-master/``;
+- ``idc``: the Kaggle breast histopathology (IDC) patches, ``<patient>/{0,1}/*.png``, found from the
+  folder of patient folders or the one above the release's nested ``IDC_regular_ps50_idx5/``; each
+  patient is one group (``group_by`` ``patient``), whatever the class of its patches;
+- ``table``: a CSV or TSV file of ``path,label`` rows (data.tables);
+- ``medmnist``: a MedMNIST ``.npz`` file or name: its classes only, no items (data.medmnist);
 - ``split-folders``: ``<root>/{train,val,test}/<class>/*`` (val optional);
 - ``class-folders``: ``<root>/<class>/*`` (PBC is one).
 """
@@ -16,9 +21,11 @@ import re
 from pathlib import Path
 
 from bloodcell.config import CHOICES
+from bloodcell.data.medmnist import is_medmnist, locate, read_npz
 from bloodcell.data.records import Item, Problem, Source
+from bloodcell.data.tables import TABLE_SUFFIXES, is_file_group, read_table
 from bloodcell.errors import DataError
-from bloodcell.info import IMAGE_EXTENSIONS, SYNTHETIC_CLASSES
+from bloodcell.info import IMAGE_EXTENSIONS, INFO, SYNTHETIC_CLASSES
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -27,6 +34,11 @@ SPLIT_ALIASES = {
     "test_simple": "test_simple",
 }
 KAGGLE_NAME = re.compile(r"^_(\d+)_(\d+)\.jpe?g$", re.IGNORECASE)
+IDC = INFO["breast-histopathology"]
+IDC_NAME = re.compile(r"^(\w+?)_idx5_x\d+_y\d+_class(\d)\.png$", re.IGNORECASE)
+# Groups that are sources holding images of any class (a patient, a table's group column): where
+# class and source are confounded, splitting by them needs care (splits.missing_classes).
+SOURCE_GROUPS = ("patient", "column")
 SYNTHETIC_DEFAULT_N = 3000
 
 
@@ -68,6 +80,35 @@ def _find_kaggle_images(path: Path) -> Path | None:
     return None
 
 
+def _idc_patients(folder: Path) -> list[Path] | None:
+    """The patient folders of an IDC tree at ``folder`` (each holds only ``0`` and ``1`` folders), or None."""
+    patients = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return None
+    for e in entries:
+        if e.name.startswith(".") or e.name == IDC["nested_folder"] or not e.is_dir():
+            continue
+        try:
+            subs = {s.name for s in os.scandir(e.path) if s.is_dir() and not s.name.startswith(".")}
+        except OSError:
+            return None
+        if not subs or not subs <= set(IDC["classes"]):
+            return None
+        patients.append(Path(e.path))
+    return patients or None
+
+
+def _find_idc(path: Path) -> tuple[Path, list[Path]] | None:
+    """(root, patient folders) of the IDC layout at ``path`` or in its nested release folder."""
+    for cand in (path, path / IDC["nested_folder"]):
+        patients = _idc_patients(cand) if cand.is_dir() else None
+        if patients:
+            return cand, patients
+    return None
+
+
 def _file_item(p: Path, label: int, group: str, split: str) -> Item:
     try:
         st = p.stat()
@@ -81,9 +122,15 @@ GROUP_BY = CHOICES["group_by"]
 
 def resolve_group_by(group_by: str, layout: str, group_regex: str | None) -> str:
     """``auto``: the file name's group where --group-regex says how to read it, else look-alike
-    images for the Kaggle layout (whose _K_N names do not identify the cell), else each file alone."""
+    images for the Kaggle layout (whose _K_N names do not identify the cell), the patient for the
+    IDC layout (``name`` too: the patient id leads its file names), the group column of a table
+    that has one, else each file alone."""
     if group_by not in GROUP_BY:
         raise DataError(f"group_by must be one of {', '.join(GROUP_BY)}; got {group_by!r}")
+    if layout == "idc" and (group_by == "auto" or (group_by == "name" and not group_regex)):
+        return "patient"
+    if layout == "table-groups" and group_by == "auto" and not group_regex:
+        return "column"
     if group_by != "auto":
         return group_by
     if group_regex:
@@ -112,23 +159,45 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None, gro
                 raise DataError(f"synthetic:N needs at least 40 images, got {n}")
         return Source("synthetic", "synthetic", list(SYNTHETIC_CLASSES), [], synthetic_n=n)
 
+    if is_medmnist(path):  # no files: load_dataset reads its arrays (data.medmnist); here, its classes
+        file = locate(path)
+        _, classes, _, problems = read_npz(file)
+        return Source(str(file), "medmnist", classes, [], problems)
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data path does not exist: {root}")
+    if root.is_file() and root.suffix.lower() in TABLE_SUFFIXES:
+        src = read_table(root, SPLIT_ALIASES)
+        has_groups = not all(is_file_group(it.group) for it in src.items)
+        how = resolve_group_by(group_by, "table-groups" if has_groups else "table", group_regex)
+        regex = re.compile(group_regex) if group_regex and how == "name" else None
+        for it in src.items:
+            if how != "column" or is_file_group(it.group):
+                it.group = _group_for(Path(it.path).name, src.classes[it.label], regex, False, "", it.path)
+        return _finish(src, how)
     if not root.is_dir():
-        raise DataError(f"data path is a file, not a folder of images: {root}")
+        raise DataError(f"data path is a file, not a folder of images or a label table "
+                        f"({', '.join(TABLE_SUFFIXES)}): {root}")
     kaggle = _find_kaggle_images(root)
-    how = resolve_group_by(group_by, "kaggle" if kaggle is not None else "", group_regex)
+    idc = _find_idc(root) if kaggle is None else None
+    how = resolve_group_by(group_by, "kaggle" if kaggle is not None else "idc" if idc else "", group_regex)
     regex = re.compile(group_regex) if group_regex and how == "name" else None
     if kaggle is not None:
         src = _discover_split_folders(kaggle, regex, kaggle_names=how == "name")
         src.layout = "kaggle"
+    elif idc is not None:
+        src = _discover_idc(*idc, how, regex)
     else:
         split_dirs = [d for d in _list_dirs(root) if d.name.lower() in SPLIT_ALIASES]
         if split_dirs and any(SPLIT_ALIASES[d.name.lower()] == "train" for d in split_dirs):
             src = _discover_split_folders(root, regex, kaggle_names=False)
         else:
             src = _discover_class_folders(root, regex)
+    return _finish(src, how)
+
+
+def _finish(src: Source, how: str) -> Source:
+    """The checks every layout gets: duplicates merged, usability."""
     src.group_by = how
     _hash_and_merge_duplicates(src)
     _check_usable(src)
@@ -172,6 +241,32 @@ def _discover_split_folders(root: Path, regex, kaggle_names: bool) -> Source:
                 src.items.append(_file_item(
                     p, label, _group_for(p.name, classes[label], regex, kaggle_names, split, str(p)),
                     split))
+    return src
+
+
+def _discover_idc(root: Path, patients: list[Path], how: str, regex) -> Source:
+    folders = list(IDC["classes"])  # "0", "1": the label index is the folder's position
+    src = Source(str(root), "idc", list(IDC["classes"].values()), [])
+    if root.joinpath(IDC["nested_folder"]).is_dir():
+        src.problems.append(Problem("idc_nested_copy", f"{IDC['nested_folder']}/ (the release's second copy of "
+                                    "the patient folders) is not read: its patches are the ones beside it"))
+    others_all, mismatch = [], []
+    for d in patients:
+        for label, folder in enumerate(folders):
+            images, others = _walk_files(d / folder) if (d / folder).is_dir() else ([], [])
+            others_all += others
+            for p in images:
+                m = IDC_NAME.match(p.name)
+                if m and m.group(2) != folder:  # the name's class<C> contradicts the folder
+                    mismatch.append(str(p))
+                    continue
+                group = f"patient/{d.name}" if how == "patient" else _group_for(
+                    p.name, src.classes[label], regex, False, "", str(p))
+                src.items.append(_file_item(p, label, group, ""))
+    _note_non_images(src, others_all)
+    if mismatch:
+        src.problems.append(Problem("idc_label_conflict", f"{len(mismatch)} patch(es) whose name's class "
+                                    "differs from their folder's (left out)", mismatch))
     return src
 
 
@@ -280,13 +375,18 @@ def _check_usable(src: Source) -> None:
         counts = [counts[i] for i in keep]
         for it in src.items:
             it.label = remap[it.label]
-    if not src.items:
+    loose = [p for p in Path(src.root).glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS] if not src.items else []
+    if loose:
+        src.problems.append(Problem("unlabelled_images", f"{len(loose)} image(s) directly in {src.root} and no "
+                                    "class folders: unlabelled images are for `bloodcell predict RUN FOLDER`; to "
+                                    "train, put them in <class>/ folders or list them in a label table", fatal=True))
+    elif not src.items:
         src.problems.append(Problem("no_images", f"no images found under {src.root} "
                                     f"(looked for {', '.join(IMAGE_EXTENSIONS)})", fatal=True))
     elif sum(1 for n in counts if n > 0) < 2:
         src.problems.append(Problem("one_class", "only one class has images; a classifier needs two or more",
                                     fatal=True))
-    if src.layout in ("split-folders", "kaggle"):
+    if any(it.split for it in src.items):
         for split in sorted({it.split for it in src.items}):
             present = {it.label for it in src.items if it.split == split}
             missing = [c for i, c in enumerate(src.classes) if i not in present and counts[i] > 0]

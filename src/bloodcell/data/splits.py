@@ -6,7 +6,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from bloodcell.data.records import Item
+from bloodcell.data.layouts import SOURCE_GROUPS
+from bloodcell.data.records import Item, Problem, Source
 
 
 def grouped_split(items: list[Item], fractions: dict[str, float], seed: int) -> dict[str, list[int]]:
@@ -68,3 +69,47 @@ def make_splits(items: list[Item], seed: int, fractions: tuple[float, float, flo
         out["val"] = [train[j] for j in sub["val"]]
     order = ["train", "val", "test", "test_simple"]
     return {k: sorted(out[k]) for k in sorted(out, key=lambda s: order.index(s) if s in order else 9)}
+
+
+def unusable_split(items: list[Item], splits: dict[str, list[int]], classes: list[str],
+                   group_by: str) -> Problem | None:
+    """A fatal problem where groups are sources of any class (patients) and a split bloodcell made
+    lacks a class: class and source are too confounded for a grouped split (None where all is well)."""
+    if group_by not in SOURCE_GROUPS:
+        return None
+    made = [n for n in splits if n not in {it.split for it in items}]
+    for name in made:
+        have = {items[i].label for i in splits[name]}
+        lacking = [k for k in sorted({it.label for it in items}) if k not in have]
+        if lacking:
+            k = lacking[0]
+            holders = len({it.group for it in items if it.label == k})
+            what = "patient" if group_by == "patient" else "group"
+            return Problem("split_lacks_class",
+                           f"a {what}-grouped split leaves {name} without class {classes[k]}: only {holders} "
+                           f"{what}(s) hold it and each {what} stays on one side; add {what}s of that class, "
+                           "or give the splits yourself (a label table's split column)", [classes[k]], fatal=True)
+    return None
+
+
+def confounding(src: Source) -> Problem | None:
+    """A note (not fatal) where groups are sources of any class (patients) and fewer than half of them
+    hold more than one class: a split's figures then rest on few sources, and a model may learn them."""
+    if src.group_by not in SOURCE_GROUPS:
+        return None
+    labels: dict[str, set[int]] = {}
+    for it in src.items:
+        labels.setdefault(it.group, set()).add(it.label)
+    mixed = sorted(g for g, s in labels.items() if len(s) > 1)
+    if len(mixed) * 2 >= len(labels):
+        return None
+    what = "patient" if src.group_by == "patient" else "group"
+    per_class = ", ".join(f"{c} from {sum(1 for s in labels.values() if k in s)}"
+                          for k, c in enumerate(src.classes))
+    shown = ", ".join(g.split("/", 1)[-1] for g in mixed[:8]) + (", ..." if len(mixed) > 8 else "")
+    return Problem(
+        "class_confounded_with_group",
+        f"class and {what} are confounded: only {len(mixed)} of {len(labels)} {what}s hold more than one "
+        f"class{f' ({shown})' if mixed else ''}; {what}s per class: {per_class}. Splits keep each {what} "
+        f"on one side, so a split's figures rest on few {what}s, and a model may learn the {what} "
+        "(slide, stain) rather than the class", [g.split("/", 1)[-1] for g in mixed])

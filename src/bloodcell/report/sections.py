@@ -72,10 +72,13 @@ def headline(res: dict, models: list[dict], colors: dict) -> list:
     if bt:
         t = bt["test"]
         acc, f1, n = pct(t.get("accuracy")), pct(t.get("macro_f1")), count(t.get("n"))
+        binary = _binary_text(t)
         cards_md.append(f"**Best on test: {bt['model']}** — accuracy {acc}, 95 % CI "
-                        f"{ci_text(t.get('accuracy_ci'))}, macro-F1 {f1}, on {n} test images.")
+                        f"{ci_text(t.get('accuracy_ci'))}, macro-F1 {f1}{', ' + binary if binary else ''}, "
+                        f"on {n} test images.")
         cards_html.append(_card("Best on test", bt["model"], colors, acc,
-                                f"95 % CI {ci_text(t.get('accuracy_ci'))} · macro-F1 {f1} · n = {n}"))
+                                f"95 % CI {ci_text(t.get('accuracy_ci'))} · macro-F1 {f1} · "
+                                + (f"{binary.replace(', ', ' · ')} · " if binary else "") + f"n = {n}"))
     if bv:
         v = bv["val"]
         cards_md.append(f"**Best on validation: {bv['model']}** — accuracy {pct(v.get('accuracy'))}, "
@@ -108,6 +111,14 @@ def headline(res: dict, models: list[dict], colors: dict) -> list:
                  f"({bt['model']}); picking by validation is the honest choice.")
     blocks.append(Block("p", note))
     return blocks
+
+
+def _binary_text(m: dict) -> str:
+    """'balanced accuracy 84.0 %, F1 (IDC) 75.1 %, ROC AUC 0.912, PR AUC 0.874' for binary data, else ''."""
+    if not isinstance(m, dict) or "f1_positive" not in m:
+        return ""
+    return (f"balanced accuracy {pct(m.get('balanced_accuracy'))}, F1 ({m.get('positive_class', '?')}) "
+            f"{pct(m.get('f1_positive'))}, ROC AUC {fixed(m.get('auc'))}, PR AUC {fixed(m.get('pr_auc'))}")
 
 
 def _card(label: str, name: str, colors: dict | None, big: str, small: str) -> str:
@@ -165,14 +176,21 @@ def study_table(models: list[dict], colors: dict) -> Table:
 
 
 def metrics_table(models: list[dict], colors: dict) -> Table:
-    """The remaining test metrics: balanced accuracy, AUC, calibration, sizes."""
+    """The remaining test metrics: balanced accuracy, AUC, calibration, sizes; for two classes the
+    binary headline figures too (F1 of the positive class, ROC AUC, PR AUC)."""
+    positive = next((metric(r, "test", "positive_class") for r in models if metric(r, "test", "f1_positive")
+                     is not None), None)
+    binary = ["f1_positive", "pr_auc"] if positive else []
     rows = [[_swatch(r["model"], colors), pct(metric(r, "val", "macro_f1")),
-             pct(metric(r, "test", "balanced_accuracy")), fixed(metric(r, "test", "auc")),
+             pct(metric(r, "test", "balanced_accuracy")), *[(pct if k == "f1_positive" else fixed)(
+                 metric(r, "test", k)) for k in binary], fixed(metric(r, "test", "auc")),
              fixed(metric(r, "test", "ece")), count(metric(r, "test", "n")),
              count(metric(r, "test", "n_groups")), r.get("norm") or MISSING]
             for r in ranked(models)]
-    return Table(["Model", "Val macro-F1", "Test balanced acc", "Test AUC (macro OvR)", "Test ECE",
-                  "Test images", "Test cells (groups)", "Norm"], rows, numeric={1, 2, 3, 4, 5, 6})
+    headers = ["Model", "Val macro-F1", "Test balanced acc",
+               *([f"Test F1 ({positive})", "Test PR AUC", "Test ROC AUC"] if positive else ["Test AUC (macro OvR)"]),
+               "Test ECE", "Test images", "Test cells (groups)", "Norm"]
+    return Table(headers, rows, numeric=set(range(1, len(headers) - 1)), id="test-metrics")
 
 
 def recall_table(models: list[dict], classes: list[str], colors: dict) -> Table:
@@ -189,6 +207,9 @@ GROUPED_BY = {
                "histograms: group_by similar).",
     "name": " Groups here come from the file names (group_by name).",
     "file": " Groups here are single files (byte-identical copies joined: group_by file).",
+    "patient": " Groups here are patients (the IDC layout's patient folders): no patient is on both sides "
+               "of a split.",
+    "column": " Groups here come from the label table's group column.",
 }
 
 
@@ -262,3 +283,22 @@ def protocol_blocks(res: dict, d: Path) -> list:
 
 
 # --- assembly ---------------------------------------------------------------------------------
+
+
+def sources_table(models: list[dict], colors: dict, sources: list[dict]) -> Table | None:
+    """Validation and test accuracy of each model on each source (lab), where there are several."""
+    roots = [s.get("root", MISSING) for s in sources or []]
+    if len(roots) < 2:
+        return None
+    splits = [s for s in ("val", "test") if any(metric(r, s, "per_source") for r in models)]
+    rows = []
+    for r in ranked(models):
+        cells = [_swatch(r["model"], colors)]
+        for s in splits:
+            per = metric(r, s, "per_source") or {}
+            cells += [pct((per.get(root) or {}).get("accuracy")) for root in roots]
+        rows.append(cells)
+    headers = ["Model"] + [f"{s} acc, {root}" for s in splits for root in roots]
+    return Table(headers, rows, numeric=set(range(1, len(headers))), id="per-source",
+                 caption="Each source (lab) was split on its own; validation chose the epoch on all of "
+                         "them pooled.")
