@@ -16,6 +16,11 @@ from bloodcell.data.records import Dataset, Item, Problem, Source, Split
 from bloodcell.data.splits import confounding, make_splits, unusable_split
 from bloodcell.errors import DataError
 
+# A split is copied into RAM only where it is under half of the images and this small; a bigger one
+# stays a lazy view of the memory map (bench/large_idc.py: the IDC release's val and test splits
+# took 720 MB of RAM as copies).
+IN_RAM_BYTES = 256 * 2**20
+
 
 def discover_grouped(path: str | os.PathLike | None, group_regex: str | None = None, group_by: str = "auto",
                      cache_dir: str | os.PathLike | None = None) -> Source:
@@ -68,7 +73,8 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
             continue
         rows = index[idx]
         splits[name] = Split(
-            images=images[rows] if len(rows) < len(images) // 2 else _Rows(images, rows),
+            images=images[rows] if len(rows) < len(images) // 2 and len(rows) * images[0].nbytes <= IN_RAM_BYTES
+            else _Rows(images, rows),
             labels=np.array([good_items[i].label for i in idx], dtype=np.int64),
             groups=np.array([groups_all[good_items[i].group] for i in idx], dtype=np.int64),
             paths=[good_items[i].path for i in idx],
