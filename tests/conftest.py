@@ -70,13 +70,8 @@ def pbc_root() -> Path:
 @pytest.fixture(scope="session")
 def other_labs() -> Path:
     """The two small labs' folders (…/other-labs: tecom, cellavision); skips without BLOODCELL_TEST_DATA."""
-    root = _real_root()
-    if root is None:
-        pytest.skip("BLOODCELL_TEST_DATA is not set")
-    p = root / "other-labs"
-    if not (p / "tecom").is_dir() or not (p / "cellavision").is_dir():
-        pytest.skip(f"{p} not found")
-    return p
+    real_folder("other-labs", "cellavision")
+    return real_folder("other-labs", "tecom").parent
 
 
 def real_folder(*parts: str) -> Path:
