@@ -119,7 +119,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--top-k", type=int, default=1, help="show the k most probable classes (default 1)")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
-    p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
+    p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR, and beside it the raw heat "
+                   "map at the model's input size (.npy)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="inference engine (default auto: ONNX Runtime on CPU, the fastest measured)")
