@@ -79,8 +79,24 @@ def test_too_small_image_or_too_few_classes_raise(name: str) -> None:
 def test_bad_options_raise() -> None:
     with pytest.raises(ValueError, match="norm"):
         get_model("cnn4x32", num_classes=4, norm="layer")
+    with pytest.raises(ValueError, match="baselines need batch or group"):
+        get_model("resnet18", num_classes=4, norm="none")
     with pytest.raises(TypeError):
-        get_model("resnet18", num_classes=4, norm="batch")
+        get_model("resnet18", num_classes=4, dropout=0.1)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_norm_group_replaces_every_batchnorm(name: str) -> None:
+    """--norm group in every registered model: no BatchNorm left, GroupNorm in its place, and the
+    output of an image does not depend on the other images of its batch (per-image statistics)."""
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=4, image_size=64, norm="group").train()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    model.eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
 
 
 def test_norm_none_has_no_batchnorm() -> None:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +128,39 @@ def test_mix_none_is_one_hot_and_unknown_mode_raises():
     assert same is x and torch.equal(target, torch.eye(3)[y])
     with pytest.raises(ValueError, match="unknown mix"):
         mix_batch(x, y, 3, "mosaic", 1.0, torch.Generator())
+
+
+def test_hed_jitter_is_the_stain_space_scaled_and_shifted():
+    """Against the colour deconvolution written out with skimage's stain matrices (not its rgb2hed,
+    which clips negative densities): each stain's density scaled by a and shifted by b, then
+    recomposed, is what hed_jitter returns for the a and b it draws."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    from bloodcell.transforms import hed_jitter
+
+    x = torch.rand(3, 3, 12, 12) * 0.8 + 0.1
+    assert torch.allclose(hed_jitter(x, torch.Generator().manual_seed(0), 0.0), x, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    a = 1 + (torch.rand(3, 3, generator=g) * 2 - 1) * 0.2
+    b = (torch.rand(3, 3, generator=g) * 2 - 1) * 0.2
+    got = hed_jitter(x, torch.Generator().manual_seed(1), 0.2)
+    for i in range(3):
+        od = -np.log(x[i].permute(1, 2, 0).double().numpy())  # H x W x 3 optical density
+        stains = (od @ hed_from_rgb) * a[i].double().numpy() + b[i].double().numpy()
+        want = torch.from_numpy(np.exp(-(stains @ rgb_from_hed))).permute(2, 0, 1).float().clamp(0, 1)
+        assert torch.allclose(got[i], want, atol=1e-4), float((got[i] - want).abs().max())
+    assert (got - x).abs().mean() > 0.01  # it does change the stains
+
+
+def test_random_gray_turns_the_drawn_share_grey_and_joins_augment():
+    from bloodcell.transforms import random_gray
+
+    x = torch.rand(400, 3, 4, 4)
+    y = random_gray(x, torch.Generator().manual_seed(0), 0.3)
+    grey = (y[:, 0] == y[:, 1]).all(-1).all(-1) & (y[:, 1] == y[:, 2]).all(-1).all(-1)
+    assert 0.2 < grey.float().mean() < 0.4
+    assert torch.equal(y[~grey], x[~grey])
+    assert torch.equal(random_gray(x, torch.Generator(), 0.0), x)
+    a = augment(x, "none", torch.Generator().manual_seed(3), stain_jitter=0.1, gray=0.5)
+    b = augment(x, "none", torch.Generator().manual_seed(3), stain_jitter=0.1, gray=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, x) and 0 <= a.min() and a.max() <= 1

@@ -24,7 +24,7 @@ CHOICES = {
     "mix": ("none", "mixup", "cutmix"),
     "resize": ("squash", "crop", "pad", "cell", "cellfit"),
     "group_by": ("auto", "similar", "name", "file"),
-    "monitor": ("val_macro_f1", "val_accuracy", "val_loss"),
+    "monitor": ("val_macro_f1", "val_accuracy", "val_loss", "last"),
 }
 
 # Choices and defaults of the commands around training, which their CLI flags show too.
@@ -55,10 +55,16 @@ FIELD_HELP = {
                    "and resize; its val and test are never used, and validation and test stay this data's",
     "classes": "train on these classes only (names matched in any case, comma-separated; the others' "
                "images are left out after the split); empty: every class of the data",
+    "labels_per_class": "use only this many labelled cells per class (0: all): drawn, seeded, from "
+                        "the train split's groups (a group is one cell with its copies), and as many "
+                        "from the val split, so a few-label fine-tuning (with --init-from) reads no "
+                        "other label; the test split is untouched. With --monitor last the val labels "
+                        "choose nothing",
     "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
     "model": "registered model name (bloodcell models lists them)",
-    "norm": "normalisation layers of the study's four models: batch norm; group norm (each image's own "
-            "statistics, the same at training and test time, whatever the lab); none",
+    "norm": "normalisation layers (the study's four and the torchvision baselines): batch norm; group "
+            "norm (each image's own statistics, the same at training and test time, whatever the lab); "
+            "none (the study's four only)",
     "stain_norm": "stain normalisation, a first layer of the model (so evaluate, predict, serve and "
                   "export apply it too): image = each image's colour channels shifted and scaled to "
                   "mean 0 and spread 1, removing a lab's stain and lighting cast; gray = the same on "
@@ -82,12 +88,16 @@ FIELD_HELP = {
     "blur": "also blur each training image by a Gaussian whose standard deviation is drawn from 0 to "
             "this many pixels of the model's input (0: off), as another microscope's focus and "
             "resolution would",
+    "stain_jitter": "stain augmentation in the haematoxylin-eosin(-DAB) space of colour deconvolution: "
+                    "each stain's optical density scaled by 1 +- this and shifted by +- this, drawn per "
+                    "image (0: off; 0.05 light, 0.2 strong)",
+    "gray": "share of the training images turned grey, drawn per image (0: off)",
     "mix": "blend pairs of training images and their labels: mixup = a weighted average of two images; "
            "cutmix = a box of one pasted into the other; none = off",
     "mix_alpha": "the mix's Beta(alpha, alpha) draw of how much of each image is kept",
     "ema": "decay of an exponential moving average of the weights, evaluated instead of them (0: off)",
     "patience": "stop after this many epochs without a better validation score (0: never)",
-    "monitor": "validation score that chooses the best epoch",
+    "monitor": "validation score that chooses the best epoch; last: the last epoch, chosen by nothing",
     "tta": "final evaluation averages 8 flips/rotations of each image (never used to choose anything)",
     "seed": "seed of the split, the initialisation, the order and the augmentation",
     "precision": "auto = bf16 autocast where the hardware has native bf16, else fp32",
@@ -112,6 +122,7 @@ class TrainConfig:
     cache_dir: str | None = None
     extra_train: str | None = None
     classes: tuple[str, ...] = ()
+    labels_per_class: int = 0
     # model
     model: str = "cnn4x32"
     norm: str = "batch"
@@ -132,6 +143,8 @@ class TrainConfig:
     clip_grad: float = 5.0
     augment: str = "strong"
     blur: float = 0.0
+    stain_jitter: float = 0.0
+    gray: float = 0.0
     mix: str = "none"
     mix_alpha: float = 1.0
     ema: float = 0.0
@@ -166,6 +179,12 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.blur <= 8:
             raise ConfigError(f"blur must be in [0, 8] pixels, got {self.blur}")
+        if not 0 <= self.stain_jitter <= 1:
+            raise ConfigError(f"stain_jitter must be in [0, 1], got {self.stain_jitter}")
+        if not 0 <= self.gray <= 1:
+            raise ConfigError(f"gray must be in [0, 1], got {self.gray}")
+        if self.labels_per_class < 0:
+            raise ConfigError(f"labels_per_class must be 0 (all) or more, got {self.labels_per_class}")
         if not self.mix_alpha > 0:
             raise ConfigError(f"mix_alpha must be positive, got {self.mix_alpha}")
         if not 0 <= self.ema < 1:

@@ -194,8 +194,9 @@ class FitState:
 
 
 def better(monitor: str, value: float, best: float | None) -> bool:
-    """Is value an improvement on best for this monitor (loss lower, others higher)?"""
-    if best is None:
+    """Is value an improvement on best for this monitor (loss lower, others higher; ``last``: every
+    epoch is, so the last one is kept)?"""
+    if best is None or monitor == "last":
         return True
     return value < best if monitor.endswith("loss") else value > best
 
@@ -227,7 +228,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs:
         state.history.append(row)
         state.epoch = epoch
         value = {"val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
-                 "val_loss": val["loss"]}[monitor]
+                 "val_loss": val["loss"], "last": float(epoch)}[monitor]
         improved = better(monitor, value, state.best_metric)
         if improved:
             state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0

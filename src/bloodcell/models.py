@@ -35,7 +35,8 @@ chose, and the builders say so:
 - Each has one hidden dense layer (ReLU) whose width the builder names, then ``Dropout(dropout)``
   (default 0.3, for all four) before the output layer.
 
-The modern baselines ("modern" family) are torchvision's, always randomly initialised: weights are
+The modern baselines ("modern" family) take ``norm="batch"`` or ``"group"`` (GroupNorm in place of
+every BatchNorm, as in the study's four). They are torchvision's, always randomly initialised: weights are
 never downloaded. ``get_model(..., weights=path)`` loads a local state_dict for any model instead
 (keys whose shapes differ, such as another classifier, are dropped and reported in a warning).
 
@@ -200,16 +201,28 @@ NORMS = CHOICES["norm"]
 GROUPS = 8  # channels per GroupNorm group: out_ch / GROUPS (32 channels: 8 groups of 4)
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm of ``GROUPS`` groups (fewer where the channels do not divide)."""
+    return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
+
+
+def norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    """The layer a ``norm`` choice builds for a number of channels (torchvision's ``norm_layer``)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got '{norm}'")
+    if norm == "none":
+        raise ValueError("norm 'none' is for the study's four models; the baselines need batch or group")
+    return nn.BatchNorm2d if norm == "batch" else group_norm
+
+
 def conv_block(in_ch: int, out_ch: int, norm: str = "batch") -> nn.Sequential:
     """3x3 convolution (padding 1), then BatchNorm (``batch``), GroupNorm (``group``: statistics of
     each image alone, the same in training and at test time, in any lab) or nothing, then ReLU."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got '{norm}'")
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=norm == "none")]
-    if norm == "batch":
-        layers.append(nn.BatchNorm2d(out_ch))
-    elif norm == "group":
-        layers.append(nn.GroupNorm(math.gcd(GROUPS, out_ch), out_ch))
+    if norm != "none":
+        layers.append(norm_layer(norm)(out_ch))
     layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
@@ -289,12 +302,13 @@ def vgg3(
 
 
 # --- modern baselines (torchvision, random init, weights=None: never downloads) ----------------
+# ``norm="group"`` builds them with GroupNorm in place of every BatchNorm (torchvision's ``norm_layer``).
 
 
 @register_model(family="modern")
-def resnet18(num_classes: int, image_size: int = 64) -> nn.Module:
+def resnet18(num_classes: int, image_size: int = 64, norm: str = "batch") -> nn.Module:
     """ResNet-18 (torchvision); at <= 64 px a small-input stem: one 3x3 conv, no max-pool."""
-    model = tvm.resnet18(weights=None, num_classes=num_classes)
+    model = tvm.resnet18(weights=None, num_classes=num_classes, norm_layer=norm_layer(norm))
     if image_size <= 64:
         # The ImageNet stem divides by 4 before the first block: 64 px would reach layer4 at 2x2.
         # The small stem divides by 2 above 32 px (64 px meets layer1 at 32x32, as CIFAR's 32 px
@@ -307,12 +321,14 @@ def resnet18(num_classes: int, image_size: int = 64) -> nn.Module:
 
 
 @register_model(family="modern")
-def efficientnet_b0(num_classes: int, image_size: int = 64) -> nn.Module:
+def efficientnet_b0(num_classes: int, image_size: int = 64, norm: str = "batch") -> nn.Module:
     """EfficientNet-B0 (torchvision), random init."""
-    return tvm.efficientnet_b0(weights=None, num_classes=num_classes)
+    kw = {} if norm == "batch" else {"norm_layer": norm_layer(norm)}  # batch: torchvision's own eps
+    return tvm.efficientnet_b0(weights=None, num_classes=num_classes, **kw)
 
 
 @register_model(family="modern")
-def mobilenet_v3_small(num_classes: int, image_size: int = 64) -> nn.Module:
+def mobilenet_v3_small(num_classes: int, image_size: int = 64, norm: str = "batch") -> nn.Module:
     """MobileNetV3-Small (torchvision), random init."""
-    return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes)
+    kw = {} if norm == "batch" else {"norm_layer": norm_layer(norm)}  # batch: torchvision's eps, momentum
+    return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, **kw)

@@ -6,7 +6,10 @@ Presets (``augment``):
 - ``strong``: light, plus a small random affine (any-angle rotation, scale 0.9-1.1, shift up to 8 %)
   and colour/stain jitter (brightness, contrast, saturation and per-channel stain gain), applied in
   two passes over the pixels: one resampling and one colour map per image (``strong``).
-On top of any preset, ``blur`` (training config) blurs each image by a Gaussian of its own random
+On top of any preset, ``stain_jitter`` (training config) jitters each image's stains in the
+haematoxylin-eosin-DAB space of colour deconvolution (``hed_jitter``, Tellez et al. 2018: each stain's
+optical density scaled by 1 +- sigma and shifted by +- sigma, drawn per image), ``gray`` turns a share
+of the images grey (``random_gray``), and ``blur`` (training config) blurs each image by a Gaussian of its own random
 width, as another microscope's focus and resolution would (``gaussian_blur``).
 ``mix`` (training config) then blends pairs of images and their labels: ``mixup`` (a weighted
 average of two images) or ``cutmix`` (a box of one pasted into the other), the label mix in
@@ -101,15 +104,16 @@ def jitter_matrices(x: torch.Tensor, g: torch.Generator, brightness: float = 0.1
     return mat.to(x.device, x.dtype), off
 
 
-def color_map(x: torch.Tensor, mat: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
-    """``mat @ pixel + off`` for every pixel of each image, clamped to [0, 1], in one pass."""
+def color_map(x: torch.Tensor, mat: torch.Tensor, off: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """``mat @ pixel + off`` for every pixel of each image, clamped to [0, 1] (unless not asked), in
+    one pass."""
     n, ch, h, w = x.shape
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         flat = x.permute(0, 2, 3, 1).reshape(n, h * w, ch)  # a view: pixels x channels
-        out = torch.baddbmm(off.unsqueeze(1), flat, mat.transpose(1, 2))
-        return out.view(n, h, w, ch).permute(0, 3, 1, 2).clamp_(0, 1)
-    out = torch.baddbmm(off.unsqueeze(2), mat, x.reshape(n, ch, h * w))
-    return out.view(n, ch, h, w).clamp_(0, 1)
+        out = torch.baddbmm(off.unsqueeze(1), flat, mat.transpose(1, 2)).view(n, h, w, ch).permute(0, 3, 1, 2)
+    else:
+        out = torch.baddbmm(off.unsqueeze(2), mat, x.reshape(n, ch, h * w)).view(n, ch, h, w)
+    return out.clamp_(0, 1) if clamp else out
 
 
 def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -123,6 +127,40 @@ def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     grid = F.affine_grid((dm @ theta).to(x.device, x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return color_map(x, *jitter_matrices(x, g))
+
+
+# Colour deconvolution (Ruifrok and Johnston 2001): the optical-density vectors of haematoxylin, eosin
+# and DAB (rows, as in skimage's ``rgb2hed``).
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def hed_jitter(x: torch.Tensor, g: torch.Generator, sigma: float) -> torch.Tensor:
+    """Stain augmentation in the HED space: per image, each stain's density ``s`` becomes
+    ``s * a + b`` with a ~ U(1 - sigma, 1 + sigma), b ~ U(-sigma, sigma) (optical density: -ln of the
+    transmitted light, so b = 0.05 is about 5 % more or less of that stain's light). In optical
+    density that is one affine map per image, ``od @ (H diag(a) R) + b @ R``, applied in one pass; the
+    identity where sigma is 0 (the map is not clipped in stain space, so it stays invertible)."""
+    n = x.shape[0]
+    a = 1 + (torch.rand(n, 3, generator=g) * 2 - 1) * sigma
+    b = (torch.rand(n, 3, generator=g) * 2 - 1) * sigma
+    mat = HED_FROM_RGB.unsqueeze(0) * a.unsqueeze(1) @ RGB_FROM_HED  # N x 3 x 3, row-vector convention
+    off = b @ RGB_FROM_HED  # N x 3
+    od = -torch.log(x.clamp_min(1e-4))  # N x 3 x H x W
+    # color_map computes mat @ pixel (column vectors): pass the transpose of the row-vector map
+    od = color_map(od, mat.transpose(1, 2).to(x.device, x.dtype), off.to(x.device, x.dtype), clamp=False)
+    return torch.exp(-od).clamp_(0, 1)
+
+
+LUMA = (0.299, 0.587, 0.114)
+
+
+def random_gray(x: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    """Each image, with probability ``p``, replaced by its luma on all three channels."""
+    pick = (torch.rand(x.shape[0], generator=g) < p).to(x.device).view(-1, 1, 1, 1)
+    luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    grey = (x * luma).sum(1, keepdim=True).expand_as(x)
+    return torch.where(pick, grey, x).contiguous(memory_format=torch.channels_last)
 
 
 def blur_matrices(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -150,13 +188,19 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, h, ch, w).permute(0, 2, 1, 3).contiguous(memory_format=torch.channels_last)
 
 
-def augment(x: torch.Tensor, preset: str, g: torch.Generator, blur: float = 0.0) -> torch.Tensor:
-    """Apply an augmentation preset to a float [0, 1] N x 3 x H x W batch, then, if ``blur`` > 0, a
-    Gaussian blur of standard deviation drawn per image from [0, blur] pixels."""
+def augment(x: torch.Tensor, preset: str, g: torch.Generator, blur: float = 0.0, stain_jitter: float = 0.0,
+            gray: float = 0.0) -> torch.Tensor:
+    """Apply an augmentation preset to a float [0, 1] N x 3 x H x W batch, then, where asked, HED
+    stain jitter of strength ``stain_jitter``, grey with probability ``gray``, and a Gaussian blur of
+    standard deviation drawn per image from [0, blur] pixels."""
     if preset not in AUGMENT_PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; known: {', '.join(AUGMENT_PRESETS)}")
     if preset != "none":
         x = strong(x, g) if preset == "strong" else flips_rot90(x, g)
+    if stain_jitter > 0:
+        x = hed_jitter(x, g, stain_jitter)
+    if gray > 0:
+        x = random_gray(x, g, gray)
     if blur > 0:
         x = gaussian_blur(x, torch.rand(x.shape[0], generator=g) * blur)
     return x

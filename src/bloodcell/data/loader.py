@@ -14,13 +14,15 @@ class BatchLoader:
 
     def __init__(self, split, batch_size: int, shuffle: bool = False, augment: str = "none",
                  seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu", blur: float = 0.0,
-                 mix: str = "none", mix_alpha: float = 1.0, num_classes: int = 0):
+                 mix: str = "none", mix_alpha: float = 1.0, num_classes: int = 0, stain_jitter: float = 0.0,
+                 gray: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         self.images, self.labels = split.images, np.asarray(split.labels)
         self.batch_size, self.shuffle, self.augment, self.blur = batch_size, shuffle, augment, blur
         self.seed, self.drop_last, self.device = seed, drop_last, torch.device(device)
         self.mix, self.mix_alpha, self.num_classes = mix, mix_alpha, num_classes
+        self.stain_jitter, self.gray = stain_jitter, gray
         if mix != "none" and num_classes < 2:
             raise ValueError("mix needs num_classes")
         self.epoch = 0
@@ -45,7 +47,7 @@ class BatchLoader:
             x = torch.from_numpy(np.ascontiguousarray(self.images[srt][pos]))
             y = torch.from_numpy(self.labels[idx].astype(np.int64))
             x = to_float(x.to(self.device, non_blocking=True))
-            x = augment(x, self.augment, g, self.blur)
+            x = augment(x, self.augment, g, self.blur, self.stain_jitter, self.gray)
             y = y.to(self.device, non_blocking=True)
             if self.mix != "none":  # soft targets N x C
                 x, y = mix_batch(x, y, self.num_classes, self.mix, self.mix_alpha, g)
