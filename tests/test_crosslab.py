@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY, quiet, write_image
 
@@ -83,8 +84,43 @@ def test_cli_crosslab_report_shows_the_matrix(tmp_path, labs, capsys) -> None:
 @pytest.mark.realdata
 def test_crosslab_on_two_real_labs(other_labs, tmp_path) -> None:
     res = crosslab({"data": [str(other_labs / "tecom"), str(other_labs / "cellavision")], "model": "cnn2x32",
-                    "image_size": 32, "epochs": 1, "threads": 1, "resize": "cell"}, tmp_path / "xl", log=quiet,
-                   progress=False, report=False)
+                    "image_size": 32, "epochs": 1, "threads": 1, "resize": "cellfit"}, tmp_path / "xl", log=quiet,
+                   progress=False, report=False, label_curve=(5,))
     assert res["classes"] == ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
     n = {f["name"]: f["held_out_metrics"]["n"] for f in res["folds"]}
     assert n["cellavision"] >= 95 and n["tecom"] >= 290  # every image of the held-out lab (100 and 300 cells)
+    for name, c in res["label_curve"].items():  # the lab's own test split: 15 % of its cells
+        assert 0.1 * n[name] < c["n_test"] < 0.25 * n[name]
+        assert c["k"]["5"]["cells"]["neutrophil"] == 5 and 0 <= c["adapted"]["accuracy"] <= 1
+
+
+def test_label_curve_adapts_and_fine_tunes_on_the_held_out_labs_own_splits(tmp_path, labs) -> None:
+    """--label-curve: per fold, the held-out lab's test split scored as trained, adapted (no label)
+    and fine-tuned on K cells per class of its train split; the report shows it and the crops."""
+    out = tmp_path / "xl"
+    res = crosslab(shared(labs[:2]), out, log=quiet, progress=False, report=True, label_curve=(1, 3))
+    for f in res["folds"]:
+        c = res["label_curve"][f["name"]]
+        run = out / f["run_dir"]
+        test = json.loads((run / "k3" / "splits.json").read_text())["test"]
+        assert c["n_test"] == len(test) and all(p.startswith(f["held_out"]) for p in test)
+        train = json.loads((run / "k3" / "splits.json").read_text())["train"]
+        assert len(train) == 2 * 3 and not set(train) & set(test)  # 3 cells of each shared class
+        assert c["k"]["3"]["cells"] == {"alpha": 3, "beta": 3}
+        assert c["k"]["3"]["accuracy"] == json.loads((run / "k3" / "metrics.json").read_text())["test"]["accuracy"]
+        assert c["adapted"]["accuracy"] == json.loads((run / "adapted" / "metrics.json").read_text())["test"]["accuracy"]
+        assert json.loads((run / "adapted" / "adapt.json").read_text())["split"] == "train"
+    with np.load(out / "crops.npz") as z:
+        assert sorted(z.files) == ["lab_a", "lab_b"] and z["lab_a"].shape[1:] == (32, 32, 3)
+    html = (out / "report.html").read_text()
+    assert 'id="label-curve"' in html and "as the model sees them" in html
+    logs: list[str] = []  # again: the curve's runs are kept
+    crosslab(shared(labs[:2]), out, log=logs.append, progress=False, report=False, label_curve=(1, 3))
+    assert not any("entropy" in m or "re-estimated" in m for m in logs)
+
+
+def test_label_curve_flag_is_checked(capsys, labs, tmp_path) -> None:
+    for bad in ("5,x", "0"):
+        assert main(["crosslab", "--data", labs[0], "--data", labs[1], "--out", str(tmp_path / "x"),
+                     "--label-curve", bad]) == 2
+        assert "--label-curve" in capsys.readouterr().err

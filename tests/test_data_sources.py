@@ -52,3 +52,26 @@ def test_a_sources_problem_names_its_data_check(tmp_path, class_folders) -> None
     ds = load_sources([str(class_folders), str(lab2)], image_size=16)
     lines = problem_lines(ds, [str(class_folders), str(lab2)])
     assert lines and all(f"(bloodcell data check {lab2} lists them)" in line for line in lines)
+
+
+def test_few_labels_draws_k_cells_per_class_one_image_each(tmp_path, class_folders) -> None:
+    """few_labels: k groups per class from train and val (one image of each, a class with fewer keeps
+    all), seeded; test untouched."""
+    from bloodcell.data import few_labels
+
+    ds = load_dataset(str(class_folders), image_size=16)
+    s = ds.splits["train"]
+    # make every two images of a class one group (copies of one cell)
+    s.groups[:] = np.arange(len(s)) // 2 + 1000 * s.labels
+    few = few_labels(ds, 2, seed=0)
+    t = few.splits["train"]
+    for i, c in enumerate(ds.classes):
+        rows = t.labels == i
+        want = min(2, len(np.unique(s.groups[s.labels == i])))
+        assert rows.sum() == want == few.labelled["train"][c]
+        assert len(np.unique(t.groups[rows])) == want  # distinct cells, one image each
+    assert set(t.paths) <= set(s.paths)
+    assert few.splits["test"].paths == ds.splits["test"].paths
+    assert few_labels(ds, 2, seed=0).splits["train"].paths == t.paths
+    assert few_labels(ds, 99, seed=0).labelled["val"] == \
+        {c: len(np.unique(ds.splits["val"].groups[ds.splits["val"].labels == i])) for i, c in enumerate(ds.classes)}

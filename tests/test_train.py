@@ -240,3 +240,38 @@ def test_several_sources_train_as_one_and_are_reported_apart(tmp_path, class_fol
     assert any(line.startswith(f"  test of {lab2}: accuracy ") for line in lines)
     # the run folder keeps both sources: a resume (here of a finished run) reads them back
     assert train(TrainConfig(), tmp_path / "r", resume=True, log=quiet)["test"] == m["test"]
+
+
+def test_stain_jitter_and_gray_reach_the_training_batches(tmp_path):
+    """--stain-jitter and --gray change what training sees (same seed, other train loss); bad values
+    are refused."""
+    losses = []
+    for name, kw in (("a", {}), ("b", {"stain_jitter": 0.2}), ("c", {"gray": 0.5})):
+        train(tiny(epochs=1, **kw), tmp_path / name, log=quiet, progress=False)
+        losses.append((tmp_path / name / "history.csv").read_text().splitlines()[1].split(",")[1])
+    assert len(set(losses)) == 3
+    for key, bad in (("stain_jitter", -0.1), ("gray", 1.5)):
+        with pytest.raises(ConfigError, match=key):
+            tiny(**{key: bad})
+
+
+def test_labels_per_class_fine_tunes_on_k_cells_and_keeps_the_test_split(tmp_path):
+    """--labels-per-class K with --init-from: K cells per class drawn from train (and val), seeded;
+    the test split is the one a full run of the data has; --monitor last keeps the last epoch."""
+    full = train(tiny(data="synthetic:200"), tmp_path / "full", log=quiet, progress=False)
+    logs: list[str] = []
+    few = train(tiny(data="synthetic:200", labels_per_class=3, monitor="last", epochs=3,
+                     init_from=str(tmp_path / "full")), tmp_path / "few", log=logs.append, progress=False)
+    splits = json.loads((tmp_path / "few" / "splits.json").read_text())
+    assert len(splits["train"]) == len(splits["val"]) == 4 * 3  # synthetic: 4 classes, one image per cell
+    assert splits["test"] == json.loads((tmp_path / "full" / "splits.json").read_text())["test"]
+    assert few["test"]["n"] == full["test"]["n"]
+    assert few["run"]["labelled_cells"]["train"] == {c: 3 for c in few["test"]["per_class"]}
+    assert few["run"]["best_epoch"] == 3  # the last epoch, chosen by nothing
+    assert any("keeps 3 labelled cells per class" in m for m in logs)
+    again = train(tiny(data="synthetic:200", labels_per_class=3, monitor="last", epochs=3,
+                       init_from=str(tmp_path / "full")), tmp_path / "again", log=quiet, progress=False)
+    assert json.loads((tmp_path / "again" / "splits.json").read_text()) == splits  # seeded
+    assert again["test"]["accuracy"] == few["test"]["accuracy"]
+    with pytest.raises(ConfigError, match="labels_per_class"):
+        tiny(labels_per_class=-1)

@@ -10,24 +10,41 @@ the epoch, not the checkpoint), and tested on every image of the held-out lab; i
 the labs it trained on gives the in-lab figures beside. Only the classes every lab has are used
 unless ``classes`` says otherwise. The folds are run folders under ``DIR/folds/``; an interrupted
 run continues where it stopped (finished folds are kept), as ``compare`` does.
+
+How many cells must a new lab label? With ``label_curve=(5, 10, 25, 50)`` each fold's model is also,
+on the held-out lab split as a run of it alone would be (seeded, grouped): scored as trained on that
+lab's test split (K = 0), adapted without labels on its train split's images (``bloodcell adapt``,
+K = 0 adapted), and fine-tuned on K labelled cells per class of its train split (``train
+--init-from --labels-per-class K``, the recipe in ``FINETUNE``, the last epoch kept: no label
+beyond the K chooses anything), each scored on that same test split (``crosslab.json``:
+``label_curve``). ``DIR/crops.npz`` keeps a few images of each lab as the model sees them (size,
+resize), for the report's contact sheet.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bloodcell import __version__
+from bloodcell.adapt import adapt
 from bloodcell.config import TrainConfig, load_yaml, make_config
-from bloodcell.data import discover
+from bloodcell.data import discover, load_sources
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.evaluate import evaluate_checkpoint
-from bloodcell.runfiles import read_json, write_json, write_yaml
+from bloodcell.runfiles import atomic_write, read_json, write_json, write_yaml
 from bloodcell.train import train
 
 PROTOCOL_FILE = "crosslab.yaml"
+# Fine-tuning on K labelled cells per class: few images, so many short epochs at a lower rate, and
+# the last epoch kept (the val split's K cells per class choose nothing).
+FINETUNE = {"epochs": 20, "lr": 5e-4, "batch_size": 32, "warmup_epochs": 1.0, "monitor": "last", "patience": 0}
+CROPS_PER_LAB = 8
 
 
 def lab_name(source: str) -> str:
@@ -43,8 +60,9 @@ def shared_classes(sources: tuple[str, ...]) -> list[str]:
 
 
 def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, progress: bool = True,
-             report: bool = True, command: str | None = None) -> dict:
-    """Leave each lab out once; write DIR/crosslab.json (the matrix) and the report; return it."""
+             report: bool = True, command: str | None = None, label_curve: tuple[int, ...] = ()) -> dict:
+    """Leave each lab out once; write DIR/crosslab.json (the matrix, and with ``label_curve`` the
+    accuracy against labelled cells per class) and the report; return it."""
     out = Path(out)
     base = make_config(TrainConfig, shared)
     labs = base.sources
@@ -101,10 +119,13 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
             + "  ".join(f"in-lab {lab_name(s)} {m['accuracy']:.4f}" for s, m in in_lab.items()))
     matrix = {f["name"]: {**{lab_name(s): m["accuracy"] for s, m in f["in_lab"].items()},
                           f["name"]: f["held_out_metrics"]["accuracy"]} for f in folds}
+    curve = {f["name"]: fold_label_curve(out / f["run_dir"], f["held_out"], base, label_curve, log=log,
+                                         progress=progress) for f in folds} if label_curve else {}
+    write_crops(out / "crops.npz", labs, base)
     res = {"bloodcell_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "command": command or "bloodcell.crosslab.crosslab(...)", "protocol": protocol, "classes": classes,
            "labs": [{"root": s, "name": n} for s, n in zip(labs, names, strict=True)], "folds": folds,
-           "matrix": matrix, "wall_minutes_this_session": (time.perf_counter() - t0) / 60}
+           "matrix": matrix, "label_curve": curve, "wall_minutes_this_session": (time.perf_counter() - t0) / 60}
     write_json(out / "crosslab.json", res)
     log(format_matrix(res))
     if report:
@@ -113,6 +134,55 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
 
         log(f"report: {build_crosslab_report(out)}")
     return res
+
+
+def fold_label_curve(run: Path, lab: str, base: TrainConfig, ks: tuple[int, ...], log=print,
+                     progress: bool = True) -> dict:
+    """One fold's model on its held-out lab's test split: as trained, adapted without labels on the
+    lab's train images, and fine-tuned on K labelled cells per class of its train split, for each K.
+    Returns {"n_test", "trained", "adapted", "k": {K: {"accuracy", "macro_f1", "cells"}}}; the runs
+    are kept under the fold (``adapted/``, ``k<K>/``) and a finished one is reused."""
+    lab_cfg = make_config(TrainConfig, base.to_dict(), {"data": lab})
+    trained = evaluate_checkpoint(run, lab, split="test", cache_dir=base.cache_dir, device=base.device,
+                                  log=lambda _: None)["test"]
+    if not (run / "adapted" / "DONE").exists():
+        adapt(run, lab, run / "adapted", split="train", cache_dir=base.cache_dir, device=base.device,
+              seed=base.seed, overwrite=True, log=log)
+    adapted = read_json(run / "adapted" / "metrics.json")["test"]
+    curve = {"n_test": trained["n"], "trained": {m: trained[m] for m in ("accuracy", "macro_f1")},
+             "adapted": {m: adapted[m] for m in ("accuracy", "macro_f1")}, "k": {}}
+    log(f"  {lab_name(lab)} test split: as trained {trained['accuracy']:.4f}, adapted {adapted['accuracy']:.4f}")
+    for k in ks:
+        ft = run / f"k{k}"
+        if (ft / "DONE").exists():
+            metrics = read_json(ft / "metrics.json")
+        else:
+            cfg = make_config(TrainConfig, lab_cfg.to_dict(), {**FINETUNE, "labels_per_class": k,
+                                                               "init_from": str(run / "best.pt")})
+            metrics = train(cfg, ft, overwrite=True, log=lambda _: None, progress=progress)
+        cells = metrics["run"].get("labelled_cells", {}).get("train", {})
+        curve["k"][str(k)] = {"accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
+                              "cells": cells}
+        log(f"  {lab_name(lab)} with {k} labelled cells per class ({', '.join(f'{c} {n}' for c, n in cells.items())}): "
+            f"test accuracy {metrics['test']['accuracy']:.4f}")
+    return curve
+
+
+def write_crops(path: Path, labs: tuple[str, ...], base: TrainConfig) -> None:
+    """A few images of each lab as the model sees them (its size and resize; spread over the
+    classes), for the report's contact sheet: DIR/crops.npz, one uint8 N x H x W x 3 array per lab."""
+    arrays = {}
+    for lab in labs:
+        ds = load_sources(lab, image_size=base.image_size, seed=base.seed, resize=base.resize,
+                          cache_dir=base.cache_dir, fractions=base.fractions, val_fraction=base.val_fraction,
+                          group_regex=base.group_regex, group_by=base.group_by)
+        s = ds.splits.get("test") or next(iter(ds.splits.values()))
+        per = max(1, CROPS_PER_LAB // len(ds.classes))
+        rows = [r for i in range(len(ds.classes)) for r in np.flatnonzero(s.labels == i)[:per]][:CROPS_PER_LAB]
+        arrays[lab_name(lab)] = np.asarray(s.images[np.array(sorted(rows))])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write(path, buf.getvalue())
 
 
 def format_matrix(res: dict) -> str:

@@ -28,6 +28,18 @@ def as_sources(data) -> list[str]:
     return [str(data)] if isinstance(data, str | Path) or data is None else [str(d) for d in data]
 
 
+def checkpoint_data(meta: dict, data: str | list[str], cache_dir: str | None = None, seed: int | None = None):
+    """A data set decoded and split as a checkpoint's run would have it: its image size, resize,
+    split fractions, groups and (unless given) seed, so its test split is the run's own where the
+    data is the same."""
+    cfg = meta.get("config", {})
+    return load_sources(data, image_size=meta["image_size"], seed=cfg.get("seed", 0) if seed is None else seed,
+                        resize=meta["resize"], cache_dir=cache_dir,
+                        fractions=tuple(cfg.get("fractions", (0.7, 0.15, 0.15))),
+                        val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"),
+                        group_by=cfg.get("group_by", "auto"))
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: str | None = None,
                         class_map: str | None = None, tta: bool = False, cache_dir: str | None = None,
                         device: str = "auto", precision: str = "auto", seed: int | None = None,
@@ -46,13 +58,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model, meta = load_model(checkpoint, dev)
-    cfg = meta.get("config", {})
-    same_data = as_sources(data) == as_sources(cfg.get("data"))
-    seed = cfg.get("seed", 0) if seed is None else seed
-    ds = load_sources(data, image_size=meta["image_size"], seed=seed, resize=meta["resize"], cache_dir=cache_dir,
-                      fractions=tuple(cfg.get("fractions", (0.7, 0.15, 0.15))),
-                      val_fraction=cfg.get("val_fraction", 0.15), group_regex=cfg.get("group_regex"),
-                      group_by=cfg.get("group_by", "auto"))
+    same_data = as_sources(data) == as_sources(meta.get("config", {}).get("data"))
+    ds = checkpoint_data(meta, data, cache_dir, seed)
     for line in problem_lines(ds, data):  # files skipped (unreadable, say): the figures below leave them out
         log(line)
     ds, dropped = select_classes(ds, meta["classes"], parse_class_map(class_map))

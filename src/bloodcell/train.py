@@ -14,6 +14,7 @@ from bloodcell.config import TrainConfig, load_yaml, make_config
 from bloodcell.data import (
     BatchLoader,
     Dataset,
+    few_labels,
     join_train,
     load_dataset,
     load_sources,
@@ -61,7 +62,7 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
 DATASET_KEYS = ("data", "image_size", "resize", "seed", "cache_dir", "fractions", "val_fraction",
-                "group_regex", "group_by", "extra_train", "classes")
+                "group_regex", "group_by", "extra_train", "classes", "labels_per_class")
 
 
 def dataset_key(cfg: TrainConfig) -> tuple:
@@ -89,6 +90,8 @@ def config_dataset(cfg: TrainConfig):
         if missing:
             raise DataError(f"--classes: no image of {', '.join(missing)} in {ds.root} (its classes: "
                             f"{', '.join(sorted({c for s in ds.sources for c in s['classes']}) or ds.classes)})")
+    if cfg.labels_per_class:  # a few labelled cells: drawn from train and val, test untouched
+        ds = few_labels(ds, cfg.labels_per_class, cfg.seed)
     return ds
 
 
@@ -147,6 +150,9 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     for k, (name, src) in enumerate(zip(source_names(ds), ds.sources, strict=True)):  # what each brought
         log(f"data: source {name} ({src['layout']}): " + ", ".join(
             f"{n} {int((s.sources == k).sum()):,}" for n, s in ds.splits.items() if (s.sources == k).any()))
+    for name, counts in ds.labelled.items():
+        log(f"data: {name} keeps {cfg.labels_per_class} labelled cells per class (--labels-per-class): "
+            + ", ".join(f"{c} {n}" for c, n in counts.items()))
     for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
         log(line)
 
@@ -167,7 +173,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     # The loaders hand uint8 batches to the device, so a GPU also does the augmentation.
     train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
                                seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
-                               blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes))
+                               blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes),
+                               stain_jitter=cfg.stain_jitter, gray=cfg.gray)
     val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     steps = len(train_loader)
@@ -242,6 +249,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
                       "train_minutes": train_minutes,
                       "train_images_per_s": float(np.median([h["images_per_s"] for h in state.history])),
                       "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm}
+    if ds.labelled:  # the labelled cells the run read, per split and class
+        metrics["run"]["labelled_cells"] = ds.labelled
     write_json(out / "metrics.json", metrics)
     mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     for name in ("test", "test_simple", "val"):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bloodcell.cli.flags import add_config_flags, given
 from bloodcell.config import DEFAULT_MODELS, TrainConfig
+from bloodcell.errors import BloodcellError
 
 PROTOCOL = """\
 Every model gets the same split, seed, image size, augmentation and epoch budget (per-model
@@ -46,7 +47,11 @@ def cmd_crosslab(args) -> int:
 
     Leave one lab out: for each lab, a model trained on the others (validation from them only) is
     tested on every image of that lab; DIR/crosslab.json and DIR/report.html hold the lab-by-lab
-    matrix. Rerun the same command to continue an interrupted run: finished folds are kept."""
+    matrix. Rerun the same command to continue an interrupted run: finished folds are kept.
+
+    How many cells must a new lab label? --label-curve 5,10,25,50 also scores each fold's model on
+    its held-out lab's test split as trained, adapted without labels (bloodcell adapt), and
+    fine-tuned on K labelled cells per class of that lab's train split, for each K."""
     from bloodcell.compare import load_protocol  # lazy: start-up
     from bloodcell.crosslab import crosslab  # lazy: start-up
 
@@ -55,8 +60,14 @@ def cmd_crosslab(args) -> int:
         print("bloodcell: warning: the preset's per-model overrides do not apply to crosslab", file=sys.stderr)
     shared.pop("ensemble", None)
     shared.update(given(args, TrainConfig))
+    try:
+        ks = tuple(int(k) for k in filter(None, (args.label_curve or "").split(",")))
+    except ValueError:
+        raise BloodcellError(f"--label-curve takes whole numbers, comma-separated; got {args.label_curve!r}") from None
+    if any(k < 1 for k in ks):
+        raise BloodcellError(f"--label-curve: each K must be 1 or more; got {args.label_curve!r}")
     crosslab(shared, args.out, overwrite=args.overwrite, progress=not args.quiet, report=not args.no_report,
-             command="bloodcell " + shlex.join(sys.argv[1:]))
+             command="bloodcell " + shlex.join(sys.argv[1:]), label_curve=ks)
     print(f"results: {Path(args.out) / 'crosslab.json'}")
     return 0
 
@@ -98,6 +109,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--config", help="YAML of shared config keys")
     p.add_argument("--preset", help="a compare preset's settings (e.g. crosslab); its model list is not used")
     p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's folds and results")
+    p.add_argument("--label-curve", metavar="K,K,...",
+                   help="also adapt each fold's model to its held-out lab without labels and fine-tune it "
+                        "on K labelled cells per class (e.g. 5,10,25,50): accuracy against K")
     p.add_argument("--no-report", action="store_true", help="skip report.html/report.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p, TrainConfig)

@@ -21,6 +21,7 @@ from bloodcell.data.layouts import discover
 from bloodcell.data.loader import BatchLoader
 from bloodcell.data.records import Dataset, Item, Problem, Source, Split
 from bloodcell.data.sources import (
+           few_labels,
            join_sources,
            load_sources,
            parse_class_map,
@@ -30,6 +31,6 @@ from bloodcell.data.sources import (
 )
 
 __all__ = ["BatchLoader", "Dataset", "Item", "Problem", "Source", "Split", "discover", "discover_grouped",
-           "join_sources", "join_train", "load_dataset", "load_sources", "parse_class_map", "problem_lines",
+           "few_labels", "join_sources", "join_train", "load_dataset", "load_sources", "parse_class_map", "problem_lines",
            "select_classes", "source_names", "source_rows",
            "take_rows"]

@@ -74,6 +74,7 @@ class Dataset:
     group_by: str = "file"
     extra_train: dict = field(default_factory=dict)  # what join_train added: root, images per class
     sources: list[dict] = field(default_factory=list)  # several sources (data.sources): root, layout, ...
+    labelled: dict = field(default_factory=dict)  # few_labels: split -> class -> labelled cells kept
 
     def split_files(self) -> dict[str, list[str]]:
         """Split name -> the list of its files, as saved in every run's splits.json."""

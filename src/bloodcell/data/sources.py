@@ -135,6 +135,35 @@ def select_classes(ds: Dataset, model_classes: list[str], class_map: dict[str, s
             splits[name] = dataclasses.replace(s, labels=lut[s.labels])
             continue
         # a memory-mapped split stays mapped (a batch reads the kept images); one in RAM is copied
-        splits[name] = Split(take_rows(s.images, keep), lut[s.labels[keep]], s.groups[keep],
-                             [s.paths[k] for k in keep], None if s.sources is None else s.sources[keep])
+        splits[name] = dataclasses.replace(take(s, keep), labels=lut[s.labels[keep]])
     return dataclasses.replace(ds, classes=list(model_classes), splits=splits), dropped
+
+
+def take(s: Split, keep: np.ndarray) -> Split:
+    """The rows ``keep`` of a split (a memory-mapped one stays mapped)."""
+    return Split(take_rows(s.images, keep), s.labels[keep], s.groups[keep], [s.paths[k] for k in keep],
+                 None if s.sources is None else s.sources[keep])
+
+
+def few_labels(ds: Dataset, k: int, seed: int, splits: tuple[str, ...] = ("train", "val")) -> Dataset:
+    """Keep ``k`` labelled cells per class in each of ``splits``: k groups (a group is one cell and its
+    copies) drawn per class, seeded, and one image of each (a lab labels a cell once; the copies an
+    augmented data set holds are not more cells); a class with fewer groups keeps all it has. The
+    other splits (test) are untouched. ``Dataset.labelled`` says, per split and class, how many cells
+    were kept."""
+    rng = np.random.default_rng([seed, k, 7919])
+    out, drawn = dict(ds.splits), {}
+    for name in splits:
+        if name not in ds.splits:
+            continue
+        s = ds.splits[name]
+        chosen, counts = [], {}
+        for i, c in enumerate(ds.classes):
+            rows = np.flatnonzero(s.labels == i)
+            groups, first = np.unique(s.groups[rows], return_index=True)  # one image per group
+            pick = rng.permutation(len(groups))[:k]
+            chosen.append(rows[first[pick]])
+            counts[c] = len(pick)
+        out[name] = take(s, np.sort(np.concatenate(chosen)))
+        drawn[name] = counts
+    return dataclasses.replace(ds, splits=out, labelled=drawn)

@@ -2,21 +2,31 @@
 
 The lab-by-lab matrix (rows: the held-out lab; its own column is the accuracy on that unseen lab,
 the others are the model's test accuracy on the labs it was trained on), the held-out figures with
-their intervals, and each held-out lab's confusion matrix.
+their intervals, each held-out lab's confusion matrix, where measured the accuracy against labelled
+cells per class of the held-out lab (table and plot), and a contact sheet of each lab's images as
+the model sees them (DIR/crops.npz).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from bloodcell.errors import BloodcellError
 from bloodcell.report.document import Block, Cell, Figure, Table, render_html, render_md
-from bloodcell.report.figures import PALETTE, fig_confusions, style
+from bloodcell.report.figures import (
+    PALETTE,
+    fig_confusions,
+    fig_contact_sheet,
+    fig_label_curve,
+    style,
+)
 from bloodcell.report.format import MISSING, count, fixed, pct, pct_ci, setting
 from bloodcell.runfiles import atomic_write, read_json
 
 NAV = (("matrix", "Lab matrix"), ("held-out", "Held-out labs"), ("confusion", "Confusions"),
-       ("protocol", "Protocol"))
+       ("labels", "Labels needed"), ("crops", "Crops"), ("protocol", "Protocol"))
 FOOTER = "Built by `bloodcell crosslab` from crosslab.json."
 
 
@@ -48,7 +58,25 @@ def held_out_table(res: dict) -> Table:
                   "Best epoch", "Train min"], rows, numeric={1, 2, 3, 4, 6, 7}, id="held-out-table")
 
 
-def build_blocks(res: dict) -> list:
+def label_curve_table(curve: dict) -> Table:
+    """Rows: held-out lab; columns: test accuracy there as trained, adapted, and with K labels."""
+    ks = sorted({int(k) for c in curve.values() for k in c["k"]})
+    rows = []
+    for lab, c in curve.items():
+        cells = [lab, count(c.get("n_test")), pct(c["trained"]["accuracy"]), pct(c["adapted"]["accuracy"])]
+        for k in ks:
+            v = c["k"].get(str(k))
+            few = v and any(n < k for n in v["cells"].values())  # the lab's train split had fewer cells
+            cells.append(MISSING if not v else pct(v["accuracy"]) + ("*" if few else ""))
+        rows.append(cells)
+    return Table(["Held-out lab", "Test images", "K = 0", "K = 0, adapted", *(f"K = {k}" for k in ks)], rows,
+                 numeric=set(range(1, 4 + len(ks))), id="label-curve",
+                 caption="Accuracy on the held-out lab's test split against K labelled cells per class of its "
+                         "train split (fine-tuned from the fold's model; adapted: no label, its train images' "
+                         "statistics). *: a class had fewer than K cells there, all were used.")
+
+
+def build_blocks(res: dict, crops: dict | None = None) -> list:
     """The whole report as blocks, in reading order."""
     classes = list(res.get("classes") or [])
     folds = res.get("folds") or []
@@ -67,6 +95,17 @@ def build_blocks(res: dict) -> list:
                Figure("crosslab_confusion", fig_confusions(rows, classes, colors),
                       alt="confusion matrix of each held-out lab",
                       caption="Rows: the true class, normalised; a panel per held-out lab.")]
+    if res.get("label_curve"):
+        blocks += [Block("h2", "How many cells must a new lab label?", id="labels"), label_curve_table(res["label_curve"]),
+                   Figure("crosslab_labels", fig_label_curve(res["label_curve"]),
+                          alt="test accuracy against labelled cells per class, per held-out lab",
+                          caption="Hollow marker: adapted without labels (bloodcell adapt).")]
+    if crops:
+        blocks += [Block("h2", "Each lab's images as the model sees them", id="crops"),
+                   Figure("crosslab_crops", fig_contact_sheet(crops), alt="a row of crops per lab",
+                          caption=f"resize {res['protocol'].get('resize')}, {res['protocol'].get('image_size')} px: "
+                                  "the first test images of each class; the white cell should fill the frame "
+                                  "alike in every lab.")]
     proto = res.get("protocol") or {}
     blocks += [Block("h2", "Protocol", id="protocol"), Block("pre", res.get("command") or MISSING),
                Table(["Setting", "Value"], [[k, setting(v)] for k, v in proto.items()], compact=True)]
@@ -80,8 +119,12 @@ def build_crosslab_report(dir: str | Path) -> Path:
     if not path.is_file():
         raise BloodcellError(f"{d} holds no crosslab.json ('bloodcell crosslab --out DIR' writes one)")
     res = read_json(path)
+    crops = None
+    if (d / "crops.npz").is_file():
+        with np.load(d / "crops.npz") as z:
+            crops = {k: z[k] for k in z.files}
     with style():
-        blocks = build_blocks(res)
+        blocks = build_blocks(res, crops)
     title = "bloodcell leave-one-lab-out"
     sub = f"{len(res['folds'])} labs · created {res.get('created') or MISSING} · bloodcell {res.get('bloodcell_version')}"
     atomic_write(d / "report.html", render_html(blocks, title, sub, nav=NAV, footer=FOOTER))
