@@ -114,3 +114,16 @@ def test_group_norm_model_has_nothing_to_reestimate_but_takes_entropy_steps(tmp_
     src, got = read_checkpoint(tmp_path / "g")["state_dict"], read_checkpoint(tmp_path / "a")["state_dict"]
     changed = [k for k in src if not torch.equal(src[k], got[k])]
     assert changed and all("features" in k and src[k].ndim == 1 for k in changed)  # GroupNorm scale/shift
+
+
+def test_a_folder_of_unlabelled_images_is_adapted_on_whole(tmp_path, run, images) -> None:
+    """What a lab has before anyone labels a cell: a flat folder of images; a corrupt one is skipped
+    with a line; nothing is scored."""
+    (images[0].parent / "broken.png").write_bytes(b"not an image")
+    logs: list[str] = []
+    assert adapt(run, str(images[0].parent), tmp_path / "a", log=logs.append) == {}
+    rec = json.loads((tmp_path / "a" / "adapt.json").read_text())
+    assert rec["images"] == len(images) and rec["split"] == "all"
+    assert any("skipped" in m and "broken.png" in m for m in logs)
+    assert not torch.equal(read_checkpoint(run)["state_dict"]["features.0.2.running_mean"],
+                           read_checkpoint(tmp_path / "a")["state_dict"]["features.0.2.running_mean"])

@@ -14,7 +14,9 @@ statistics to re-estimate (it uses each image's own); Tent still applies to its 
 
 Only images are read (every image of the chosen split, whatever its class folder says); the labels
 are read afterwards, to score the adapted and the original model on the splits not adapted on
-(``metrics.json``: ``test`` and the rest, each with ``before``). The output is a run folder
+(``metrics.json``: ``test`` and the rest, each with ``before``). A folder of unlabelled images (no
+class folders: what a lab has before anyone labels a cell) is adapted on as a whole, and nothing is
+scored. The output is a run folder
 (``best.pt``, ``config.yaml``, ``adapt.json``, ``metrics.json``, ``DONE``) that evaluate, predict,
 export, serve, train --init-from and adapt itself accept.
 """
@@ -29,13 +31,38 @@ import torch
 from torch import nn
 
 from bloodcell.checkpoint import load_model, model_kwargs_of, read_checkpoint, save_checkpoint
-from bloodcell.data import BatchLoader, Split, problem_lines
+from bloodcell.data import BatchLoader, Split, discover, problem_lines
+from bloodcell.data.images import describe_error, load_image
+from bloodcell.data.layouts import IMAGE_EXTENSIONS, is_synthetic
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluate import checkpoint_data, evaluate_checkpoint
 from bloodcell.runfiles import clear_run_dir, mark_done, prepare_run_dir, write_json, write_yaml
 from bloodcell.runtime import resolve_device, set_threads
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+def unlabelled_folder(data: str, image_size: int, resize: str, log=print) -> Split | None:
+    """The images directly in ``data`` decoded as the model's run would (size, resize), where it is a
+    folder of images with no class folders; None where it is any layout with labels. An unreadable
+    file is skipped with a line."""
+    if is_synthetic(data) or not Path(data).is_dir():
+        return None
+    src = discover(data)
+    if src.items or not any(p.kind == "unlabelled_images" for p in src.problems):
+        return None
+    files = sorted(p for p in Path(data).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images, paths = [], []
+    for f in files:
+        try:
+            images.append(load_image(str(f), image_size, resize))
+            paths.append(str(f))
+        except Exception as e:  # noqa: BLE001 - any decoding failure: that file is skipped, and said
+            log(f"adapt: skipped {f}: {describe_error(e)}")
+    if not images:
+        raise BloodcellError(f"no readable image in {data}")
+    n = len(images)
+    return Split(np.stack(images), np.zeros(n, dtype=np.int64), np.arange(n), paths)
 
 
 def images_of(ds, split: str) -> Split:
@@ -125,10 +152,15 @@ def adapt(run: str | Path, data: str, out: str | Path, *, split: str = "train", 
     t0 = time.perf_counter()
     model, meta = load_model(run, dev)
     ckpt = read_checkpoint(run)
-    ds = checkpoint_data(meta, data, cache_dir)
-    for line in problem_lines(ds, data):
-        log(line)
-    images = images_of(ds, split)
+    images = unlabelled_folder(str(data), meta["image_size"], meta["resize"], log)
+    ds = None
+    if images is None:
+        ds = checkpoint_data(meta, data, cache_dir)
+        for line in problem_lines(ds, data):
+            log(line)
+        images = images_of(ds, split)
+    else:
+        split = "all"  # no labels, no splits: every image
     log(f"adapt: {meta['path']} to {len(images):,} images of {data} ({split}), labels not read")
     loader = BatchLoader(images, batch_size, device=dev)
     losses = []
@@ -156,7 +188,7 @@ def adapt(run: str | Path, data: str, out: str | Path, *, split: str = "train", 
     write_json(out / "adapt.json", record)
 
     # Now, and only now, the labels: the adapted model against the original on the other splits.
-    scored = [k for k in ds.splits if k != split] if split != "all" else []
+    scored = [k for k in ds.splits if k != split] if ds is not None and split != "all" else []
     metrics = {}
     if scored:
         after = evaluate_checkpoint(out, data, split=",".join(scored), cache_dir=cache_dir, device=device, log=log)
@@ -168,7 +200,7 @@ def adapt(run: str | Path, data: str, out: str | Path, *, split: str = "train", 
             log(f"{k}: accuracy {before[k]['accuracy']:.4f} -> {after[k]['accuracy']:.4f}  macro-F1 "
                 f"{before[k]['macro_f1']:.4f} -> {after[k]['macro_f1']:.4f}  (n={after[k]['n']})")
     else:
-        log("adapt: adapted on every image (--split all): no unseen split left to score")
+        log("adapt: no labelled split left to score (unlabelled images, or --split all)")
     write_json(out / "metrics.json", metrics)
     mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return metrics
