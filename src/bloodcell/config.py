@@ -198,7 +198,7 @@ class TrainConfig:
             raise ConfigError(f"fractions must be three positive numbers, got {self.fractions}")
         if self.folds == 1 or self.folds < 0:
             raise ConfigError(f"folds must be 0 (one split) or at least 2, got {self.folds}")
-        if self.fold is not None and not 0 <= self.fold < max(self.folds, 1):
+        if self.fold is not None and not (self.folds and 0 <= self.fold < self.folds):
             raise ConfigError(f"fold must be 0 to folds-1 with folds set, got fold {self.fold} of "
                               f"{self.folds} folds" if self.folds else "fold needs folds (--folds K)")
         bad = [t for t in self.log if t not in TRACKERS]
