@@ -43,7 +43,7 @@ def test_folds_partition_the_pooled_images_and_keep_test(grouped):
     folds = [fold_dataset(ds, 3, k, seed=0) for k in range(3)]
     vals = [set(f.splits["val"].paths) for f in folds]
     assert sorted(p for v in vals for p in v) == pooled  # disjoint, and together every non-test image
-    for f, v in zip(folds, vals, strict=True):
+    for f in folds:
         assert sorted(f.splits["train"].paths + f.splits["val"].paths) == pooled
         assert f.splits["test"].paths == ds.splits["test"].paths  # the same test split in every fold
         assert (f.splits["test"].images == ds.splits["test"].images).all()

@@ -320,10 +320,10 @@ def cv_table(models: list[dict], colors: dict) -> Table | None:
         cv = r.get("cv")
         if not isinstance(cv, dict):
             continue
-        g = lambda s, k: (cv.get(s) or {}).get(k)  # noqa: E731 - a lookup, read once per cell
-        rows.append([_swatch(r["model"], colors), count(r.get("folds")), _spread(g("val", "accuracy")),
-                     _spread(g("test", "accuracy")), _spread(g("test", "macro_f1")),
-                     _spread(g("test", "group_accuracy")), pct((r.get("out_of_fold") or {}).get("accuracy")),
+        val, test = cv.get("val") or {}, cv.get("test") or {}
+        rows.append([_swatch(r["model"], colors), count(r.get("folds")), _spread(val.get("accuracy")),
+                     _spread(test.get("accuracy")), _spread(test.get("macro_f1")),
+                     _spread(test.get("group_accuracy")), pct((r.get("out_of_fold") or {}).get("accuracy")),
                      count(r.get("chosen_fold"))])
     if not rows:
         return None
