@@ -64,8 +64,8 @@ def test_compare_with_folds_logs_the_report_and_the_summary_to_mlflow(tmp_path, 
 
     uri = _mlflow_store(tmp_path, monkeypatch)
     out = tmp_path / "cmp"
-    shared = {**{k: v for k, v in TINY.items() if k != "model"}, "epochs": 1, "folds": 2, "log": ["mlflow"],
-              "mlflow_uri": uri}
+    shared = {**{k: v for k, v in TINY.items() if k != "model"}, "epochs": 1, "folds": 2,
+              "log": ["mlflow", "tensorboard"], "mlflow_uri": uri}
     res = compare(["cnn2x32"], shared, out, log=quiet, progress=False)
     client = MlflowClient(uri)
     run = client.get_run(json.loads((out / "tracking.json").read_text())["mlflow_run_id"])
@@ -73,6 +73,12 @@ def test_compare_with_folds_logs_the_report_and_the_summary_to_mlflow(tmp_path, 
     assert run.data.metrics["cnn2x32/test/accuracy"] == pytest.approx(res["models"][0]["test"]["accuracy"])
     cv = client.get_run(json.loads((out / "runs" / "cnn2x32" / "tracking.json").read_text())["mlflow_run_id"])
     assert cv.data.metrics["cv/test/accuracy_mean"] == pytest.approx(res["models"][0]["cv"]["test"]["accuracy"]["mean"])
+    if tracking.importlib.util.find_spec("tensorboard") is not None:  # the report as text beside the scalars
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+        ea.Reload()
+        assert "Cross-validation" in ea.Tensors("report/text_summary")[0].tensor_proto.string_val[0].decode()
     # every fold is a tracked run of its own, and a rerun with another --log is the same protocol
     assert all((out / "runs" / "cnn2x32" / "folds" / k / "tracking.json").is_file() for k in "01")
     compare(["cnn2x32"], {**shared, "log": []}, out, log=quiet, progress=False, report=False)
