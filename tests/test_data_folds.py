@@ -67,3 +67,17 @@ def test_too_many_folds_is_one_clear_error(grouped):
         fold_dataset(ds, n_groups + 1, 0, seed=0)
     with pytest.raises(DataError, match="not one of"):
         fold_dataset(ds, 3, 3, seed=0)
+
+
+@pytest.mark.realdata
+def test_real_kaggle_look_alike_groups_never_straddle_folds(kaggle_subset):
+    ds = load_dataset(kaggle_subset, image_size=16)  # Kaggle layout: look-alike images are one group
+    assert ds.group_by == "similar"
+    folds = [fold_dataset(ds, 3, k, seed=0) for k in range(3)]
+    vals = [f.splits["val"] for f in folds]
+    groups = [set(v.groups.tolist()) for v in vals]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    pooled = sorted(ds.splits["train"].paths + ds.splits["val"].paths)
+    assert sorted(p for v in vals for p in v.paths) == pooled
+    assert all(f.splits["test"].paths == ds.splits["test"].paths for f in folds)
+    assert all(len(set(v.labels.tolist())) == 4 for v in vals)  # every class validates in every fold
