@@ -126,3 +126,25 @@ def test_log_flags_parse_repeated_or_comma_separated():
     for argv in (["--log", "tensorboard", "--log", "mlflow"], ["--log", "tensorboard,mlflow"]):
         assert train_config(p.parse_args(["train", *argv])).log == ("tensorboard", "mlflow")
     assert main(["train", "--log", "wandb"]) == 2
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = _mlflow_store(tmp_path, monkeypatch)
+    out = tmp_path / "run"
+
+    def stop(epoch, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(log=("mlflow",), mlflow_uri=uri), out, log=quiet, progress=False, on_epoch=stop)
+    first = json.loads((out / "tracking.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(first).info.status == "FAILED"
+    train(tiny(), out, resume=True, log=quiet, progress=False)
+    assert json.loads((out / "tracking.json").read_text())["mlflow_run_id"] == first
+    assert client.get_run(first).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first, "val/acc")] == [1, 2]
