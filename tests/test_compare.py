@@ -182,3 +182,27 @@ def test_one_architecture_twice_under_labels(tmp_path, capsys):
         code = main(["compare", "--data", "synthetic:96", "--models", bad, "--out", str(tmp_path / "other")])
         assert code == 2 and why in capsys.readouterr().err, bad
     assert not (tmp_path / "other").exists()
+
+
+def test_compare_with_folds_reports_mean_and_sd_per_model(tmp_path):
+    out = tmp_path / "cmp"
+    res = compare(["cnn2x32"], {**FAST, "data": "synthetic:96", "epochs": 1, "precision": "fp32", "folds": 3},
+                  out, log=lambda m: None, progress=False)
+    row = res["models"][0]
+    folds = json.loads((out / "runs" / "cnn2x32" / "folds.json").read_text())
+    assert row["cv"] == folds["summary"] and row["folds"] == 3 and row["chosen_fold"] == folds["chosen"]
+    assert row["run_dir"] == f"runs/cnn2x32/folds/{folds['chosen']}"  # curves and galleries: the chosen fold
+    assert row["test"] == json.loads((out / row["run_dir"] / "metrics.json").read_text())["test"]
+    acc = row["cv"]["test"]["accuracy"]
+    assert acc["n"] == 3 and acc["sd"] >= 0
+    import csv
+
+    flat = next(csv.DictReader((out / "results.csv").open()))
+    assert float(flat["cv_test_accuracy_mean"]) == pytest.approx(acc["mean"])
+    assert float(flat["cv_test_accuracy_sd"]) == pytest.approx(acc["sd"])
+    md = (out / "report.md").read_text()
+    assert "### Cross-validation" in md and f"{100 * acc['mean']:.1f} % ± {100 * acc['sd']:.1f}" in md
+    logs: list[str] = []  # the same command again keeps every fold
+    compare(["cnn2x32"], {**FAST, "data": "synthetic:96", "epochs": 1, "precision": "fp32", "folds": 3},
+            out, log=logs.append, progress=False, report=False)
+    assert any("already finished" in m for m in logs) and not any("training" in m for m in logs)

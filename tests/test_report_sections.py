@@ -43,3 +43,16 @@ def test_headline_card_names_the_positive_class():
 def test_patient_groups_are_named_in_the_data_section():
     blocks = dataset_blocks({"root": "idc", "layout": "idc", "group_by": "patient", "classes": ["no IDC", "IDC"]})
     assert "Groups here are patients" in blocks[0].text
+
+
+def test_cv_table_shows_mean_sd_and_range_of_the_folds():
+    from bloodcell.report.sections import cv_table
+
+    sp = {"mean": 0.8123, "sd": 0.0311, "min": 0.78, "max": 0.85, "n": 3, "values": [0.78, 0.8069, 0.85]}
+    r = row("cnn2x32", None)
+    assert cv_table([r], {}) is None  # no model cross-validated: no table
+    r.update(folds=3, chosen_fold=2, cv={"val": {"accuracy": sp}, "test": {"accuracy": sp, "macro_f1": sp}},
+             out_of_fold={"accuracy": 0.801})
+    c = cells(cv_table([r], {}), "cnn2x32")
+    assert c["Test acc"] == "81.2 % ± 3.1 [78.0–85.0]" and c["Out-of-fold acc"] == "80.1 %"
+    assert c["Folds"] == "3" and c["Chosen fold"] == "2" and c["Test cell acc"] == "–"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -38,9 +40,26 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, model_na
     atomic_write(path, buf.getvalue())
 
 
+_SAID: set[str] = set()  # the cross-validation folders already named on stderr
+
+
 def resolve(path: str | os.PathLike) -> Path:
-    """A run folder means its best.pt; a file means itself. Raise a clear error if neither exists."""
+    """A run folder means its best.pt; a file means itself; a cross-validation folder (folds.json,
+    bloodcell.crossval) means the best.pt of its fold chosen on validation, said once on stderr.
+    Raise a clear error if none exists."""
     p = Path(path)
+    if p.is_dir() and (p / "folds.json").is_file() and not (p / "best.pt").is_file():
+        try:
+            cv = json.loads((p / "folds.json").read_text())
+            fold = p / cv["per_fold"][cv["chosen"]]["run_dir"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise BloodcellError(f"{p / 'folds.json'} could not be read ({type(e).__name__}); give one "
+                                 f"fold's folder, {p / 'folds' / '0'} say") from e
+        if str(p) not in _SAID:
+            _SAID.add(str(p))
+            print(f"{p} is a {cv['folds']}-fold cross-validation: using fold {cv['chosen']}, chosen on "
+                  f"validation ({fold}); give another fold's folder for another", file=sys.stderr)
+        return resolve(fold)
     if p.is_dir():
         for name in ("best.pt", "last.pt"):
             if (p / name).is_file():

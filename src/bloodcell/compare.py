@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 
 from bloodcell import __version__
-from bloodcell.config import DEFAULT_MODELS, TrainConfig, load_yaml, make_config
+from bloodcell.config import (
+    DEFAULT_MODELS,
+    FIELD_DEFAULTS,
+    RECORD_KEYS,
+    TrainConfig,
+    load_yaml,
+    make_config,
+)
+from bloodcell.crossval import cross_validate
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.info import STUDY
 from bloodcell.metrics import split_metrics
@@ -27,7 +35,8 @@ from bloodcell.runfiles import (
     write_yaml,
 )
 from bloodcell.runtime import environment
-from bloodcell.train import config_dataset, dataset_key, model_kwargs, train
+from bloodcell.tracking import check_trackers, flat_metrics, record
+from bloodcell.train import config_dataset, dataset_key, model_kwargs, source_dataset, train
 
 PRESETS_DIR = Path(__file__).parent / "presets" / "compare"
 
@@ -136,7 +145,8 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         # change, nor the overrides of a model already in the folder.
         old, new = load_yaml(saved), json.loads(json.dumps(protocol))
         both = set(old.get("models", [])) & set(models)
-        diff = sorted(k for k in (set(old) | set(new)) - {"models", "overrides"} if old.get(k) != new.get(k))
+        diff = sorted(k for k in (set(old) | set(new)) - {"models", "overrides", *RECORD_KEYS}
+                      if old.get(k, FIELD_DEFAULTS.get(k)) != new.get(k))
         diff += [f"overrides of {m}" for m in sorted(both)
                  if old.get("overrides", {}).get(m) != new["overrides"].get(m)]
         if diff:
@@ -147,10 +157,14 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
     # Every data set the models need is read (or its cache found) before anything in OUT is
     # touched: a wrong path or unusable data fails here and leaves the folder as it was.
     t0 = time.perf_counter()
+    for cfg in cfgs.values():
+        check_trackers(cfg.log)
     datasets: dict = {}
+    loaded: dict = {}  # the data as split, before folds: what a cross-validated model starts from
     for cfg in cfgs.values():
         if dataset_key(cfg) not in datasets:
-            datasets[dataset_key(cfg)] = config_dataset(cfg)
+            loaded[dataset_key(cfg)] = source_dataset(cfg)
+            datasets[dataset_key(cfg)] = config_dataset(cfg, loaded[dataset_key(cfg)])
     if overwrite and out.exists():
         for p in ("runs", "figures"):
             shutil.rmtree(out / p, ignore_errors=True)
@@ -165,7 +179,11 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         cfg = cfgs[m]
         run = out / "runs" / m
         ds = datasets[dataset_key(cfg)]
-        if (run / "DONE").exists():
+        if cfg.folds and cfg.fold is None:  # K folds under runs/<m>/folds/; a finished one is kept, as a finished model is
+            log(f"[{i}/{len(models)}] {m}: {cfg.folds}-fold cross-validation")
+            metrics = cross_validate(cfg, run, resume=(run / "config.yaml").exists(), log=log, progress=progress,
+                                     dataset=loaded[dataset_key(cfg)])
+        elif (run / "DONE").exists():
             log(f"[{i}/{len(models)}] {m}: already finished, kept")
             metrics = json.loads((run / "metrics.json").read_text())
         else:
@@ -183,12 +201,18 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
             "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
             "train_minutes": r["train_minutes"], "train_images_per_s": r["train_images_per_s"],
             "norm": cfg.norm if "norm" in model_info(arch)["options"] else None,
-            "precision": r["precision"], "run_dir": f"runs/{m}",
+            "precision": r["precision"],
+            # with --folds: the fold chosen on validation (its curves, predictions and Grad-CAMs)
+            "run_dir": f"runs/{m}" + (f"/folds/{r['chosen_fold']}" if "cv" in metrics else ""),
             **{s: metrics[s] for s in ("val", "test", "test_simple") if s in metrics},
             "study": dict(STUDY[arch]) if arch in STUDY else None,
+            **({"folds": r["folds"], "chosen_fold": r["chosen_fold"], "cv": metrics["cv"],
+                "out_of_fold": metrics.get("out_of_fold"), "cv_dir": f"runs/{m}"} if "cv" in metrics else {}),
         })
     ds0 = next(iter(datasets.values()))
-    if ensemble and len(rows) > 1 and len(datasets) == 1:
+    if ensemble and any(c.folds for c in cfgs.values()):
+        log("--ensemble: not made with --folds (each model's chosen fold validated on other images)")
+    elif ensemble and len(rows) > 1 and len(datasets) == 1:
         row = ensemble_row(out, rows, ds0)
         if row is not None:
             rows.append(row)
@@ -215,6 +239,11 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
 
         html, md = build_report(out)
         log(f"report: {html}\n        {md}")
+    record(base.log, out, name=f"{out} (compare)", config=json.loads(json.dumps(protocol)), uri=base.mlflow_uri,
+           values={f"{r['model']}/{k}": v for r in rows for k, v in flat_metrics(
+               {s: r[s] for s in ("val", "test", "test_simple") if isinstance(r.get(s), dict)}).items()},
+           files=[out / n for n in ("results.json", "results.csv", "report.md", "report.html")],
+           tags={"bloodcell.compare": ",".join(models)}, log=log)
     return results
 
 
@@ -233,6 +262,13 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
                 ci = (m or {}).get(k) or [None, None]
                 f[f"{s}_{k}_lo"], f[f"{s}_{k}_hi"] = ci
         f["study_accuracy"] = (r["study"] or {}).get("accuracy")
+        if any("cv" in x for x in rows):  # --folds: mean and sample sd over the folds
+            f["folds"] = r.get("folds")
+            for s in ("val", "test"):
+                for k in ("accuracy", "macro_f1", "group_accuracy"):
+                    sp = ((r.get("cv") or {}).get(s) or {}).get(k) or {}
+                    f[f"cv_{s}_{k}_mean"], f[f"cv_{s}_{k}_sd"] = sp.get("mean"), sp.get("sd")
+            f["oof_accuracy"] = (r.get("out_of_fold") or {}).get("accuracy")
         flat.append(f)
     write_csv(path, flat)
 
@@ -242,11 +278,20 @@ def format_table(rows: list[dict]) -> str:
     def pct(v):
         return "  -  " if v is None else f"{100 * v:5.1f}"
 
+    def cv(r, split):
+        sp = ((r.get("cv") or {}).get(split) or {}).get("accuracy")
+        return "      -      " if sp is None else f"{100 * sp['mean']:5.1f} ± {100 * sp['sd']:4.1f}"
+
     key = "test" if all("test" in r for r in rows) else "val"
-    lines = [f"{'model':20s} {'params':>11s} {'val':>6s} {key:>6s} {'cell':>6s} {'min':>6s} {'img/s':>7s}"]
+    folds = any("cv" in r for r in rows)
+    lines = [f"{'model':20s} {'params':>11s} {'val':>6s} {key:>6s} {'cell':>6s} {'min':>6s} {'img/s':>7s}"
+             + (f" {'cv val':>13s} {'cv ' + key:>13s}" if folds else "")]
     for r in sorted(rows, key=lambda r: -r[key]["accuracy"]):
         ips = r["train_images_per_s"]
         lines.append(f"{r['model']:20s} {r['params']:>11,} {pct(r['val']['accuracy']):>6s} "
                      f"{pct(r[key]['accuracy']):>6s} {pct(r[key].get('group_accuracy')):>6s} "
-                     f"{r['train_minutes']:6.1f} {'-' if ips is None else f'{ips:.0f}':>7s}")
+                     f"{r['train_minutes']:6.1f} {'-' if ips is None else f'{ips:.0f}':>7s}"
+                     + (f" {cv(r, 'val'):>13s} {cv(r, key):>13s}" if folds else ""))
+    if folds:
+        lines.append("cv: mean ± sd over the folds; val and test columns: the fold chosen on validation")
     return "\n".join(lines)

@@ -104,7 +104,24 @@ FIELD_HELP = {
     "channels_last": "channels-last memory format (faster convolutions on CPU)",
     "device": "auto = CUDA if available, else CPU",
     "threads": "torch threads (0: the physical cores)",
+    "folds": "cross-validate: K grouped, stratified folds of the non-test images (train and val pooled), "
+             "each trained with one fold as validation, into RUN/folds/<k>/; the test split stays as "
+             "it is and chooses nothing; results give the mean and spread over folds (0: one "
+             "train/val split)",
+    "fold": "with --folds: train only this fold (0 to K-1) into --out, a plain run folder; None: "
+            "every fold",
+    "log": "also record the run in these experiment trackers (comma-separated, or --log again): tensorboard = "
+           "event files in RUN/tensorboard/ (pip install 'bloodcell[tensorboard]'); mlflow = an MLflow "
+           "run (pip install 'bloodcell[mlflow]'); history.csv is always written",
+    "mlflow_uri": "MLflow tracking URI for --log mlflow; None: $MLFLOW_TRACKING_URI, else MLflow's "
+                  "local store (./mlflow.db, artifacts in ./mlruns)",
 }
+
+# Experiment trackers --log takes (bloodcell.tracking).
+TRACKERS = ("tensorboard", "mlflow")
+# TrainConfig keys that say where a run is recorded, not what it does: a compare or crosslab
+# folder resumed with other values is the same protocol.
+RECORD_KEYS = ("log", "mlflow_uri")
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,11 @@ class TrainConfig:
     channels_last: bool = True
     device: str = "auto"
     threads: int = 0
+    # cross-validation (bloodcell.crossval) and experiment logs (bloodcell.tracking)
+    folds: int = 0
+    fold: int | None = None
+    log: tuple[str, ...] = ()
+    mlflow_uri: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):  # several sources: a tuple; one in a list is just one
@@ -193,6 +215,15 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if len(self.fractions) != 3 or min(self.fractions) <= 0:
             raise ConfigError(f"fractions must be three positive numbers, got {self.fractions}")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"folds must be 0 (one split) or at least 2, got {self.folds}")
+        if self.fold is not None and not (self.folds and 0 <= self.fold < self.folds):
+            raise ConfigError(f"fold must be 0 to folds-1 with folds set, got fold {self.fold} of "
+                              f"{self.folds} folds" if self.folds else "fold needs folds (--folds K)")
+        bad = [t for t in self.log if t not in TRACKERS]
+        if bad:
+            raise ConfigError(f"log must name trackers among {', '.join(TRACKERS)}; got {', '.join(bad)}")
+        object.__setattr__(self, "log", tuple(dict.fromkeys(self.log)))  # each tracker once
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -202,6 +233,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """A plain dict (tuples as lists), ready for YAML."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# Every field's default as saved (to_dict): a protocol file written before a field existed holds
+# that field's default.
+FIELD_DEFAULTS = TrainConfig().to_dict()
 
 
 def coerce(name: str, tp, value):
@@ -306,7 +342,7 @@ class TuneSettings:
     # Keys that may change between runs of one study (more trials, another time limit), and base
     # keys that belong to one machine rather than to the study.
     MUTABLE = ("trials", "timeout_min", "sampler_seed")
-    LOCAL = ("cache_dir", "device", "threads")
+    LOCAL = ("cache_dir", "device", "threads", "log", "mlflow_uri")
 
     def identity(self) -> dict:
         """The settings two workers of one study must agree on."""

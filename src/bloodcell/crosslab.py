@@ -33,7 +33,7 @@ import numpy as np
 
 from bloodcell import __version__
 from bloodcell.adapt import adapt
-from bloodcell.config import TrainConfig, load_yaml, make_config
+from bloodcell.config import FIELD_DEFAULTS, RECORD_KEYS, TrainConfig, load_yaml, make_config
 from bloodcell.data import discover, load_sources
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.evaluate import evaluate_checkpoint
@@ -66,6 +66,8 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
     out = Path(out)
     base = make_config(TrainConfig, shared)
     labs = base.sources
+    if base.folds or base.fold is not None:
+        raise ConfigError("crosslab's folds are its labs; --folds is for train and compare")
     if len(labs) < 2:
         raise ConfigError("crosslab needs two or more labs: give --data once for each")
     names = [lab_name(s) for s in labs]
@@ -80,7 +82,8 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
     saved = out / PROTOCOL_FILE
     if saved.exists() and not overwrite:
         old = load_yaml(saved)
-        diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != json.loads(json.dumps(protocol)).get(k))
+        diff = sorted(k for k in set(old) | set(protocol) if k not in RECORD_KEYS
+                      and old.get(k, FIELD_DEFAULTS.get(k)) != json.loads(json.dumps(protocol)).get(k))
         if diff:
             raise BloodcellError(f"{out} holds a crosslab run with another protocol (differs in: {', '.join(diff)}); "
                                  "use --overwrite or another --out")

@@ -22,6 +22,7 @@ from bloodcell.data import (
     select_classes,
     source_names,
 )
+from bloodcell.data.folds import fold_dataset
 from bloodcell.engine import (
     EMA,
     FitState,
@@ -32,7 +33,7 @@ from bloodcell.engine import (
     make_optimizer,
     make_scheduler,
 )
-from bloodcell.errors import BloodcellError, DataError
+from bloodcell.errors import BloodcellError, ConfigError, DataError
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.models import get_model, model_info
 from bloodcell.runfiles import (
@@ -45,6 +46,7 @@ from bloodcell.runfiles import (
     write_yaml,
 )
 from bloodcell.runtime import resolve_device, resolve_precision, set_threads
+from bloodcell.tracking import Tracker, check_trackers, flat_metrics
 
 
 def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
@@ -62,7 +64,7 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
 DATASET_KEYS = ("data", "image_size", "resize", "seed", "cache_dir", "fractions", "val_fraction",
-                "group_regex", "group_by", "extra_train", "classes", "labels_per_class")
+                "group_regex", "group_by", "extra_train", "classes", "labels_per_class", "folds", "fold")
 
 
 def dataset_key(cfg: TrainConfig) -> tuple:
@@ -70,12 +72,22 @@ def dataset_key(cfg: TrainConfig) -> tuple:
     return tuple(getattr(cfg, k) for k in DATASET_KEYS)
 
 
-def config_dataset(cfg: TrainConfig):
-    """The data set a training config describes: its data, image size, resize, split and groups,
-    and the train images of --extra-train (split by its own defaults and the same seed) joined."""
-    ds = load_sources(cfg.data if isinstance(cfg.data, str) else list(cfg.data), image_size=cfg.image_size,
-                      seed=cfg.seed, resize=cfg.resize, cache_dir=cfg.cache_dir, fractions=cfg.fractions,
-                      val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
+def source_dataset(cfg: TrainConfig) -> Dataset:
+    """The config's data as loaded and split (train, val, test), before any fold, --extra-train or
+    --classes: what every fold of a cross-validation starts from."""
+    return load_sources(cfg.data if isinstance(cfg.data, str) else list(cfg.data), image_size=cfg.image_size,
+                        seed=cfg.seed, resize=cfg.resize, cache_dir=cfg.cache_dir, fractions=cfg.fractions,
+                        val_fraction=cfg.val_fraction, group_regex=cfg.group_regex, group_by=cfg.group_by)
+
+
+def config_dataset(cfg: TrainConfig, loaded: Dataset | None = None):
+    """The data set a training config describes: its data, image size, resize, split and groups;
+    with --folds and --fold, that fold of the pooled train and val images as val (data.folds);
+    and the train images of --extra-train (split by its own defaults and the same seed) joined.
+    ``loaded`` is ``source_dataset(cfg)`` already loaded (a cross-validation loads it once)."""
+    ds = loaded or source_dataset(cfg)
+    if cfg.folds and cfg.fold is not None:  # before --extra-train: its images train every fold, never validate
+        ds = fold_dataset(ds, cfg.folds, cfg.fold, cfg.seed)
     if cfg.extra_train:
         try:
             extra = load_dataset(cfg.extra_train, image_size=cfg.image_size, seed=cfg.seed, resize=cfg.resize,
@@ -125,6 +137,10 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     prunes there); ``dataset`` reuses an already loaded Dataset.
     """
     out = Path(out)
+    if cfg.folds and cfg.fold is None:
+        raise ConfigError("folds: train() runs one model (give fold too); bloodcell.crossval.cross_validate "
+                          "runs every fold (bloodcell train --folds K)")
+    check_trackers(cfg.log)  # a tracker that is not installed: refused before anything is written
     prepare_run_dir(out, overwrite, resume)
     if resume:
         cfg = make_config(TrainConfig, load_yaml(out / "config.yaml"))
@@ -215,17 +231,46 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         if name == "last.pt":
             write_history(st.history, out / "history.csv")
 
+    tracker = Tracker(cfg.log, out, name=str(out), config=resolved, uri=cfg.mlflow_uri, log=log,
+                      tags={"bloodcell.model": cfg.model, **({"bloodcell.fold": str(cfg.fold)} if cfg.folds else {})})
+
+    def epoch_done(epoch: int, row: dict) -> None:
+        tracker.epoch(epoch, row)
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+
+    ok = False
     try:
         state = fit(model, train_loader, val_loader, step, epochs=cfg.epochs, monitor=cfg.monitor,
                     patience=cfg.patience, seed=cfg.seed, state=state,
                     val_metrics=lambda y, p: compute_metrics(y, p, ds.classes, n_boot=0),
                     save_last=lambda s: save("last.pt", s), save_best=lambda s: save("best.pt", s),
-                    log=log, progress=progress, on_epoch=on_epoch)
+                    log=log, progress=progress, on_epoch=epoch_done)
+        metrics = _final_metrics(cfg, ds, model, out, state, device, precision, threads, t_start)
+        tracker.final(flat_metrics(metrics))
+        tracker.artifact(out / "metrics.json", out / "history.csv", out / "resolved.yaml")
+        ok = True
     except TrainingDiverged as e:
         kept = f"the last good checkpoint (epoch {state.epoch}) is kept in {out / 'last.pt'}" \
             if (out / "last.pt").exists() else "no epoch finished, so no checkpoint was written"
         raise BloodcellError(f"training stopped: {e} in epoch {state.epoch + 1}; {kept}; "
                              "try a lower --lr or --precision fp32") from e
+    finally:
+        tracker.close(ok)
+    for name in ("test", "test_simple", "val"):
+        if name in metrics:
+            m = metrics[name]
+            log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                f"group accuracy {m.get('group_accuracy', float('nan')):.4f}  {binary_line(m)}".rstrip())
+            for root, ms in m.get("per_source", {}).items():
+                log(f"  {name} of {root}: accuracy {ms['accuracy']:.4f}  macro-F1 {ms['macro_f1']:.4f}  "
+                    f"(n={ms['n']})")
+    return metrics
+
+
+def _final_metrics(cfg: TrainConfig, ds: Dataset, model, out: Path, state: FitState, device, precision,
+                   threads: int, t_start: float) -> dict:
+    """Evaluate the best checkpoint on every split; write the predictions, metrics.json and DONE."""
     train_minutes = (time.perf_counter() - t_start) / 60
 
     # evaluate the best checkpoint (read back from disk: what predict and serve will use)
@@ -253,12 +298,4 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         metrics["run"]["labelled_cells"] = ds.labelled
     write_json(out / "metrics.json", metrics)
     mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
-    for name in ("test", "test_simple", "val"):
-        if name in metrics:
-            m = metrics[name]
-            log(f"{name}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-                f"group accuracy {m.get('group_accuracy', float('nan')):.4f}  {binary_line(m)}".rstrip())
-            for root, ms in m.get("per_source", {}).items():
-                log(f"  {name} of {root}: accuracy {ms['accuracy']:.4f}  macro-F1 {ms['macro_f1']:.4f}  "
-                    f"(n={ms['n']})")
     return metrics

@@ -22,7 +22,10 @@ stopped: finished models are not trained again, an unfinished one resumes from i
 
 
 def cmd_compare(args) -> int:
-    """bloodcell compare --data PATH --models cnn2x32,cnn4x64,cnn4x32,vgg3,resnet18 --out DIR"""
+    """bloodcell compare --data PATH --models cnn2x32,cnn4x64,cnn4x32,vgg3,resnet18 --out DIR [--folds K]
+
+    With --folds K each model is cross-validated (runs/<model>/folds/<k>/); results and report give
+    the mean and spread over the folds, the other tables the fold chosen on validation."""
     from bloodcell.compare import compare, load_protocol, model_list  # lazy: start-up
 
     preset = args.preset
@@ -114,7 +117,7 @@ def add_parsers(sub) -> None:
                         "on K labelled cells per class (e.g. 5,10,25,50): accuracy against K")
     p.add_argument("--no-report", action="store_true", help="skip report.html/report.md")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(p, TrainConfig)
+    add_config_flags(p, TrainConfig, skip=("folds", "fold"))  # its folds are the labs
     p.set_defaults(func=cmd_crosslab)
 
     p = sub.add_parser("report", help="rebuild a compare folder's report.html and report.md",

@@ -6,7 +6,15 @@ import argparse
 import typing
 from dataclasses import fields
 
-from bloodcell.config import CHOICES, FIELD_HELP, TrainConfig, hints, load_yaml, make_config
+from bloodcell.config import (
+    CHOICES,
+    FIELD_HELP,
+    TRACKERS,
+    TrainConfig,
+    hints,
+    load_yaml,
+    make_config,
+)
 
 DATA_HELP = ("data: a folder of images (Kaggle blood-cells layout, Kaggle breast histopathology (IDC) "
              "<patient>/{0,1}/ folders, <class>/ folders, or {train,val,test}/<class>/ folders), a label "
@@ -29,6 +37,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         help_ = (DATA_HELP if f.name == "data" else FIELD_HELP.get(f.name, "")) + f" (default: {shown})"
         if f.name == "data":
             p.add_argument(flag, action="append", default=None, metavar="DATA", help=help_)
+        elif f.name == "log":  # --log tensorboard --log mlflow, or --log tensorboard,mlflow
+            p.add_argument(flag, action="append", default=None, metavar="{" + ",".join(TRACKERS) + "}",
+                           help=help_)
         elif tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
@@ -40,7 +51,10 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
 
 def given(args: argparse.Namespace, cls) -> dict:
     """The config fields given on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    out = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    if isinstance(out.get("log"), list):
+        out["log"] = ",".join(out["log"])
+    return out
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

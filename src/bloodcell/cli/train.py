@@ -16,14 +16,25 @@ from bloodcell.config import CHOICES, TrainConfig
 
 
 def cmd_train(args) -> int:
-    """bloodcell train --data PATH --model NAME --epochs E --out RUN_DIR"""
+    """bloodcell train --data PATH --model NAME --epochs E --out RUN_DIR [--folds K]
+
+    With --folds K: K models, each validated on its own grouped, stratified fold of the train and
+    val images, into RUN_DIR/folds/<k>/; the test split is the same for all and chooses nothing;
+    RUN_DIR/folds.json holds the mean and spread over the folds."""
+    from bloodcell.crossval import cross_validate, is_crossval_dir  # lazy: start-up
     from bloodcell.train import train  # lazy: start-up
 
     if args.resume:
-        train(TrainConfig(), args.resume, resume=True, progress=not args.quiet)
+        if is_crossval_dir(args.resume):
+            cross_validate(TrainConfig(folds=2), args.resume, resume=True, progress=not args.quiet)
+        else:
+            train(TrainConfig(), args.resume, resume=True, progress=not args.quiet)
         return 0
     cfg = train_config(args)
-    train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if cfg.folds and cfg.fold is None:
+        cross_validate(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    else:
+        train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"run folder: {args.out}")
     return 0
 
@@ -74,8 +85,8 @@ def cmd_adapt(args) -> int:
 
 def add_parsers(sub) -> None:
     """Register `bloodcell train`, `bloodcell evaluate` and `bloodcell adapt`."""
-    p = sub.add_parser("train", help="train one model into a run folder",
-                       description=cmd_train.__doc__)
+    p = sub.add_parser("train", help="train one model into a run folder (or K folds: --folds)",
+                       description=cmd_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--config", help="YAML file of config keys (flags override it)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")

@@ -32,6 +32,7 @@ from bloodcell.report.format import (
     num,
 )
 from bloodcell.report.sections import (
+    cv_table,
     dataset_blocks,
     headline,
     metrics_table,
@@ -71,6 +72,16 @@ def build_blocks(d: Path, res: dict) -> list:
                              "whole groups (so augmented twins count once), for cell accuracy a Wilson "
                              "interval over the cells. "
                              f"{MISSING} = not recorded.")]
+    cv = cv_table(models, colors)
+    if cv is not None:
+        blocks += [Block("h3", "Cross-validation", id="cv-h"), cv,
+                   Block("note", "Each cross-validated model was trained once per fold of the pooled train "
+                                 "and val images (grouped, stratified), validated on its own fold; the test "
+                                 "split is the same for every fold and chose nothing. Figures: mean ± sample "
+                                 "sd over the folds, their range beneath. Out-of-fold: every train/val image "
+                                 "scored once, by the fold that did not train on it. The other tables, curves "
+                                 "and galleries show the fold chosen on validation (best validation score on "
+                                 "its own fold).")]
     blocks += [Block("h3", "The study's four models"),
                Block("p", "The study bloodcell started from reported these test figures; ours are beside "
                           "them, measured under this report's protocol and data."),

@@ -302,3 +302,30 @@ def sources_table(models: list[dict], colors: dict, sources: list[dict]) -> Tabl
     return Table(headers, rows, numeric=set(range(1, len(headers))), id="per-source",
                  caption="Each source (lab) was split on its own; validation chose the epoch on all of "
                          "them pooled.")
+
+
+def _spread(sp) -> Cell:
+    """'91.2 % ± 1.3' (mean ± sample sd over the folds), the folds' range beneath in HTML."""
+    if not isinstance(sp, dict) or num(sp.get("mean")) is None:
+        return Cell(MISSING)
+    main = f"{pct(sp['mean'])} ± {100 * float(sp.get('sd') or 0):.1f}"
+    return _two_line(main, f"{100 * float(sp['min']):.1f}–{100 * float(sp['max']):.1f}")
+
+
+def cv_table(models: list[dict], colors: dict) -> Table | None:
+    """Cross-validated models (--folds): mean ± sd over the folds of val and test figures, the
+    out-of-fold figure and the fold chosen on validation; None where no model was cross-validated."""
+    rows = []
+    for r in ranked(models):
+        cv = r.get("cv")
+        if not isinstance(cv, dict):
+            continue
+        val, test = cv.get("val") or {}, cv.get("test") or {}
+        rows.append([_swatch(r["model"], colors), count(r.get("folds")), _spread(val.get("accuracy")),
+                     _spread(test.get("accuracy")), _spread(test.get("macro_f1")),
+                     _spread(test.get("group_accuracy")), pct((r.get("out_of_fold") or {}).get("accuracy")),
+                     count(r.get("chosen_fold"))])
+    if not rows:
+        return None
+    return Table(["Model", "Folds", "Val acc (own fold)", "Test acc", "Test macro-F1", "Test cell acc",
+                  "Out-of-fold acc", "Chosen fold"], rows, numeric={1, 2, 3, 4, 5, 6, 7}, id="cv")

@@ -109,6 +109,8 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
     for k in NOT_IN_SPACE:
         if k in base:
             raise ConfigError(f"base config: {k!r} is set by tune's own argument, not the config")
+    if base.get("folds") or base.get("fold") is not None:
+        raise ConfigError("tune trains each trial on one train/val split; --folds is for train and compare")
     data = make_config(TrainConfig, base, {"data": data, "model": model}).data
     for source in ([data] if isinstance(data, str) else data):  # a bad path: one line now, not a failed trial
         if not is_synthetic(source):
