@@ -206,3 +206,17 @@ def test_compare_with_folds_reports_mean_and_sd_per_model(tmp_path):
     compare(["cnn2x32"], {**FAST, "data": "synthetic:96", "epochs": 1, "precision": "fp32", "folds": 3},
             out, log=logs.append, progress=False, report=False)
     assert any("already finished" in m for m in logs) and not any("training" in m for m in logs)
+
+
+def test_anylab_preset_trains_on_every_lab_given(tmp_path):
+    """compare --preset anylab --data A --data B: one model on both labs, validation reported per lab;
+    its run is what adapt starts from."""
+    from test_crosslab import lab
+
+    labs = [str(lab(tmp_path / "lab_a", ("alpha", "beta"), 0)), str(lab(tmp_path / "lab_b", ("alpha", "beta"), 20))]
+    out = tmp_path / "c"
+    assert main(["compare", "--preset", "anylab", "--data", labs[0], "--data", labs[1], "--epochs", "1",
+                 "--image-size", "32", "--threads", "1", "--no-tta", "--no-report", "--quiet", "--out", str(out)]) == 0
+    m = json.loads((out / "runs" / "cnn4x32" / "metrics.json").read_text())
+    assert set(m["val"]["per_source"]) == set(labs)
+    assert main(["adapt", str(out / "runs" / "cnn4x32"), "--data", labs[1], "--out", str(tmp_path / "a")]) == 0

@@ -97,7 +97,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--config", help="YAML: shared config keys, 'models' and per-model 'overrides'")
     p.add_argument("--preset", help="a protocol shipped with bloodcell: demo (the built-in data, minutes), "
                                     "best (Kaggle blood cells), pbc (PBC), crosslab (a model for another lab's "
-                                    "images); src/bloodcell/presets/compare holds them")
+                                    "images), anylab (a model for any lab, trained on every --data lab "
+                                    "given); src/bloodcell/presets/compare holds them")
     p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's runs and results")
     p.add_argument("--ensemble", action="store_true",
                    help="add a row for the mean of all models' probabilities (uniform weights)")
