@@ -36,7 +36,7 @@ def metadata(meta: dict) -> dict:
             "resize": meta.get("resize", "squash"), "mean": list(meta["mean"]), "std": list(meta["std"]),
             "model": meta["model"]["name"], "input": "input: float32 N x 3 x S x S, normalised RGB",
             "output": "logits: float32 N x C (softmax gives probabilities)",
-            "bloodcell_version": __version__}
+            "parameters": meta.get("parameters"), "bloodcell_version": __version__}
 
 
 class FixedAdaptiveAvgPool2d(torch.nn.Module):
@@ -154,6 +154,7 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
     if fmt not in EXPORT_FORMATS:
         raise BloodcellError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
     model, meta = load_model(checkpoint)
+    meta = {**meta, "parameters": sum(p.numel() for p in model.parameters())}
     size = int(meta["image_size"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
