@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import time
 import importlib.util
 import io
+import time
 import warnings
 from pathlib import Path
 
@@ -52,6 +52,7 @@ def test_health_model_page_and_docs(client) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert 'id="file-input"' in page.text and "/predict?cam=true" in page.text
+    assert 'id="key-form"' in page.text and '"X-API-Key": key' in page.text  # asks for, then sends, a key
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
     assert client.get("/docs").status_code == 200
     assert {"/predict", "/predict/batch", "/health", "/model", "/examples"} <= set(client.get("/openapi.json").json()["paths"])
