@@ -476,3 +476,47 @@ def test_lean_server_idles_small_and_16_giant_pngs_cost_it_little(onnx_file) -> 
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def _fast_path(app):
+    """The app's FastPredict middleware instance (built on the first request)."""
+    from bloodcell.fastpath import FastPredict
+
+    layer = app.middleware_stack
+    while layer is not None and not isinstance(layer, FastPredict):
+        layer = getattr(layer, "app", None)
+    return layer
+
+
+# the same request as the fast path takes it, and in a form only the FastAPI route takes (a capitalised
+# boolean, which FastAPI reads alike)
+@pytest.mark.parametrize(("fast_query", "slow_query"), [
+    ("", "?tta=False"), ("?top_k=2", "?top_k=2&tta=False"), ("?tta=true&top_k=1", "?tta=True&top_k=1"),
+    ("?cam=false", "?cam=False")])
+def test_the_fast_path_answers_exactly_as_the_route(onnx_file, fast_query, slow_query) -> None:
+    app = create_app(onnx_file, api_key=KEY)
+    c = TestClient(app)
+    ok = {"X-API-Key": KEY}
+    files = {"file": ("cell 1.jpeg", jpeg(2), "image/jpeg")}
+    fast = c.post("/predict" + fast_query, files=files, headers=ok)
+    fp = _fast_path(app)
+    assert fp.served == 1 and fast.status_code == 200
+    slow = c.post("/predict" + slow_query, files=files, headers=ok)
+    assert fp.served == 1 and slow.status_code == 200  # not taken this time
+    a, b = fast.json(), slow.json()
+    assert a.pop("latency_ms") > 0 and b.pop("latency_ms") > 0
+    assert a == b and fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+
+
+def test_the_fast_path_passes_on_what_it_does_not_know_with_its_body(onnx_file) -> None:
+    app = create_app(onnx_file, api_key=KEY)
+    c = TestClient(app)
+    ok = {"X-API-Key": KEY}
+    two = [("file", ("a.jpeg", jpeg(1), "image/jpeg")), ("extra", ("b.jpeg", jpeg(2), "image/jpeg"))]
+    r = c.post("/predict", files=two, headers=ok)  # two parts: the route reads the replayed body
+    assert r.status_code == 200 and r.json()["filename"] == "a.jpeg"
+    assert c.post("/predict", files={"file": ("a.jpeg", jpeg(), "image/jpeg")}).status_code == 401  # no key
+    assert c.post("/predict?top_k=0", files={"file": ("a.jpeg", jpeg(), "image/jpeg")}, headers=ok).status_code == 422
+    r = c.post("/predict", files={"file": ("t.jpeg", TRUNCATED, "image/jpeg")}, headers=ok)
+    assert r.status_code == 422 and "truncated" in r.json()["detail"]
+    assert _fast_path(app).served == 1  # only the truncated JPEG was answered there, with the route's words

@@ -43,12 +43,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bloodcell.batching import MicroBatcher
 from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB, SERVE_MAX_PIXELS
 from bloodcell.data.images import ImageError, decode_image
 from bloodcell.errors import BloodcellError
+from bloodcell.fastpath import FastPredict, UploadLimit, too_large
 from bloodcell.predict_onnx import OnnxPredictor, result_rows
 
 _MULTIPART_SLACK = 64 * 1024  # headers and boundaries of a multipart body
@@ -121,57 +121,6 @@ def model_card(predictor) -> dict:
             "cam": bool(getattr(predictor, "has_cam", True)), "metrics": metrics}
 
 
-class UploadLimit:
-    """ASGI middleware: 413 for request bodies above a limit, declared (Content-Length) or streamed."""
-
-    def __init__(self, app, limit_for):
-        self.app, self.limit_for = app, limit_for
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
-            return await self.app(scope, receive, send)
-        limit = self.limit_for(scope["path"])
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _json(send, 413, _too_large(int(declared), limit))
-        seen = 0
-        started = False
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                # An HTTPException passes through FastAPI's body parsing unchanged (a 413).
-                raise StarletteHTTPException(413, _too_large(seen, limit))
-            return message
-
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except StarletteHTTPException as e:
-            if e.status_code != 413 or started:
-                raise
-            await _json(send, 413, e.detail)
-
-
-def _too_large(n: int, limit: int) -> str:
-    return f"upload too large: {n / 1e6:.1f} MB, the limit is {limit / 1e6:.1f} MB"
-
-
-async def _json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX_BATCH,
                backend: str = "auto", max_pixels: int = SERVE_MAX_PIXELS, decoders: int = 0,
                threads: int = 0, api_key: str | None = None, cors_origins: tuple[str, ...] = ()):
@@ -218,7 +167,7 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
     def read(upload: UploadFile) -> bytes:
         data = upload.file.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise HTTPException(413, _too_large(len(data), max_bytes))
+            raise HTTPException(413, too_large(len(data), max_bytes))
         return data
 
     def status_of(e: ImageError) -> int:
@@ -277,22 +226,24 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
                                                              "needs a checkpoint, not an .onnx file")] = False,
                       ) -> dict:
         """Class probabilities of one image, with the server's latency in milliseconds."""
-        t0 = time.perf_counter()
+        return await predict_one(read(file), file.filename, top_k, tta, cam, time.perf_counter())
+
+    async def predict_one(data: bytes, filename: str | None, top_k: int, tta: bool, cam: bool,
+                          t0: float) -> dict:
+        """/predict's answer (the route's and the fast path's); raises HTTPException."""
         if cam and not has_cam:
             raise HTTPException(400, "Grad-CAM needs the PyTorch checkpoint: this server runs an .onnx "
                                      "file (serve the run folder for cam=true)")
-        data = read(file)
-        name = file.filename or "upload"
         try:
             arr = await decode(data)
         except ImageError as e:
-            raise HTTPException(status_of(e), f"{name}: {e}") from None
+            raise HTTPException(status_of(e), f"{filename or 'upload'}: {e}") from None
         probs = await batcher.submit(arr, tta)
         row = result_rows(probs[None], predictor.classes, top_k)[0]
         if cam:
             target = predictor.classes.index(row["class"])
             row["cam_png"] = data_url(await run_in_threadpool(predictor.cam_png, arr, target, data))
-        return {"filename": file.filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
+        return {"filename": filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.post("/predict/batch", dependencies=[*guarded, Depends(multipart)])
     async def predict_batch(files: Annotated[list[UploadFile], File(description="image files")],
@@ -320,6 +271,9 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
         per_request = max_bytes * (max_batch if path.endswith("/batch") else 1)
         return per_request + _MULTIPART_SLACK
 
+    # Starlette runs the middleware added last first: UploadLimit sees the body before FastPredict.
+    app.add_middleware(FastPredict, handler=predict_one, api_key=api_key, max_bytes=max_bytes,
+                       default_top_k=n_classes)
     app.add_middleware(UploadLimit, limit_for=limit_for)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
