@@ -47,6 +47,14 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
+def _value(text: str):
+    """A metadata value: bloodcell writes JSON; other tools (the quantiser) plain strings."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 class OnnxPredictor:
     """An exported ONNX model that predicts class probabilities for uint8 images N x H x W x 3."""
 
@@ -70,7 +78,7 @@ class OnnxPredictor:
         if missing:
             raise BloodcellError(f"{path.name} has no bloodcell metadata ({', '.join(missing)}); "
                                  "export it with `bloodcell export RUN --format onnx`")
-        meta = {k: json.loads(v) for k, v in props.items()}
+        meta = {k: _value(v) for k, v in props.items()}
         self.meta = {**meta, "path": str(path)}
         self.classes: list[str] = list(meta["classes"])
         self.image_size: int = int(meta["image_size"])

@@ -45,7 +45,7 @@ from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
 from bloodcell.batching import MicroBatcher
-from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB, SERVE_MAX_PIXELS
+from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB, MICRO_BATCH, SERVE_MAX_PIXELS
 from bloodcell.data.images import ImageError, decode_image
 from bloodcell.errors import BloodcellError
 from bloodcell.fastpath import FastPredict, UploadLimit, too_large
@@ -138,7 +138,7 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
     has_cam = bool(getattr(predictor, "has_cam", True))
     decode_pool = ThreadPoolExecutor(decoders if decoders > 0 else os.cpu_count() or 1,
                                      thread_name_prefix="bloodcell-decode")
-    batcher = MicroBatcher(predictor.probs, max_batch=max_batch)
+    batcher = MicroBatcher(predictor.probs, max_batch=min(max_batch, MICRO_BATCH))
     app = FastAPI(title="bloodcell", version="1",
                   description=f"Blood-cell classification with {predictor.model_name} "
                               f"({', '.join(predictor.classes)}).")
