@@ -158,6 +158,14 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
 
         guarded = [Depends(check_key)]
 
+    # What a client may get besides 200, in the schema the fuzzers read ({"detail": "..."} bodies)
+    errors_doc = {400: {"description": "cam=true from a server of an .onnx file, or a malformed body"},
+                  413: {"description": "body over --max-upload-mb, or image over --max-megapixels"},
+                  415: {"description": "not multipart/form-data, or not an image"},
+                  422: {"description": "no file field, an empty or corrupt image, or a bad parameter"}}
+    if api_key:
+        errors_doc[401] = {"description": "missing or wrong X-API-Key"}
+
     def multipart(request: Request) -> None:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
@@ -203,14 +211,14 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
         """Liveness: the model is loaded (open without the API key, for load balancers)."""
         return {"status": "ok", "model": predictor.model_name, "backend": predictor.backend}
 
-    @app.get("/model", dependencies=guarded)
+    @app.get("/model", dependencies=guarded, responses={401: errors_doc[401]} if api_key else None)
     async def model_info() -> dict:
         """Classes, architecture, input size and normalisation, and the run's saved test metrics."""
         return card
 
     shown: dict = {}
 
-    @app.get("/examples", dependencies=guarded)
+    @app.get("/examples", dependencies=guarded, responses={401: errors_doc[401]} if api_key else None)
     def examples() -> dict:
         """Per class two right test calls (the surest, the least sure) and the two most confident
         wrong ones, each with its Grad-CAM overlay (none for an ONNX file)."""
@@ -218,7 +226,7 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
             shown.update(examples_card(predictor))
         return shown
 
-    @app.post("/predict", dependencies=[*guarded, Depends(multipart)])
+    @app.post("/predict", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
     async def predict(file: Annotated[UploadFile, File(description="one image file (JPEG, PNG, BMP, TIFF)")],
                       top_k: Annotated[int, Query(ge=1, le=1000, description="classes listed in top_k")] = n_classes,
                       tta: Annotated[bool, Query(description="average over the 8 flips and rotations")] = False,
@@ -245,7 +253,7 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
             row["cam_png"] = data_url(await run_in_threadpool(predictor.cam_png, arr, target, data))
         return {"filename": filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
 
-    @app.post("/predict/batch", dependencies=[*guarded, Depends(multipart)])
+    @app.post("/predict/batch", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
     async def predict_batch(files: Annotated[list[UploadFile], File(description="image files")],
                             top_k: Annotated[int, Query(ge=1, le=1000)] = 1, tta: bool = False) -> dict:
         """Class probabilities of several images in one forward pass; bad files get an error entry."""
