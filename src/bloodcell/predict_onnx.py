@@ -121,9 +121,10 @@ def result_rows(probs: np.ndarray, classes: list[str], top_k: int = 1) -> list[d
     """Rows of class probabilities N x C as ``predict`` and ``serve`` report them."""
     k = max(1, min(top_k, len(classes)))
     out = []
-    for p in probs:
-        order = np.argsort(-p, kind="stable")[:k]
-        out.append({"class": classes[order[0]], "probability": float(p[order[0]]),
-                    "top_k": [{"class": classes[i], "probability": float(p[i])} for i in order],
-                    "probs": {c: float(v) for c, v in zip(classes, p, strict=True)}})
+    # plain Python on a few floats: numpy's argsort per row cost the server's event loop more
+    for p in np.asarray(probs, np.float64).tolist():
+        order = sorted(range(len(p)), key=lambda i, p=p: -p[i])[:k]  # stable: ties keep class order
+        out.append({"class": classes[order[0]], "probability": p[order[0]],
+                    "top_k": [{"class": classes[i], "probability": p[i]} for i in order],
+                    "probs": dict(zip(classes, p, strict=True))})
     return out
