@@ -7,9 +7,10 @@ folder's predictions_test.csv, each with its Grad-CAM overlay) and the OpenAPI d
 
 An exported ``.onnx`` file is served by ``predict_onnx.OnnxPredictor``: no torch in the process, and
 no Grad-CAM (``?cam=true`` gets 400, /examples is empty); a run folder or checkpoint by
-``predict.Predictor``, with Grad-CAM. Concurrent /predict requests are decoded on a pool of
-``decoders`` threads (Pillow releases the GIL; the pool is also the bound on how many uploads
-decode at once) and go through the model together (``batching.MicroBatcher``).
+``predict.Predictor``, with Grad-CAM. Concurrent /predict requests go through the model together
+(``batching.MicroBatcher``), decoded off the event loop: by the inference thread, batch by batch
+(``decoders=0``), or by a pool of ``decoders`` threads (Pillow releases the GIL); either way that
+bounds how many uploads decode at once.
 
 Limits, each with a clear 4xx and the server still serving: a body above ``max_upload_mb`` gets
 413 before it is read; an image above ``max_pixels`` to decode 413 from its header, before any
@@ -126,8 +127,8 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
                threads: int = 0, api_key: str | None = None, cors_origins: tuple[str, ...] = ()):
     """The FastAPI app for a .onnx file, run folder, checkpoint or already loaded predictor.
 
-    ``decoders`` threads decode uploads (0: one per core), ``threads`` run the model (0: the
-    physical cores); ``api_key``: required in the X-API-Key header; ``cors_origins``: allowed
+    ``decoders`` threads decode uploads (0: none, the inference thread decodes each micro-batch),
+    ``threads`` run the model (0: the physical cores); ``api_key``: required in the X-API-Key header; ``cors_origins``: allowed
     cross-origin callers (none by default).
     """
     predictor = load_predictor(model, backend, threads)
@@ -136,9 +137,12 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
     n_classes = len(predictor.classes)
     size, resize = predictor.image_size, predictor.resize
     has_cam = bool(getattr(predictor, "has_cam", True))
-    decode_pool = ThreadPoolExecutor(decoders if decoders > 0 else os.cpu_count() or 1,
-                                     thread_name_prefix="bloodcell-decode")
-    batcher = MicroBatcher(predictor.probs, max_batch=min(max_batch, MICRO_BATCH))
+    batcher = MicroBatcher(predictor.probs, max_batch=min(max_batch, MICRO_BATCH),
+                           prepare=lambda data: decode_image(data, size, resize, max_pixels))
+    # decoders > 0: a pool of that many threads decodes; 0: the inference thread decodes each batch
+    # before its forward pass (one decode at a time per worker process)
+    decode_pool = (ThreadPoolExecutor(decoders, thread_name_prefix="bloodcell-decode") if decoders > 0
+                   else batcher.executor)
     app = FastAPI(title="bloodcell", version="1",
                   description=f"Blood-cell classification with {predictor.model_name} "
                               f"({', '.join(predictor.classes)}).")
@@ -243,10 +247,10 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
             raise HTTPException(400, "Grad-CAM needs the PyTorch checkpoint: this server runs an .onnx "
                                      "file (serve the run folder for cam=true)")
         try:
-            arr = await decode(data)
+            arr = await decode(data) if decoders > 0 or cam else None
+            probs = await batcher.submit(data if arr is None else arr, tta)
         except ImageError as e:
             raise HTTPException(status_of(e), f"{filename or 'upload'}: {e}") from None
-        probs = await batcher.submit(arr, tta)
         row = result_rows(probs[None], predictor.classes, top_k)[0]
         if cam:
             target = predictor.classes.index(row["class"])

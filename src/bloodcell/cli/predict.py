@@ -207,7 +207,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH,
                    help="most files per /predict/batch, and most concurrent requests per forward pass")
     p.add_argument("--decoders", type=int, default=0, metavar="N",
-                   help="images decoded at once, per worker (default 0: one per CPU)")
+                   help="threads that decode uploads, per worker: the most decoded at once (default 0: "
+                        "none, the inference thread decodes each batch before its forward pass)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="threads of a forward pass, per worker (default 0: the physical cores)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
