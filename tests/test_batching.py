@@ -60,3 +60,22 @@ def test_a_failing_pass_fails_its_requests_and_the_next_ones_still_run() -> None
 
     assert asyncio.run(main()).tolist() == [1.0, 1.0]
     batcher.close()
+
+
+def test_bytes_are_decoded_in_the_batch_and_a_bad_one_fails_alone() -> None:
+    def prepare(data: bytes) -> np.ndarray:
+        if data == b"bad":
+            raise ValueError("not an image")
+        return np.full((4, 4, 3), int(data), np.uint8)
+
+    batcher = MicroBatcher(slow_probs, max_batch=8, prepare=prepare)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(b) for b in [b"1", b"bad", b"3", b"4"]),
+                                    return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert isinstance(out[1], ValueError) and str(out[1]) == "not an image"
+    assert [int(out[i][0]) for i in (0, 2, 3)] == [1, 3, 4]
+    assert batcher.images == 3  # the bad file never reached the model
+    batcher.close()

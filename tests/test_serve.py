@@ -520,3 +520,14 @@ def test_the_fast_path_passes_on_what_it_does_not_know_with_its_body(onnx_file) 
     r = c.post("/predict", files={"file": ("t.jpeg", TRUNCATED, "image/jpeg")}, headers=ok)
     assert r.status_code == 422 and "truncated" in r.json()["detail"]
     assert _fast_path(app).served == 1  # only the truncated JPEG was answered there, with the route's words
+
+
+def test_a_pool_of_decoders_answers_as_the_inference_thread_does(predictor) -> None:
+    inline, pooled = TestClient(create_app(predictor)), TestClient(create_app(predictor, decoders=2))
+    for files in ({"file": ("a.jpeg", jpeg(4), "image/jpeg")}, {"file": ("t.jpeg", TRUNCATED, "image/jpeg")},
+                  {"file": ("n.txt", b"hello", "text/plain")}):
+        a, b = inline.post("/predict", files=files), pooled.post("/predict", files=files)
+        assert a.status_code == b.status_code
+        ja, jb = a.json(), b.json()
+        ja.pop("latency_ms", None), jb.pop("latency_ms", None)
+        assert ja == jb
