@@ -128,8 +128,8 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
     """The FastAPI app for a .onnx file, run folder, checkpoint or already loaded predictor.
 
     ``decoders`` threads decode uploads (0: none, the inference thread decodes each micro-batch),
-    ``threads`` run the model (0: the physical cores); ``api_key``: required in the X-API-Key header; ``cors_origins``: allowed
-    cross-origin callers (none by default).
+    ``threads`` run the model (0: the physical cores); ``api_key``: required in the X-API-Key
+    header; ``cors_origins``: allowed cross-origin callers (none by default).
     """
     predictor = load_predictor(model, backend, threads)
     max_bytes = int(max_upload_mb * 1e6)
@@ -143,6 +143,7 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
     # before its forward pass (one decode at a time per worker process)
     decode_pool = (ThreadPoolExecutor(decoders, thread_name_prefix="bloodcell-decode") if decoders > 0
                    else batcher.executor)
+    # the API's version, not bloodcell's: what a server runs is nobody else's business
     app = FastAPI(title="bloodcell", version="1",
                   description=f"Blood-cell classification with {predictor.model_name} "
                               f"({', '.join(predictor.classes)}).")
