@@ -85,3 +85,36 @@ def test_page_shows_right_and_wrong_test_cells_with_their_maps(browser, tmp_path
         page.wait_for_function("() => [...document.querySelectorAll('#examples img')]"
                                ".every((i) => i.complete && i.naturalWidth > 0)", timeout=10_000)
         assert not errors
+
+
+def test_page_asks_for_the_key_and_works_with_an_onnx_file(browser, tmp_path) -> None:
+    from bloodcell.export import export_model
+
+    key = "page-key-0123456789abcdef"
+    export_model(make_checkpoint(tmp_path / "tiny.pt"), "onnx", tmp_path / "tiny.onnx")
+    image = tmp_path / "cell.png"
+    image.write_bytes(png_bytes(11, size=(120, 90)))
+    want = Predictor(tmp_path / "tiny.pt").predict_bytes(image.read_bytes())["class"]
+    with serving(create_app(tmp_path / "tiny.onnx", api_key=key)) as url:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("#key-form:not([hidden])", timeout=10_000)
+        assert "unavailable" in page.locator("#model").inner_text()
+        page.fill("#api-key", "not the key")
+        page.click("#key-form button")
+        page.wait_for_selector("#key-error:has-text('refused')", timeout=10_000)
+        page.fill("#api-key", key)
+        page.click("#key-form button")
+        page.wait_for_selector("#model:has-text('cnn4x32')", timeout=10_000)
+        assert page.locator("#key-form").is_hidden()
+        page.set_input_files("#file-input", str(image))
+        card = page.locator(".card").first
+        card.locator(".pred-class").wait_for(timeout=15_000)
+        assert card.locator(".pred-class").inner_text() == want  # the same class as the checkpoint's
+        assert card.locator(".bar").count() == len(CLASSES)
+        assert card.locator("img.cam").count() == 0  # an .onnx file has no Grad-CAM, and says so
+        assert "with Grad-CAM" not in card.locator(".meta").inner_text()
+        page.close()
+        assert not errors, errors

@@ -83,3 +83,40 @@ def test_export_parity_on_real_images(kaggle_root, tmp_path, fmt) -> None:
     export_model(ckpt, fmt, out)
     x = preprocess(np.stack([load_image(str(p), 64) for p in real_test_images(kaggle_root, 4)]))
     np.testing.assert_allclose(run_exported(out, x), reference(ckpt, x), atol=1e-4, rtol=0)
+
+
+def calibration_run(run):
+    """A run folder: a checkpoint and a predictions_val.csv of synthetic cells (regenerated on read)."""
+    from bloodcell.runfiles import write_csv
+
+    run.mkdir(parents=True)
+    make_checkpoint(run / "best.pt")
+    write_csv(run / "predictions_val.csv", [{"path": f"synthetic://0/{k}", "label": CLASSES[k % 4],
+                                             "pred": CLASSES[k % 4], "confidence": 0.5} for k in range(64)])
+    return run
+
+
+def test_int8_export_is_smaller_keeps_metadata_and_agrees_with_pytorch(tmp_path) -> None:
+    from bloodcell.predict_onnx import OnnxPredictor
+
+    run = calibration_run(tmp_path / "run")
+    fp32 = export_model(run / "best.pt", "onnx", tmp_path / "fp32.onnx")
+    s = export_model(run / "best.pt", "onnx", tmp_path / "int8.onnx", quantize="int8")
+    assert s["quantize"] == "int8" and s["agreement"] >= 0.95 and s["bytes"] < 0.6 * fp32["bytes"]
+    meta = read_metadata(tmp_path / "int8.onnx")
+    assert meta["quantize"] == "int8" and meta["classes"] == CLASSES and meta["image_size"] == 32
+    onnx_model = __import__("onnx").load(str(tmp_path / "int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in onnx_model.graph.node)  # really 8-bit inside
+    p = OnnxPredictor(tmp_path / "int8.onnx")
+    images = np.stack([decode_image(png_bytes(i), 32) for i in range(4)])
+    assert p.probs(images).shape == (4, len(CLASSES))
+
+
+def test_int8_needs_onnx_and_validation_images(tmp_path, ckpt) -> None:
+    with pytest.raises(BloodcellError, match="needs --format onnx"):
+        export_model(ckpt, "torchscript", tmp_path / "m.pt", quantize="int8")
+    with pytest.raises(BloodcellError, match="predictions_val.csv"):
+        export_model(ckpt, "onnx", tmp_path / "m.onnx", quantize="int8")
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(BloodcellError, match="unknown quantisation"):
+        export_model(ckpt, "onnx", tmp_path / "m.onnx", quantize="int4")

@@ -33,6 +33,14 @@ BACKENDS = ("auto", "onnx", "torchscript", "torch")  # predict and serve: the in
 EXPORT_FORMATS = ("onnx", "torchscript")
 MAX_UPLOAD_MB = 10.0  # serve: the largest image file accepted
 MAX_BATCH = 64  # serve: the most files in one /predict/batch
+# serve: the most pixels an upload may decode to (after JPEG's draft reduction): a 24-megapixel camera
+# frame passes; a 12,000 x 12,000 PNG (0.4 MB on the wire, 430 MB decoded) gets 413 before decoding
+SERVE_MAX_PIXELS = 25_000_000
+# serve: the most concurrent /predict images in one forward pass. cnn4x32 at 64 px costs the same CPU
+# per image from 1 to 16 a batch and 15 % more at 32 (activations outgrow the cache): batching's gain
+# is that one pass serves the queue while the other cores decode
+MICRO_BATCH = 16
+API_KEY_ENV = "BLOODCELL_API_KEY"  # serve: where the API key may come from instead of --api-key
 SHUTDOWN_TIMEOUT_S = 10.0  # serve: how long a SIGTERM waits for the requests in flight
 
 # What each TrainConfig field does: the --help text of its flag.

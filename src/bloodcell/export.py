@@ -4,6 +4,11 @@ Both formats take a normalised float batch ``input`` N x 3 x S x S (any N) and r
 N x C. The metadata (ONNX ``metadata_props``; TorchScript extra file ``bloodcell.json``) holds the
 class names, image size, resize mode, normalisation mean/std and model name as JSON values, so a
 consumer needs nothing else. Every export is checked against PyTorch before it is reported done.
+
+``quantize="int8"`` (ONNX only) writes weights and activations as 8-bit integers (ONNX Runtime's
+static QDQ quantisation, per-channel weights), calibrated on up to CALIBRATION_IMAGES images of the
+run's validation split (its predictions_val.csv; never the test split); the check is then the top-1
+agreement with PyTorch on those images, which must reach MIN_INT8_AGREEMENT.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -24,10 +30,14 @@ from bloodcell import __version__
 from bloodcell.checkpoint import load_model
 from bloodcell.config import EXPORT_FORMATS
 from bloodcell.errors import BloodcellError
+from bloodcell.predict_onnx import _value
 from bloodcell.runfiles import atomic_write
 
 OPSET = 17
 META_FILE = "bloodcell.json"
+CALIBRATION_IMAGES = 256
+MIN_INT8_AGREEMENT = 0.95
+QUANTIZE = ("none", "int8")
 
 
 def metadata(meta: dict) -> dict:
@@ -36,6 +46,7 @@ def metadata(meta: dict) -> dict:
             "resize": meta.get("resize", "squash"), "mean": list(meta["mean"]), "std": list(meta["std"]),
             "model": meta["model"]["name"], "input": "input: float32 N x 3 x S x S, normalised RGB",
             "output": "logits: float32 N x C (softmax gives probabilities)",
+            "parameters": meta.get("parameters"), "quantize": meta.get("quantize", "none"),
             "bloodcell_version": __version__}
 
 
@@ -123,7 +134,7 @@ def read_metadata(path: str | os.PathLike, fmt: str | None = None) -> dict:
     path = Path(path)
     if _format_of(path, fmt) == "onnx":
         proto = onnx.load(str(path), load_external_data=False)
-        return {p.key: json.loads(p.value) for p in proto.metadata_props}
+        return {p.key: _value(p.value) for p in proto.metadata_props}
     files = {META_FILE: ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -144,8 +155,67 @@ def run_exported(path: str | os.PathLike, x: np.ndarray, fmt: str | None = None)
         return module(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
 
 
+def calibration_images(meta: dict, n: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """Up to ``n`` validation images of the checkpoint's run folder (predictions_val.csv), decoded
+    as training decodes them; uint8 N x S x S x 3. No such file, or none readable: an error."""
+    from bloodcell.predict import ImageError, saved_image
+    from bloodcell.runfiles import read_csv
+
+    run = Path(meta["path"]).parent
+    rows = read_csv(run / "predictions_val.csv") or []
+    step = max(1, len(rows) // n)  # spread over the classes (the file is in class order)
+    images = []
+    for r in rows[::step][:n]:
+        try:
+            images.append(saved_image(r["path"], int(meta["image_size"]), meta.get("resize", "squash"), (run,)))
+        except ImageError:
+            continue
+    if not images:
+        raise BloodcellError(f"--quantize int8 calibrates on the run's validation images, and {run} "
+                             "has no readable predictions_val.csv images")
+    return np.stack(images)
+
+
+def quantize_int8(fp32: bytes, calib: np.ndarray) -> bytes:
+    """A static int8 (QDQ, per-channel weights) copy of an ONNX model, calibrated on ``calib``
+    (normalised float32 N x 3 x S x S); the metadata is kept."""
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": calib[i:i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser's notes ("Axis 1 is out-of-range...") go to the root logger
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = (Path(tmp) / f for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        src.write_bytes(fp32)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(dst))
+    root.setLevel(level)
+    have = {p.key for p in proto.metadata_props}
+    for p in onnx.load_from_string(fp32).metadata_props:
+        if p.key not in have:
+            proto.metadata_props.add(key=p.key, value=p.value)
+    return proto.SerializeToString()
+
+
 def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike,
-                 check: bool = True) -> dict:
+                 check: bool = True, quantize: str = "none") -> dict:
     """Write the model of a run folder/checkpoint as ONNX or TorchScript; returns a summary.
 
     With ``check``, random batches of two sizes go through the file and through PyTorch and the
@@ -153,12 +223,24 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
     """
     if fmt not in EXPORT_FORMATS:
         raise BloodcellError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
+    if quantize not in QUANTIZE:
+        raise BloodcellError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZE)}")
+    if quantize != "none" and fmt != "onnx":
+        raise BloodcellError("--quantize int8 needs --format onnx (ONNX Runtime's quantisation)")
     model, meta = load_model(checkpoint)
+    meta = {**meta, "parameters": sum(p.numel() for p in model.parameters())}
     size = int(meta["image_size"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    calib = None
+    if quantize == "int8":
+        from bloodcell.transforms import normalize, to_float
+
+        calib = normalize(to_float(torch.from_numpy(calibration_images(meta)))).contiguous()
+        meta = {**meta, "quantize": "int8"}
     if fmt == "onnx":
-        atomic_write(out, onnx_bytes(model, size, meta))
+        data = onnx_bytes(model, size, meta)
+        atomic_write(out, data if calib is None else quantize_int8(data, calib.numpy()))
     else:
         module = torchscript_module(model, size)
         buf = io.BytesIO()
@@ -167,8 +249,16 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
             torch.jit.save(module, buf, _extra_files={META_FILE: json.dumps(metadata(meta))})
         atomic_write(out, buf.getvalue())
     summary = {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "max_abs_diff": None,
-               "metadata": metadata(meta)}
-    if check:
+               "metadata": metadata(meta), "quantize": quantize, "agreement": None}
+    if check and calib is not None:
+        with torch.no_grad():
+            ref = model(calib).argmax(1).numpy()
+        agree = float((run_exported(out, calib.numpy()).argmax(1) == ref).mean())
+        summary["agreement"] = agree
+        if agree < MIN_INT8_AGREEMENT:
+            raise BloodcellError(f"the int8 model agrees with PyTorch on {100 * agree:.1f} % of "
+                                 f"{len(calib)} validation images (< {100 * MIN_INT8_AGREEMENT:.0f} %)")
+    elif check:
         g = torch.Generator().manual_seed(0)
         diff = 0.0
         for n in (1, 5):

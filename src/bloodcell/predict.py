@@ -12,7 +12,6 @@ model's input size, >= 0 and not rescaled, zero where the class has no positive 
 from __future__ import annotations
 
 import glob
-import io
 import os
 import re
 import threading
@@ -22,45 +21,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import UnidentifiedImageError
 
 from bloodcell.cam import GradCAM, npy_bytes, overlay_png, showcase
 from bloodcell.checkpoint import load_model
 from bloodcell.config import BACKENDS
-from bloodcell.data.images import describe_error, load_image
+from bloodcell.data.images import ImageError, decode_image  # noqa: F401 - re-exported
 from bloodcell.data.synthetic import generate
 from bloodcell.errors import BloodcellError
 from bloodcell.export import onnx_bytes
 from bloodcell.info import IMAGE_EXTENSIONS
+from bloodcell.predict_onnx import result_rows
 from bloodcell.runfiles import atomic_write, read_csv
 from bloodcell.runtime import physical_cores
 from bloodcell.transforms import TTA_VIEWS, normalize, to_float, tta_view
-
-
-class ImageError(BloodcellError):
-    """One input could not be decoded as an image; ``kind`` is 'unsupported', 'corrupt' or 'empty'."""
-
-    def __init__(self, message: str, kind: str = "corrupt"):
-        super().__init__(message)
-        self.kind = kind
-
-
-def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squash") -> np.ndarray:
-    """A path or the bytes of an image file -> (size, size, 3) uint8, as training decodes it."""
-    if isinstance(src, bytes | bytearray | memoryview):
-        if len(src) == 0:
-            raise ImageError("empty file", "empty")
-        src = io.BytesIO(bytes(src))
-    try:
-        return load_image(src, size, resize)  # PIL opens file objects as well as paths
-    except FileNotFoundError:
-        raise ImageError("file not found", "missing") from None
-    except IsADirectoryError:
-        raise ImageError("is a folder", "missing") from None
-    except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
-        kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
-        raise ImageError(describe_error(e), kind) from None
-
 
 SYNTHETIC_PATH = re.compile(r"^synthetic://(\d+)/(\d+)$")
 
@@ -109,6 +82,8 @@ def select_backend(backend: str, device: torch.device) -> str:
 
 class Predictor:
     """A loaded model that predicts class probabilities for images (paths, bytes or uint8 arrays)."""
+
+    has_cam = True
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", backend: str = "auto",
                  threads: int = 0):
@@ -174,15 +149,7 @@ class Predictor:
 
     def rows(self, images: np.ndarray, top_k: int = 1, tta: bool = False) -> list[dict]:
         """One result dict per image: class, probability, top-k and every class's probability."""
-        probs = self.probs(images, tta)
-        k = max(1, min(top_k, len(self.classes)))
-        out = []
-        for p in probs:
-            order = np.argsort(-p, kind="stable")[:k]
-            out.append({"class": self.classes[order[0]], "probability": float(p[order[0]]),
-                        "top_k": [{"class": self.classes[i], "probability": float(p[i])} for i in order],
-                        "probs": {c: float(v) for c, v in zip(self.classes, p, strict=True)}})
-        return out
+        return result_rows(self.probs(images, tta), self.classes, top_k)
 
     def predict_bytes(self, data: bytes, top_k: int = 1, tta: bool = False,
                       cam: bool = False) -> dict:

@@ -3,19 +3,35 @@
 Endpoints: ``POST /predict`` (one image, multipart field ``file``; ``?cam=true`` adds a Grad-CAM
 overlay PNG as a data URL), ``POST /predict/batch`` (field ``files``, repeated), ``GET /health``,
 ``GET /model``, ``GET /examples`` (a few right and wrong test cells per class from the run
-folder's predictions_test.csv, each with its Grad-CAM overlay) and the OpenAPI docs at ``/docs``. Uploads above ``max_upload_mb`` get 413 before the
-body is read; bodies that are not multipart get 415; files that are not images 415; empty or
-corrupt images 422. Each error says what was wrong, and the server keeps serving.
+folder's predictions_test.csv, each with its Grad-CAM overlay) and the OpenAPI docs at ``/docs``.
+
+An exported ``.onnx`` file is served by ``predict_onnx.OnnxPredictor``: no torch in the process, and
+no Grad-CAM (``?cam=true`` gets 400, /examples is empty); a run folder or checkpoint by
+``predict.Predictor``, with Grad-CAM. Concurrent /predict requests go through the model together
+(``batching.MicroBatcher``), decoded off the event loop: by the inference thread, batch by batch
+(``decoders=0``), or by a pool of ``decoders`` threads (Pillow releases the GIL); either way that
+bounds how many uploads decode at once.
+
+Limits, each with a clear 4xx and the server still serving: a body above ``max_upload_mb`` gets
+413 before it is read; an image above ``max_pixels`` to decode 413 from its header, before any
+pixel is decoded; a body that is not multipart 415; a file that is not an image 415; an empty or
+corrupt one 422. With ``api_key``, every endpoint but ``/`` (the page, which asks for the key) and
+``/health`` needs it in the ``X-API-Key`` header (401 otherwise), compared in constant time. No
+CORS unless ``cors_origins`` names origins. Error bodies carry no path, traceback or version.
 """
 
 
+import asyncio
 import base64
+import hmac
 import ipaddress
 import json
+import logging
 import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -23,19 +39,38 @@ from typing import Annotated
 
 import numpy as np
 import uvicorn
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
 
-from bloodcell.cam import overlay, png, upscale
-from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB
+from bloodcell.batching import MicroBatcher
+from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB, MICRO_BATCH, SERVE_MAX_PIXELS
+from bloodcell.data.images import ImageError, decode_image
 from bloodcell.errors import BloodcellError
-from bloodcell.models import count_parameters
-from bloodcell.predict import ImageError, Predictor, decode_image
+from bloodcell.fastpath import FastPredict, UploadLimit, too_large
+from bloodcell.predict_onnx import OnnxPredictor, result_rows
 
 _MULTIPART_SLACK = 64 * 1024  # headers and boundaries of a multipart body
 EXAMPLE_PX = 128  # side of the example cells' pictures on the page
+KEY_HEADER = "X-API-Key"
+CONFIG_ENV = "BLOODCELL_SERVE_CONFIG"  # create_app's arguments (JSON) for each uvicorn worker
+log = logging.getLogger("bloodcell.serve")
+
+
+def load_predictor(model, backend: str = "auto", threads: int = 0):
+    """A Predictor as given, an OnnxPredictor for a .onnx file (no torch), else a Predictor of a run
+    folder or checkpoint (torch; imported only then)."""
+    if not isinstance(model, str | os.PathLike):
+        return model
+    if Path(model).suffix.lower() == ".onnx":
+        if backend not in ("auto", "onnx"):
+            raise BloodcellError(f"an .onnx file runs on ONNX Runtime only, not --backend {backend}")
+        return OnnxPredictor(model, threads=threads)
+    from bloodcell.predict import Predictor  # lazy: torch, only for checkpoints
+
+    return Predictor(model, backend=backend, threads=threads)
 
 
 def data_url(png: bytes) -> str:
@@ -43,8 +78,12 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def examples_card(predictor: Predictor, n_correct: int = 2, n_wrong: int = 2) -> dict:
+def examples_card(predictor, n_correct: int = 2, n_wrong: int = 2) -> dict:
     """What GET /examples returns: per class a few right and wrong test calls with their overlays."""
+    if not getattr(predictor, "has_cam", True):
+        return {"examples": [], "missing": 0}  # an ONNX file: no run folder, no Grad-CAM
+    from bloodcell.cam import overlay, png, upscale  # lazy: torch
+
     rows, missing = predictor.examples("test", n_correct, n_wrong)
     out = []
     for r in rows:
@@ -56,9 +95,15 @@ def examples_card(predictor: Predictor, n_correct: int = 2, n_wrong: int = 2) ->
     return {"examples": out, "missing": len(missing)}
 
 
-def model_card(predictor: Predictor) -> dict:
+def model_card(predictor) -> dict:
     """What GET /model returns: classes, architecture, input, and the run's saved metrics."""
     meta = predictor.meta
+    if predictor.model is not None:
+        from bloodcell.models import count_parameters  # lazy: torch
+
+        parameters = count_parameters(predictor.model)
+    else:
+        parameters = getattr(predictor, "parameters", None)
     metrics = {}
     path = Path(meta["path"]).parent / "metrics.json"
     if path.is_file():
@@ -68,158 +113,169 @@ def model_card(predictor: Predictor) -> dict:
             if split != "run" and isinstance(m, dict):
                 metrics[split] = {k: m[k] for k in keep if k in m}
     return {"classes": predictor.classes,
-            "architecture": {"name": predictor.model_name, "kwargs": meta["model"]["kwargs"],
-                             "parameters": count_parameters(predictor.model)},
+            "architecture": {"name": predictor.model_name,
+                             "kwargs": meta["model"]["kwargs"] if isinstance(meta.get("model"), dict) else {},
+                             "parameters": parameters},
             "image_size": predictor.image_size, "resize": predictor.resize,
             "mean": meta["mean"], "std": meta["std"], "epoch": meta.get("epoch"),
             "checkpoint": Path(meta["path"]).name, "backend": predictor.backend,
-            "metrics": metrics}
+            "cam": bool(getattr(predictor, "has_cam", True)), "metrics": metrics}
 
 
-class UploadLimit:
-    """ASGI middleware: 413 for request bodies above a limit, declared (Content-Length) or streamed."""
+def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX_BATCH,
+               backend: str = "auto", max_pixels: int = SERVE_MAX_PIXELS, decoders: int = 0,
+               threads: int = 0, api_key: str | None = None, cors_origins: tuple[str, ...] = ()):
+    """The FastAPI app for a .onnx file, run folder, checkpoint or already loaded predictor.
 
-    def __init__(self, app, limit_for):
-        self.app, self.limit_for = app, limit_for
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
-            return await self.app(scope, receive, send)
-        limit = self.limit_for(scope["path"])
-        headers = dict(scope["headers"])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _json(send, 413, _too_large(int(declared), limit))
-        seen = 0
-        started = False
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                # An HTTPException passes through FastAPI's body parsing unchanged (a 413).
-                raise StarletteHTTPException(413, _too_large(seen, limit))
-            return message
-
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except StarletteHTTPException as e:
-            if e.status_code != 413 or started:
-                raise
-            await _json(send, 413, e.detail)
-
-
-def _too_large(n: int, limit: int) -> str:
-    return f"upload too large: {n / 1e6:.1f} MB, the limit is {limit / 1e6:.1f} MB"
-
-
-async def _json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_UPLOAD_MB,
-               max_batch: int = MAX_BATCH, backend: str = "auto"):
-    """The FastAPI app for a run folder, checkpoint or already loaded Predictor."""
-    predictor = model if isinstance(model, Predictor) else Predictor(model, backend=backend)
+    ``decoders`` threads decode uploads (0: none, the inference thread decodes each micro-batch),
+    ``threads`` run the model (0: the physical cores); ``api_key``: required in the X-API-Key
+    header; ``cors_origins``: allowed cross-origin callers (none by default).
+    """
+    predictor = load_predictor(model, backend, threads)
     max_bytes = int(max_upload_mb * 1e6)
     card = model_card(predictor)
     n_classes = len(predictor.classes)
-    app = FastAPI(title="bloodcell", version=predictor.meta.get("bloodcell_version", ""),
+    size, resize = predictor.image_size, predictor.resize
+    has_cam = bool(getattr(predictor, "has_cam", True))
+    batcher = MicroBatcher(predictor.probs, max_batch=min(max_batch, MICRO_BATCH),
+                           prepare=lambda data: decode_image(data, size, resize, max_pixels))
+    # decoders > 0: a pool of that many threads decodes; 0: the inference thread decodes each batch
+    # before its forward pass (one decode at a time per worker process)
+    decode_pool = (ThreadPoolExecutor(decoders, thread_name_prefix="bloodcell-decode") if decoders > 0
+                   else batcher.executor)
+    # the API's version, not bloodcell's: what a server runs is nobody else's business
+    app = FastAPI(title="bloodcell", version="1",
                   description=f"Blood-cell classification with {predictor.model_name} "
                               f"({', '.join(predictor.classes)}).")
-    app.state.predictor = predictor
+    app.state.predictor, app.state.batcher = predictor, batcher
+
+    guarded: list = []
+    if api_key:
+        expected = api_key.encode()
+        header = APIKeyHeader(name=KEY_HEADER, auto_error=False,
+                              description="the key the server was started with (--api-key)")
+
+        def check_key(key: Annotated[str | None, Security(header)]) -> None:
+            # compare_digest: the time taken does not tell how much of a guess was right
+            if key is None or not hmac.compare_digest(key.encode(), expected):
+                raise HTTPException(401, f"missing or wrong API key: send it in the {KEY_HEADER} header",
+                                    headers={"WWW-Authenticate": KEY_HEADER})
+
+        guarded = [Depends(check_key)]
+
+    # What a client may get besides 200, in the schema the fuzzers read ({"detail": "..."} bodies)
+    errors_doc = {400: {"description": "cam=true from a server of an .onnx file, or a malformed body"},
+                  413: {"description": "body over --max-upload-mb, or image over --max-megapixels"},
+                  415: {"description": "not multipart/form-data, or not an image"},
+                  422: {"description": "no file field, an empty or corrupt image, or a bad parameter"}}
+    if api_key:
+        errors_doc[401] = {"description": "missing or wrong X-API-Key"}
 
     def multipart(request: Request) -> None:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise HTTPException(415, f"send the image as multipart/form-data (field 'file'), "
-                                     f"not {ctype or 'a body without a content type'}")
+                                     f"not {ctype[:80] or 'a body without a content type'}")
 
     def read(upload: UploadFile) -> bytes:
         data = upload.file.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise HTTPException(413, _too_large(len(data), max_bytes))
+            raise HTTPException(413, too_large(len(data), max_bytes))
         return data
 
     def status_of(e: ImageError) -> int:
-        return 415 if e.kind == "unsupported" else 422
+        return {"unsupported": 415, "too_large": 413}.get(e.kind, 422)
+
+    async def decode(data: bytes) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(decode_pool, decode_image, data, size, resize, max_pixels)
 
     @app.exception_handler(RequestValidationError)
     async def missing_field(request: Request, exc: RequestValidationError):
         field = "files" if request.url.path.endswith("/batch") else "file"
-        return JSONResponse(status_code=422, content={
-            "detail": f"no image received: send multipart/form-data with a '{field}' field",
-            "errors": json.loads(json.dumps(exc.errors(), default=str))})
+        # only where and what: pydantic's own entries carry the input and a versioned docs URL
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        missing = any(e["type"] == "missing" for e in errors)
+        detail = (f"no image received: send multipart/form-data with a '{field}' field" if missing
+                  else "invalid request: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                       for e in errors)[:300])
+        return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("error serving %s %s", request.method, request.url.path)  # the log has it all
+        return JSONResponse(status_code=500, content={"detail": "internal server error"})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
+    async def index() -> str:
         return resources.files("bloodcell").joinpath("static/index.html").read_text()
 
     @app.get("/health")
-    def health() -> dict:
-        """Liveness: the model is loaded."""
+    async def health() -> dict:
+        """Liveness: the model is loaded (open without the API key, for load balancers)."""
         return {"status": "ok", "model": predictor.model_name, "backend": predictor.backend}
 
-    @app.get("/model")
-    def model_info() -> dict:
+    @app.get("/model", dependencies=guarded, responses={401: errors_doc[401]} if api_key else None)
+    async def model_info() -> dict:
         """Classes, architecture, input size and normalisation, and the run's saved test metrics."""
         return card
 
     shown: dict = {}
 
-    @app.get("/examples")
+    @app.get("/examples", dependencies=guarded, responses={401: errors_doc[401]} if api_key else None)
     def examples() -> dict:
         """Per class two right test calls (the surest, the least sure) and the two most confident
-        wrong ones, each with its Grad-CAM overlay."""
+        wrong ones, each with its Grad-CAM overlay (none for an ONNX file)."""
         if not shown:  # computed on first request, then kept: the saved predictions do not change
             shown.update(examples_card(predictor))
         return shown
 
-    @app.post("/predict", dependencies=[Depends(multipart)])
-    def predict(file: Annotated[UploadFile, File(description="one image file (JPEG, PNG, BMP, TIFF)")],
-                top_k: Annotated[int, Query(ge=1, description="classes listed in top_k")] = n_classes,
-                tta: Annotated[bool, Query(description="average over the 8 flips and rotations")] = False,
-                cam: Annotated[bool, Query(description="add a Grad-CAM overlay PNG (data URL)")] = False,
-                ) -> dict:
+    @app.post("/predict", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
+    async def predict(file: Annotated[UploadFile, File(description="one image file (JPEG, PNG, BMP, TIFF)")],
+                      top_k: Annotated[int, Query(ge=1, le=1000, description="classes listed in top_k")] = n_classes,
+                      tta: Annotated[bool, Query(description="average over the 8 flips and rotations")] = False,
+                      cam: Annotated[bool, Query(description="add a Grad-CAM overlay PNG (data URL); "
+                                                             "needs a checkpoint, not an .onnx file")] = False,
+                      ) -> dict:
         """Class probabilities of one image, with the server's latency in milliseconds."""
-        t0 = time.perf_counter()
-        data = read(file)
-        try:
-            row = predictor.predict_bytes(data, top_k=top_k, tta=tta, cam=cam)
-        except ImageError as e:
-            raise HTTPException(status_of(e), f"{file.filename or 'upload'}: {e}") from None
-        if cam:
-            row["cam_png"] = data_url(row["cam_png"])
-        return {"filename": file.filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
+        return await predict_one(read(file), file.filename, top_k, tta, cam, time.perf_counter())
 
-    @app.post("/predict/batch", dependencies=[Depends(multipart)])
-    def predict_batch(files: Annotated[list[UploadFile], File(description="image files")],
-                      top_k: Annotated[int, Query(ge=1)] = 1, tta: bool = False) -> dict:
+    async def predict_one(data: bytes, filename: str | None, top_k: int, tta: bool, cam: bool,
+                          t0: float) -> dict:
+        """/predict's answer (the route's and the fast path's); raises HTTPException."""
+        if cam and not has_cam:
+            raise HTTPException(400, "Grad-CAM needs the PyTorch checkpoint: this server runs an .onnx "
+                                     "file (serve the run folder for cam=true)")
+        try:
+            arr = await decode(data) if decoders > 0 or cam else None
+            probs = await batcher.submit(data if arr is None else arr, tta)
+        except ImageError as e:
+            raise HTTPException(status_of(e), f"{filename or 'upload'}: {e}") from None
+        row = result_rows(probs[None], predictor.classes, top_k)[0]
+        if cam:
+            target = predictor.classes.index(row["class"])
+            row["cam_png"] = data_url(await run_in_threadpool(predictor.cam_png, arr, target, data))
+        return {"filename": filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
+
+    @app.post("/predict/batch", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
+    async def predict_batch(files: Annotated[list[UploadFile], File(description="image files")],
+                            top_k: Annotated[int, Query(ge=1, le=1000)] = 1, tta: bool = False) -> dict:
         """Class probabilities of several images in one forward pass; bad files get an error entry."""
         t0 = time.perf_counter()
         if len(files) > max_batch:
             raise HTTPException(413, f"too many files: {len(files)}, the limit is {max_batch}")
-        results: list[dict] = []
-        good, arrays = [], []
-        for f in files:
-            try:
-                arrays.append(decode_image(read(f), predictor.image_size, predictor.resize))
-                good.append(len(results))
-                results.append({"filename": f.filename, "error": None})
-            except ImageError as e:
-                results.append({"filename": f.filename, "error": str(e), "status": status_of(e)})
-        if arrays:
-            for i, row in zip(good, predictor.rows(np.stack(arrays), top_k, tta), strict=True):
+        results: list[dict] = [{"filename": f.filename, "error": None} for f in files]
+        decoded = await asyncio.gather(*(decode(read(f)) for f in files), return_exceptions=True)
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        for i, d in enumerate(decoded):
+            if isinstance(d, ImageError):
+                results[i].update(error=str(d), status=status_of(d))
+            elif not isinstance(d, np.ndarray):
+                raise d
+        if good:
+            probs = await batcher.run(np.stack([decoded[i] for i in good]), tta)
+            for i, row in zip(good, result_rows(probs, predictor.classes, top_k), strict=True):
                 results[i].update(row)
         return {"results": results, "failed": len(results) - len(good),
                 "latency_ms": (time.perf_counter() - t0) * 1e3}
@@ -228,8 +284,24 @@ def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_
         per_request = max_bytes * (max_batch if path.endswith("/batch") else 1)
         return per_request + _MULTIPART_SLACK
 
+    # Starlette runs the middleware added last first: UploadLimit sees the body before FastPredict.
+    app.add_middleware(FastPredict, handler=predict_one, api_key=api_key, max_bytes=max_bytes,
+                       default_top_k=n_classes)
     app.add_middleware(UploadLimit, limit_for=limit_for)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=[KEY_HEADER])
     return app
+
+
+def app_from_env():
+    """The app of one uvicorn worker (``serve --workers N``): create_app's arguments from the
+    environment (CONFIG_ENV, JSON), which the parent sets before it starts the workers."""
+    cfg = json.loads(os.environ[CONFIG_ENV])
+    cfg["cors_origins"] = tuple(cfg.get("cors_origins", ()))
+    return create_app(**cfg)
 
 
 def is_loopback(host: str) -> bool:

@@ -42,12 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         ap.print_help()
         return 0 if args.command is None else 2
-    # lazy: start-up (runtime loads torch); `--help` and a bad flag have returned by now
-    from bloodcell.runtime import exit_code, stop_between_batches, stopped_by
+    if getattr(args, "own_signals", False):
+        # serve has its own graceful shutdown, and serving an .onnx file loads no torch
+        guard = contextlib.nullcontext()
+    else:
+        # lazy: start-up (runtime loads torch); `--help` and a bad flag have returned by now
+        from bloodcell.runtime import stop_between_batches
 
-    # SIGINT and SIGTERM alike stop at the next batch (a second one at once); serve has its own
-    # graceful shutdown
-    guard = contextlib.nullcontext() if getattr(args, "own_signals", False) else stop_between_batches()
+        # SIGINT and SIGTERM alike stop at the next batch (a second one at once)
+        guard = stop_between_batches()
     try:
         with guard:
             return args.func(args) or 0
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        from bloodcell.runtime import exit_code, stopped_by  # lazy: torch
+
         print(f"bloodcell: {stopped_by(e)}; finished epochs are saved: 'train --resume RUN_DIR', the same "
               "'compare' command, or 'tune --resume DIR' continues", file=sys.stderr)
         return exit_code(e)

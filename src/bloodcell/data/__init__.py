@@ -10,25 +10,24 @@ arrays on disk), dataset (load_dataset, join_train), sources (several data sets 
 data) and check (``bloodcell data check``).
 """
 
-from bloodcell.data.dataset import (
-           discover_grouped,
-           join_train,
-           load_dataset,
-           problem_lines,
-           take_rows,
-)
-from bloodcell.data.layouts import discover
-from bloodcell.data.loader import BatchLoader
-from bloodcell.data.records import Dataset, Item, Problem, Source, Split
-from bloodcell.data.sources import (
-           few_labels,
-           join_sources,
-           load_sources,
-           parse_class_map,
-           select_classes,
-           source_names,
-           source_rows,
-)
+import importlib
+
+# Where each name lives. Imported on first use (PEP 562), so that ``bloodcell.data.images`` alone (the
+# lean ONNX server decodes with it) does not pull in the loaders and, through them, torch.
+_HOME = {
+    "discover_grouped": "dataset", "join_train": "dataset", "load_dataset": "dataset",
+    "problem_lines": "dataset", "take_rows": "dataset", "discover": "layouts", "BatchLoader": "loader",
+    "Dataset": "records", "Item": "records", "Problem": "records", "Source": "records", "Split": "records",
+    "few_labels": "sources", "join_sources": "sources", "load_sources": "sources", "parse_class_map": "sources",
+    "select_classes": "sources", "source_names": "sources", "source_rows": "sources",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'bloodcell.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"bloodcell.data.{_HOME[name]}"), name)
+
 
 __all__ = ["BatchLoader", "Dataset", "Item", "Problem", "Source", "Split", "discover", "discover_grouped",
            "few_labels", "join_sources", "join_train", "load_dataset", "load_sources", "parse_class_map", "problem_lines",

@@ -10,11 +10,14 @@ takes a square of 0.8 x the short side centred on it, so more of the pixels are 
 ``cellfit`` takes that square sized to the cell instead (its side in proportion to the square root of
 the stained area, between 0.3 and 1 x the short side), so a cell fills the frame about equally at
 any microscope zoom. JPEGs are decoded at a reduced scale where the format allows it (Pillow's
-``draft``), which is most of the speed.
+``draft``), which is most of the speed; ``max_pixels`` bounds what is decoded after that reduction
+(a server's limit, far below MAX_PIXELS, is checked on the header before any pixel is decoded).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bloodcell.config import CHOICES
+from bloodcell.errors import BloodcellError
 
 RESIZE_MODES = CHOICES["resize"]
 CELL_CROP = 0.8  # side of the ``cell`` crop, as a fraction of the short side
@@ -37,23 +41,40 @@ CELL_FIT, CELL_FIT_MIN = 2.4, 0.3
 MAX_PIXELS = 400_000_000
 
 
+class TooManyPixels(Image.DecompressionBombError):
+    """An image with more pixels to decode than the limit allows; the message says both."""
+
+    def __init__(self, w: int, h: int, limit: int):
+        super().__init__(f"image too large: {w} x {h} pixels ({w * h / 1e6:.1f} megapixels) to decode, "
+                         f"the limit is {limit / 1e6:g} megapixels")
+
+
+class ImageError(BloodcellError):
+    """One input could not be decoded as an image; ``kind`` is 'unsupported', 'corrupt', 'empty',
+    'missing' or 'too_large'."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
+
+
 @contextmanager
-def open_image(src) -> Iterator[Image.Image]:
-    """Image.open (a path or a file object; nothing is decoded yet) under bloodcell's pixel limit:
-    more than MAX_PIXELS raises DecompressionBombError. Pillow's DecompressionBombWarning, which this
-    limit replaces, is silenced for as long as the image is open."""
+def open_image(src, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
+    """Image.open (a path or a file object; nothing is decoded yet) under a pixel limit: more than
+    ``max_pixels`` (default MAX_PIXELS) raises TooManyPixels. Pillow's DecompressionBombWarning, which
+    this limit replaces, is silenced for as long as the image is open."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(src) as im:
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise Image.DecompressionBombError(
-                    f"Image size ({w * h} pixels) exceeds limit of {MAX_PIXELS} pixels")
+            if w * h > min(max_pixels, MAX_PIXELS):
+                raise TooManyPixels(w, h, min(max_pixels, MAX_PIXELS))
             yield im
 
 
-def load_image(path: str, size: int, resize: str = "squash") -> np.ndarray:
-    """Decode one image file to RGB and resize it to (size, size, 3) uint8; raises on a bad file."""
+def load_image(path, size: int, resize: str = "squash", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image file (path or file object) to RGB and resize it to (size, size, 3) uint8;
+    raises on a bad file, TooManyPixels above ``max_pixels`` decoded (after JPEG draft reduction)."""
     with open_image(path) as im:
         w, h = im.size
         if resize in ("crop", "cell", "cellfit"):
@@ -63,8 +84,32 @@ def load_image(path: str, size: int, resize: str = "squash") -> np.ndarray:
             scale = size / max(w, h) if resize == "pad" else max(size / w, size / h)
         if im.format == "JPEG":
             im.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
+        dw, dh = im.size  # what will be decoded: JPEG's draft scales by 1/2, 1/4 or 1/8 in the decoder
+        if dw * dh > max_pixels:
+            raise TooManyPixels(dw, dh, max_pixels)
         im = to_rgb(im)
         return resize_array(im, size, resize)
+
+
+def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squash",
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A path or the bytes of an image file -> (size, size, 3) uint8, as training decodes it; raises
+    ImageError (with ``kind``) when it cannot."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        if len(src) == 0:
+            raise ImageError("empty file", "empty")
+        src = io.BytesIO(src)
+    try:
+        return load_image(src, size, resize, max_pixels)  # PIL opens file objects as well as paths
+    except FileNotFoundError:
+        raise ImageError("file not found", "missing") from None
+    except IsADirectoryError:
+        raise ImageError("is a folder", "missing") from None
+    except TooManyPixels as e:
+        raise ImageError(str(e), "too_large") from None
+    except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
+        kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
+        raise ImageError(describe_error(e), kind) from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -142,6 +187,8 @@ def describe_error(e: Exception) -> str:
     """One short line for why an image file could not be decoded."""
     if isinstance(e, UnidentifiedImageError):
         return "not an image (unreadable by the decoder)"
+    if isinstance(e, TooManyPixels):
+        return str(e)
     if isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return "image too large (more than 400 megapixels)"
     if isinstance(e, OSError) and "truncated" in str(e).lower():
