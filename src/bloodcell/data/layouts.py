@@ -378,8 +378,9 @@ def _check_usable(src: Source) -> None:
     loose = [p for p in Path(src.root).glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS] if not src.items else []
     if loose:
         src.problems.append(Problem("unlabelled_images", f"{len(loose)} image(s) directly in {src.root} and no "
-                                    "class folders: unlabelled images are for `bloodcell predict RUN FOLDER`; to "
-                                    "train, put them in <class>/ folders or list them in a label table", fatal=True))
+                                    "class folders: unlabelled images are for `bloodcell predict RUN FOLDER` and "
+                                    "`bloodcell adapt RUN --data FOLDER`; to train, put them in <class>/ folders or "
+                                    "list them in a label table", fatal=True))
     elif not src.items:
         src.problems.append(Problem("no_images", f"no images found under {src.root} "
                                     f"(looked for {', '.join(IMAGE_EXTENSIONS)})", fatal=True))
