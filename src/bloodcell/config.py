@@ -93,7 +93,12 @@ FIELD_HELP = {
     "precision": "auto = bf16 autocast where the hardware has native bf16, else fp32",
     "channels_last": "channels-last memory format (faster convolutions on CPU)",
     "device": "auto = CUDA if available, else CPU",
-    "threads": "torch threads (0: the physical cores)",
+    "threads": "torch threads per process (0: the physical cores, shared among the run's processes on "
+               "this machine)",
+    "nproc": "train on this many processes on this machine (torch.distributed: gloo on the CPU, NCCL "
+             "on GPUs, one GPU each), as 'torchrun --standalone --nproc-per-node N' would; --batch-size "
+             "stays the images per optimiser step, shared among them. Under torchrun (several "
+             "machines) leave it at 1: torchrun starts the processes",
 }
 
 
@@ -144,6 +149,7 @@ class TrainConfig:
     channels_last: bool = True
     device: str = "auto"
     threads: int = 0
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):  # several sources: a tuple; one in a list is just one
@@ -156,7 +162,7 @@ class TrainConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-        positive = ("image_size", "batch_size", "epochs")
+        positive = ("image_size", "batch_size", "epochs", "nproc")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -287,7 +293,7 @@ class TuneSettings:
     # Keys that may change between runs of one study (more trials, another time limit), and base
     # keys that belong to one machine rather than to the study.
     MUTABLE = ("trials", "timeout_min", "sampler_seed")
-    LOCAL = ("cache_dir", "device", "threads")
+    LOCAL = ("cache_dir", "device", "threads", "nproc")
 
     def identity(self) -> dict:
         """The settings two workers of one study must agree on."""

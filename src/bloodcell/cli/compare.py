@@ -23,6 +23,9 @@ stopped: finished models are not trained again, an unfinished one resumes from i
 def cmd_compare(args) -> int:
     """bloodcell compare --data PATH --models cnn2x32,cnn4x64,cnn4x32,vgg3,resnet18 --out DIR"""
     from bloodcell.compare import compare, load_protocol, model_list  # lazy: start-up
+    from bloodcell.distributed import single_process  # lazy: start-up
+
+    single_process("compare")
 
     preset = args.preset
     if preset is None and args.config is None and args.data is None:
@@ -49,6 +52,9 @@ def cmd_crosslab(args) -> int:
     matrix. Rerun the same command to continue an interrupted run: finished folds are kept."""
     from bloodcell.compare import load_protocol  # lazy: start-up
     from bloodcell.crosslab import crosslab  # lazy: start-up
+    from bloodcell.distributed import single_process  # lazy: start-up
+
+    single_process("crosslab")
 
     shared, _, overrides = load_protocol(args.config, args.preset)
     if overrides:

@@ -6,6 +6,7 @@ flag answer at once, without loading torch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -14,7 +15,12 @@ from bloodcell.config import CHOICES, TrainConfig
 
 
 def cmd_train(args) -> int:
-    """bloodcell train --data PATH --model NAME --epochs E --out RUN_DIR"""
+    """bloodcell train --data PATH --model NAME --epochs E --out RUN_DIR
+
+    On several processes: --nproc N on this machine, or
+    torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m bloodcell train ...
+    """
+    from bloodcell.distributed import env_world, launched  # lazy: start-up
     from bloodcell.train import train  # lazy: start-up
 
     if args.resume:
@@ -22,7 +28,8 @@ def cmd_train(args) -> int:
         return 0
     cfg = train_config(args)
     train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"run folder: {args.out}")
+    if env_world().main and not launched():  # once for a run of several processes
+        print(f"run folder: {args.out}")
     return 0
 
 
@@ -56,7 +63,7 @@ def cmd_evaluate(args) -> int:
 def add_parsers(sub) -> None:
     """Register `bloodcell train` and `bloodcell evaluate`."""
     p = sub.add_parser("train", help="train one model into a run folder",
-                       description=cmd_train.__doc__)
+                       description=cmd_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--config", help="YAML file of config keys (flags override it)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
