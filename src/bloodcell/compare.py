@@ -136,7 +136,8 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         # change, nor the overrides of a model already in the folder.
         old, new = load_yaml(saved), json.loads(json.dumps(protocol))
         both = set(old.get("models", [])) & set(models)
-        diff = sorted(k for k in (set(old) | set(new)) - {"models", "overrides"} if old.get(k) != new.get(k))
+        # nproc: how many processes train a model on this machine, not what is compared
+        diff = sorted(k for k in (set(old) | set(new)) - {"models", "overrides", "nproc"} if old.get(k) != new.get(k))
         diff += [f"overrides of {m}" for m in sorted(both)
                  if old.get("overrides", {}).get(m) != new["overrides"].get(m)]
         if diff:

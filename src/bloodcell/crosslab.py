@@ -62,7 +62,8 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
     saved = out / PROTOCOL_FILE
     if saved.exists() and not overwrite:
         old = load_yaml(saved)
-        diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != json.loads(json.dumps(protocol)).get(k))
+        diff = sorted(k for k in (set(old) | set(protocol)) - {"nproc"}  # processes: this machine's, as in compare
+                      if old.get(k) != json.loads(json.dumps(protocol)).get(k))
         if diff:
             raise BloodcellError(f"{out} holds a crosslab run with another protocol (differs in: {', '.join(diff)}); "
                                  "use --overwrite or another --out")
