@@ -9,7 +9,9 @@ Each round trains the same config once per process count, in turn (the order alt
 rounds), each a full ``train(cfg)`` into a fresh run folder: the 1-process run in this process,
 the others launched as ``--nproc N`` does. The threads per process are bloodcell's default: the
 physical cores shared among the processes (a 2-core machine: 2 threads for 1 process, 1 each for 2).
-The cache is built once before the first round, so no round decodes images.
+The cache is built once before the first round, so no round decodes images, and one untimed
+1-process training warms this process up (the launched processes start afresh every run: their
+start-up is in the wall time, and the first epoch is left out of images/s for every count).
 
 Reported per process count: the median over rounds of the training images/s (history.csv's
 ``images_per_s``: every rank's images of an epoch over its seconds, the first epoch left out as
@@ -53,6 +55,8 @@ def main() -> None:
                 "batch_size": args.batch_size, "device": args.device, "precision": "fp32",
                 "cache_dir": str(Path(tmp) / "cache")}
         config_dataset(make_config(TrainConfig, base))  # build the cache once, outside the timings
+        train(make_config(TrainConfig, base, {"epochs": 1}), Path(tmp) / "warm-up", log=lambda m: None,
+              progress=False)
         runs: dict[int, list[dict]] = {n: [] for n in counts}
         for r in range(args.rounds):
             order = counts if r % 2 == 0 else counts[::-1]

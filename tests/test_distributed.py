@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import quiet
 
 from bloodcell import distributed
 from bloodcell.checkpoint import load_model
@@ -243,8 +242,61 @@ def test_nproc_on_epoch_runs_here_and_stops_the_workers(tmp_path, monkeypatch):
         if epoch == 2:
             raise Pruned
 
+    lines = []
     with pytest.raises(Pruned):
-        train(cfg, tmp_path / "r", log=quiet, progress=False, on_epoch=on_epoch)
+        train(cfg, tmp_path / "r", log=lines.append, progress=False, on_epoch=on_epoch)
     assert [e for e, _ in seen] == [1, 2] and all(0 <= a <= 1 for _, a in seen)
+    assert any(line.startswith("epoch   2/20") for line in lines)  # rank 0's lines reach the caller's log
     assert subprocess.run(["pgrep", "-f", "--", f"--out {tmp_path / 'r'}"], capture_output=True).returncode == 1
     assert not (tmp_path / "r" / "DONE").exists()
+
+
+def _collectives(rank: int, size: int, init: str, results) -> None:
+    """One rank of test_collectives_on_two_gloo_processes (module level: spawn pickles it)."""
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(size)})
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    w = distributed.env_world()
+    bn = torch.nn.BatchNorm2d(2)
+    bn.running_mean.fill_(float(rank))  # each rank's own statistics
+    distributed.sync_buffers(w, bn)
+    n = 7
+    block = np.arange(n)[distributed.shard(n, w)]
+    gathered = distributed.gather(w, block * 10)
+
+    def fails_on_rank_1():
+        if w.rank == 1:
+            raise BloodcellError("no data here")
+        return "ok"
+
+    try:
+        distributed.node_first(w, fails_on_rank_1, ordered=False)
+        said = None
+    except BloodcellError as e:
+        said = (type(e).__name__, getattr(e, "quiet", False))
+    results.put((rank, bn.running_mean.tolist(), gathered.tolist(), distributed.any_true(w, rank == 1), said))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_collectives_on_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    init = f"file://{tmp_path / 'rdzv'}"
+    procs = [ctx.Process(target=_collectives, args=(r, 2, init, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r[0], r[1:]) for r in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        mean, gathered, flags, said = got[rank]
+        assert mean == [0.5, 0.5]  # the average of the ranks' statistics, the same on both
+        assert gathered == [0, 10, 20, 30, 40, 50, 60]  # every item once, in order
+        assert flags == [True]
+    assert got[1][3] == ("BloodcellError", False)  # the rank it happened on says it (rank 0 had none)
+    assert got[0][3] == ("Reported", True)  # rank 0 stops too, silently

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -292,21 +294,25 @@ def peers_guard(world: World, out: Path):
 
 
 def launch(argv: list[str], nproc: int, out: Path, on_row: Callable[[dict], None] | None = None,
-           resume: bool = False) -> None:
+           resume: bool = False, log: Callable[[str], None] | None = None) -> None:
     """Run ``python -m bloodcell *argv`` as nproc processes on this machine and wait for them.
 
     ``on_row(row)`` is called here, in this process, for each new row of ``out/history.csv`` (a
-    tuner's pruning check); if it raises, the workers are stopped and that is raised. Ctrl-C or
+    tuner's pruning check); if it raises, the workers are stopped and that is raised. The workers
+    print to this process's stdout and stderr; with ``log``, rank 0's stdout goes to ``log``
+    instead, line by line, once the run has ended (a tuner's trial log). Ctrl-C or
     SIGTERM stops every worker at its next batch; one that dies ends the others; either way one
     line says so (a BloodcellError or Interrupted) and the run folder stays resumable.
     """
     # lazy: torch.distributed.elastic is only needed by a launching process
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    logs = tempfile.mkdtemp(prefix="bloodcell-nproc-logs-")  # the launcher's own folder, removed below
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"bloodcell-{uuid.uuid4().hex}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.OUT if log else Std.NONE))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
     levels = [lg.level for lg in loggers]
@@ -335,6 +341,11 @@ def launch(argv: list[str], nproc: int, out: Path, on_row: Callable[[dict], None
         how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"failed (exit code {f.exitcode})"
         raise BloodcellError(f"process {rank} of {nproc} {how}; the others were stopped; {hint}") from None
     finally:
+        if log is not None:
+            for f in sorted(Path(logs).glob("*/attempt_*/0/stdout.log")):
+                for line in f.read_text(errors="replace").splitlines():
+                    log(line)
+        shutil.rmtree(logs, ignore_errors=True)
         if watcher is not None:
             watcher.stop()
         for s, h in handlers.items():

@@ -143,14 +143,16 @@ def launch_train(cfg: TrainConfig, out: Path, *, overwrite: bool, resume: bool, 
     log(f"training on {cfg.nproc} processes (torch.distributed), rank 0 writes {out}")
     quiet = [] if progress else ["--quiet"]
     on_row = (lambda row: on_epoch(row["epoch"], row)) if on_epoch is not None else None
+    forward = None if log is print else log  # rank 0's lines to a caller's own log (a tuner's trial log)
     if resume:
-        distributed.launch(["train", "--resume", str(out), *quiet], cfg.nproc, out, on_row, resume=True)
+        distributed.launch(["train", "--resume", str(out), *quiet], cfg.nproc, out, on_row, resume=True,
+                           log=forward)
     else:
         with tempfile.TemporaryDirectory(prefix="bloodcell-nproc-") as tmp:
             given = Path(tmp) / "config.yaml"
             write_yaml(given, cfg.to_dict())
             distributed.launch(["train", "--config", str(given), "--out", str(out), "--overwrite", *quiet],
-                               cfg.nproc, out, on_row)
+                               cfg.nproc, out, on_row, log=forward)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -175,6 +177,10 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
                             on_epoch=on_epoch)
     threads = set_threads(cfg.threads, world.local_size)
     device = world.device(resolve_device(cfg.device))
+    if device.type == "cuda" and world.local_size > torch.cuda.device_count():  # NCCL: one GPU per process
+        raise (BloodcellError if world.main else Reported)(
+            f"{world.local_size} processes on this machine but {torch.cuda.device_count()} GPU(s): "
+            "give --nproc (or torchrun's --nproc-per-node) at most the number of GPUs, or --device cpu")
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
