@@ -300,3 +300,19 @@ def test_collectives_on_two_gloo_processes(tmp_path):
         assert flags == [True]
     assert got[1][3] == ("BloodcellError", False)  # the rank it happened on says it (rank 0 had none)
     assert got[0][3] == ("Reported", True)  # rank 0 stops too, silently
+
+
+@pytest.mark.slow
+def test_nproc_keeps_the_splits_of_the_dataset_given(tmp_path, monkeypatch):
+    """A tuner's trial gives train a Dataset without its test split: the processes leave it out too."""
+    import dataclasses
+
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
+    cfg = make_config(TrainConfig, {"data": "synthetic:160", "image_size": 32, "epochs": 1, "model": "cnn2x32",
+                                    "precision": "fp32", "threads": 1, "nproc": 2})
+    ds = config_dataset(cfg)
+    ds = dataclasses.replace(ds, splits={k: ds.splits[k] for k in ("train", "val")})
+    metrics = train(cfg, tmp_path / "r", log=lambda m: None, progress=False, dataset=ds)
+    assert set(metrics) == {"val", "run"} and metrics["run"]["processes"] == 2
+    assert not (tmp_path / "r" / "predictions_test.csv").exists()
+    assert set(json.loads((tmp_path / "r" / "splits.json").read_text())) == {"train", "val"}

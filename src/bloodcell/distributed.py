@@ -31,6 +31,7 @@ from bloodcell.errors import BloodcellError
 from bloodcell.runtime import Interrupted, stop_requested
 
 PARENT_ENV = "BLOODCELL_NPROC_PARENT"  # set by launch() for its workers: the parent reports failures
+SPLITS_ENV = "BLOODCELL_NPROC_SPLITS"  # set by launch(): the splits its workers keep (a trial: no test)
 TIMEOUT_ENV = "BLOODCELL_DIST_TIMEOUT"  # seconds to join the rendezvous and to wait in a collective
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; rank 0 may build the cache meanwhile
 
@@ -118,6 +119,12 @@ def setup() -> World:
                              "MASTER_ADDR, MASTER_PORT and WORLD_SIZE (torchrun sets them), rank 0 "
                              f"among them") from e
     return world
+
+
+def kept_splits() -> list[str] | None:
+    """The splits a launched worker keeps (None: all of them)."""
+    raw = os.environ.get(SPLITS_ENV) if launched() else None
+    return raw.split(",") if raw else None
 
 
 def launched() -> bool:
@@ -294,13 +301,15 @@ def peers_guard(world: World, out: Path):
 
 
 def launch(argv: list[str], nproc: int, out: Path, on_row: Callable[[dict], None] | None = None,
-           resume: bool = False, log: Callable[[str], None] | None = None) -> None:
+           resume: bool = False, log: Callable[[str], None] | None = None,
+           splits: list[str] | None = None) -> None:
     """Run ``python -m bloodcell *argv`` as nproc processes on this machine and wait for them.
 
     ``on_row(row)`` is called here, in this process, for each new row of ``out/history.csv`` (a
     tuner's pruning check); if it raises, the workers are stopped and that is raised. The workers
     print to this process's stdout and stderr; with ``log``, rank 0's stdout goes to ``log``
-    instead, line by line, once the run has ended (a tuner's trial log). Ctrl-C or
+    instead, line by line, once the run has ended (a tuner's trial log). ``splits``: the only
+    splits the workers load (a tuner's trials have no test split). Ctrl-C or
     SIGTERM stops every worker at its next batch; one that dies ends the others; either way one
     line says so (a BloodcellError or Interrupted) and the run folder stays resumable.
     """
@@ -316,13 +325,16 @@ def launch(argv: list[str], nproc: int, out: Path, on_row: Callable[[dict], None
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
     levels = [lg.level for lg in loggers]
-    env_before = {k: os.environ.get(k) for k in (PARENT_ENV, "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    env_before = {k: os.environ.get(k) for k in (PARENT_ENV, SPLITS_ENV, "TORCHELASTIC_SIGNALS_TO_HANDLE")}
     watcher = HistoryWatcher(out / "history.csv", on_row, resume) if on_row is not None else None
     hint = f"finished epochs are saved in {out}: 'bloodcell train --resume {out}' continues"
     try:
         for lg in loggers:  # the agent's own log lines; the line raised below says what happened
             lg.setLevel(logging.CRITICAL)
         os.environ[PARENT_ENV] = str(os.getpid())
+        os.environ.pop(SPLITS_ENV, None)
+        if splits is not None:
+            os.environ[SPLITS_ENV] = ",".join(splits)
         if watcher is not None:
             watcher.start()
         elastic_launch(config, sys.executable)("-m", "bloodcell", *argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -138,21 +139,22 @@ def _silent(msg: str) -> None:
 
 
 def launch_train(cfg: TrainConfig, out: Path, *, overwrite: bool, resume: bool, log, progress: bool,
-                 on_epoch=None) -> dict:
-    """train() on cfg.nproc processes of this machine (torch's elastic launcher); the metrics."""
+                 on_epoch=None, splits: list[str] | None = None) -> dict:
+    """train() on cfg.nproc processes of this machine (torch's elastic launcher); the metrics.
+    ``splits``: the only splits the processes load (those of a Dataset given to train)."""
     log(f"training on {cfg.nproc} processes (torch.distributed), rank 0 writes {out}")
     quiet = [] if progress else ["--quiet"]
     on_row = (lambda row: on_epoch(row["epoch"], row)) if on_epoch is not None else None
     forward = None if log is print else log  # rank 0's lines to a caller's own log (a tuner's trial log)
     if resume:
         distributed.launch(["train", "--resume", str(out), *quiet], cfg.nproc, out, on_row, resume=True,
-                           log=forward)
+                           log=forward, splits=splits)
     else:
         with tempfile.TemporaryDirectory(prefix="bloodcell-nproc-") as tmp:
             given = Path(tmp) / "config.yaml"
             write_yaml(given, cfg.to_dict())
             distributed.launch(["train", "--config", str(given), "--out", str(out), "--overwrite", *quiet],
-                               cfg.nproc, out, on_row, log=forward)
+                               cfg.nproc, out, on_row, log=forward, splits=splits)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -174,7 +176,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
             return done
     if cfg.nproc > 1 and not world.active:
         return launch_train(cfg, out, overwrite=overwrite, resume=resume, log=log, progress=progress,
-                            on_epoch=on_epoch)
+                            on_epoch=on_epoch, splits=list(dataset.splits) if dataset is not None else None)
     threads = set_threads(cfg.threads, world.local_size)
     device = world.device(resolve_device(cfg.device))
     if device.type == "cuda" and world.local_size > torch.cuda.device_count():  # NCCL: one GPU per process
@@ -188,6 +190,9 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     # data (each machine's first process decodes into the cache, the others then read it)
     def load() -> Dataset:
         ds = dataset or config_dataset(cfg)
+        keep = distributed.kept_splits()
+        if keep is not None:  # launched for a caller that gave train a Dataset of these splits only
+            ds = dataclasses.replace(ds, splits={k: v for k, v in ds.splits.items() if k in keep})
         if "train" not in ds.splits or "val" not in ds.splits:
             raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
         return ds
