@@ -111,7 +111,8 @@ FIELD_HELP = {
     "precision": "auto = bf16 autocast where the hardware has native bf16, else fp32",
     "channels_last": "channels-last memory format (faster convolutions on CPU)",
     "device": "auto = CUDA if available, else CPU",
-    "threads": "torch threads (0: the physical cores)",
+    "threads": "torch threads per process (0: the physical cores, shared among the run's processes on "
+               "this machine)",
     "folds": "cross-validate: K grouped, stratified folds of the non-test images (train and val pooled), "
              "each trained with one fold as validation, into RUN/folds/<k>/; the test split stays as "
              "it is and chooses nothing; results give the mean and spread over folds (0: one "
@@ -123,13 +124,17 @@ FIELD_HELP = {
            "run (pip install 'bloodcell[mlflow]'); history.csv is always written",
     "mlflow_uri": "MLflow tracking URI for --log mlflow; None: $MLFLOW_TRACKING_URI, else MLflow's "
                   "local store (./mlflow.db, artifacts in ./mlruns)",
+    "nproc": "train on this many processes on this machine (torch.distributed: gloo on the CPU, NCCL "
+             "on GPUs, one GPU each), as 'torchrun --standalone --nproc-per-node N' would; --batch-size "
+             "stays the images per optimiser step, shared among them. Under torchrun (several "
+             "machines) leave it at 1: torchrun starts the processes",
 }
 
 # Experiment trackers --log takes (bloodcell.tracking).
 TRACKERS = ("tensorboard", "mlflow")
 # TrainConfig keys that say where a run is recorded, not what it does: a compare or crosslab
 # folder resumed with other values is the same protocol.
-RECORD_KEYS = ("log", "mlflow_uri")
+RECORD_KEYS = ("log", "mlflow_uri", "nproc")
 
 
 @dataclass(frozen=True)
@@ -182,11 +187,12 @@ class TrainConfig:
     channels_last: bool = True
     device: str = "auto"
     threads: int = 0
-    # cross-validation (bloodcell.crossval) and experiment logs (bloodcell.tracking)
+    # cross-validation (bloodcell.crossval), experiment logs (bloodcell.tracking), processes
     folds: int = 0
     fold: int | None = None
     log: tuple[str, ...] = ()
     mlflow_uri: str | None = None
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):  # several sources: a tuple; one in a list is just one
@@ -199,7 +205,7 @@ class TrainConfig:
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-        positive = ("image_size", "batch_size", "epochs")
+        positive = ("image_size", "batch_size", "epochs", "nproc")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -350,7 +356,7 @@ class TuneSettings:
     # Keys that may change between runs of one study (more trials, another time limit), and base
     # keys that belong to one machine rather than to the study.
     MUTABLE = ("trials", "timeout_min", "sampler_seed")
-    LOCAL = ("cache_dir", "device", "threads", "log", "mlflow_uri")
+    LOCAL = ("cache_dir", "device", "threads", "log", "mlflow_uri", "nproc")
 
     def identity(self) -> dict:
         """The settings two workers of one study must agree on."""

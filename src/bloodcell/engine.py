@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from bloodcell import distributed
+from bloodcell.distributed import World
 from bloodcell.errors import BloodcellError
 from bloodcell.runtime import autocast, check_stop
 from bloodcell.transforms import TTA_VIEWS, tta_view
@@ -40,6 +42,7 @@ class Step:
     clip_grad: float = 0.0
     channels_last: bool = True
     ema: EMA | None = None
+    world: World | None = None  # several processes: the model is DistributedDataParallel
 
 
 class EMA:
@@ -80,7 +83,8 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: tqdm |
     t0 = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
     for i, (x, y) in enumerate(loader, 1):
-        check_stop()
+        if step.world is None:
+            check_stop()
         x, y = x.to(step.device, non_blocking=True), y.to(step.device, non_blocking=True)
         if step.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -88,7 +92,10 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: tqdm |
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, weight=step.class_weights,
                                label_smoothing=step.label_smoothing)
-        if not torch.isfinite(loss):
+        bad = not torch.isfinite(loss)
+        if step.world is not None:  # every rank stops at the same step, on a signal or a bad loss anywhere
+            bad = distributed.check_stop(step.world, bad)
+        if bad:
             raise TrainingDiverged(f"the loss became {loss.item()} at step {i}")
         step.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -98,7 +105,7 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: tqdm |
         if step.scheduler is not None:
             step.scheduler.step()
         if step.ema is not None:
-            step.ema.update(model)
+            step.ema.update(getattr(model, "module", model))
         n = y.shape[0]
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum().item()  # soft: its top class
@@ -110,18 +117,23 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: tqdm |
     if progress is not None:
         progress.close()
     secs = time.perf_counter() - t0
+    if step.world is not None:  # the epoch's figures over every rank's images
+        total_loss, correct, seen = distributed.sum_over(step.world, total_loss, correct, seen)
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
             "seconds": secs, "images_per_s": seen / secs if secs > 0 else 0.0}
 
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
-                  channels_last: bool = True, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities for every image of a loader (in order), with optional 8-view TTA."""
+                  channels_last: bool = True, tta: bool = False,
+                  world: World | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities for every image of a loader (in order), with optional 8-view TTA. With
+    a world, the loader holds this rank's block and the result is every rank's, in order."""
     model.eval()
     probs, labels = [], []
     for x, y in loader:
-        check_stop()
+        if world is None:  # ranks' blocks may differ by a batch: they agree on stopping after it
+            check_stop()
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -132,13 +144,18 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, precisio
                 p = p + torch.softmax(model(tta_view(x, k)).float(), 1)
         probs.append((p / len(views)).cpu().numpy())
         labels.append(y.cpu().numpy())
-    return np.concatenate(probs), np.concatenate(labels)
+    probs_, labels_ = (np.concatenate(probs), np.concatenate(labels)) if probs else \
+        (np.zeros((0, 0), np.float32), np.zeros(0, np.int64))
+    if world is not None:
+        probs_, labels_ = distributed.gather(world, probs_), distributed.gather(world, labels_)
+        distributed.check_stop(world)
+    return probs_, labels_
 
 
 def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
-             channels_last: bool = True, tta: bool = False) -> dict:
+             channels_last: bool = True, tta: bool = False, world: World | None = None) -> dict:
     """Loss and accuracy over a whole split (computed from all predictions, not batch averages)."""
-    probs, labels = predict_probs(model, loader, device, precision, channels_last, tta)
+    probs, labels = predict_probs(model, loader, device, precision, channels_last, tta, world)
     p_true = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
     return {"loss": float(-np.log(p_true).mean()), "accuracy": float((probs.argmax(1) == labels).mean()),
             "probs": probs, "labels": labels}
@@ -208,7 +225,8 @@ def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs:
         on_epoch: Callable[[int, dict], None] | None = None) -> FitState:
     """Train for the remaining epochs, keeping the best checkpoint (a true copy, on disk) and the last."""
     state.history = state.history or []
-    eval_model = step.ema.model if step.ema is not None else model
+    raw = getattr(model, "module", model)  # DistributedDataParallel's network
+    eval_model = step.ema.model if step.ema is not None else raw
     while state.epoch < epochs:
         epoch = state.epoch + 1
         # One seed per epoch fixes dropout and anything else drawn from torch's global RNG, so a
@@ -219,7 +237,12 @@ def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs:
         lr = step.optimizer.param_groups[0]["lr"]
         train = train_one_epoch(model, train_loader, step, bar)
         t0 = time.perf_counter()
-        probs, labels = predict_probs(eval_model, val_loader, step.device, step.precision, step.channels_last)
+        if step.world is not None:  # one set of batch-norm statistics for validation and the checkpoints
+            distributed.sync_buffers(step.world, raw)
+            if step.ema is not None:
+                distributed.sync_buffers(step.world, step.ema.model)
+        probs, labels = predict_probs(eval_model, val_loader, step.device, step.precision, step.channels_last,
+                                      world=step.world)
         val = val_metrics(labels, probs)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["accuracy"],
                "val_loss": val["loss"], "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -239,7 +262,8 @@ def fit(model: torch.nn.Module, train_loader, val_loader, step: Step, *, epochs:
         log(f"epoch {epoch:>3}/{epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}  "
             f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} f1 {val['macro_f1']:.4f}  "
             f"{train['images_per_s']:,.0f} img/s  {row['seconds']:.1f}s{'  *' if improved else ''}")
-        check_stop()  # a Ctrl-C during validation or the saves: stop before the caller's bookkeeping
+        # a Ctrl-C during validation or the saves: stop before the caller's bookkeeping
+        check_stop() if step.world is None else distributed.check_stop(step.world)
         if on_epoch is not None:  # e.g. a tuner's pruning check; it may raise to stop the run
             on_epoch(epoch, row)
         if patience and state.bad_epochs >= patience:

@@ -62,9 +62,10 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def set_threads(threads: int) -> int:
-    """Use the physical cores (or the number given); returns the number set."""
-    n = threads if threads > 0 else physical_cores()
+def set_threads(threads: int, share: int = 1) -> int:
+    """Use the physical cores (or the number given), split among ``share`` processes of one run on
+    this machine; returns the number set."""
+    n = threads if threads > 0 else max(1, physical_cores() // max(share, 1))
     torch.set_num_threads(n)
     return n
 
@@ -134,7 +135,9 @@ def stop_between_batches():
         _stop.set()
         again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
         name = "" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: "
-        os.write(2, f"\nbloodcell: {name}stopping at the next batch ({again} to stop at once)\n".encode())
+        if os.environ.get("RANK", "0") == "0" and not os.environ.get("BLOODCELL_NPROC_PARENT"):
+            # once per run: rank 0 of several processes says it, the --nproc parent reports the end
+            os.write(2, f"\nbloodcell: {name}stopping at the next batch ({again} to stop at once)\n".encode())
 
     _stop.clear()
     for s in taken:
@@ -153,6 +156,11 @@ def check_stop() -> None:
     """Raise ``Interrupted`` if a SIGINT or SIGTERM came in under stop_between_batches()."""
     if _stop.is_set():
         raise Interrupted(_stop_signal[0])
+
+
+def stop_requested() -> int:
+    """The signal whose stop request is pending under stop_between_batches(), else 0."""
+    return _stop_signal[0] if _stop.is_set() else 0
 
 
 def worker_init() -> None:

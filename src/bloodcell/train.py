@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bloodcell import distributed
 from bloodcell.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.config import TrainConfig, load_yaml, make_config
 from bloodcell.data import (
@@ -23,6 +26,7 @@ from bloodcell.data import (
     source_names,
 )
 from bloodcell.data.folds import fold_dataset
+from bloodcell.distributed import Reported, World
 from bloodcell.engine import (
     EMA,
     FitState,
@@ -134,31 +138,89 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     """Train one model as cfg says, into run folder ``out``; returns the metrics per split.
 
     ``on_epoch(epoch, history_row)`` is called after each epoch's validation (a tuner reports and
-    prunes there); ``dataset`` reuses an already loaded Dataset.
+    prunes there); ``dataset`` reuses an already loaded Dataset. Under torchrun every process calls
+    this; rank 0 alone writes the run folder and logs. With ``cfg.nproc`` > 1 (and no torchrun)
+    the run is launched on that many processes here (distributed.launch) and this one waits.
     """
     out = Path(out)
     if cfg.folds and cfg.fold is None:
         raise ConfigError("folds: train() runs one model (give fold too); bloodcell.crossval.cross_validate "
                           "runs every fold (bloodcell train --folds K)")
     check_trackers(cfg.log)  # a tracker that is not installed: refused before anything is written
-    prepare_run_dir(out, overwrite, resume)
+    world = distributed.setup()
+    with distributed.peers_guard(world, out):
+        return _train(world, cfg, out, overwrite, resume, log if world.main else _silent,
+                      progress and world.main, dataset, on_epoch)
+
+
+def _silent(msg: str) -> None:
+    """The log of a rank other than 0."""
+
+
+def launch_train(cfg: TrainConfig, out: Path, *, overwrite: bool, resume: bool, log, progress: bool,
+                 on_epoch=None, splits: list[str] | None = None) -> dict:
+    """train() on cfg.nproc processes of this machine (torch's elastic launcher); the metrics.
+    ``splits``: the only splits the processes load (those of a Dataset given to train)."""
+    log(f"training on {cfg.nproc} processes (torch.distributed), rank 0 writes {out}")
+    quiet = [] if progress else ["--quiet"]
+    on_row = (lambda row: on_epoch(row["epoch"], row)) if on_epoch is not None else None
+    forward = None if log is print else log  # rank 0's lines to a caller's own log (a tuner's trial log)
     if resume:
-        cfg = make_config(TrainConfig, load_yaml(out / "config.yaml"))
-        if (out / "DONE").exists():
+        distributed.launch(["train", "--resume", str(out), *quiet], cfg.nproc, out, on_row, resume=True,
+                           log=forward, splits=splits)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bloodcell-nproc-") as tmp:
+            given = Path(tmp) / "config.yaml"
+            write_yaml(given, cfg.to_dict())
+            distributed.launch(["train", "--config", str(given), "--out", str(out), "--overwrite", *quiet],
+                               cfg.nproc, out, on_row, log=forward, splits=splits)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, log, progress: bool,
+           dataset: Dataset | None, on_epoch) -> dict:
+    def prepare():
+        prepare_run_dir(out, overwrite, resume)
+        if not resume:
+            return None, None
+        given = load_yaml(out / "config.yaml")
+        done = json.loads((out / "metrics.json").read_text()) if (out / "DONE").exists() else None
+        return given, done
+
+    given, done = distributed.on_main(world, prepare)
+    if resume:
+        cfg = make_config(TrainConfig, given)
+        if done is not None:
             log(f"{out} is already finished; nothing to resume")
-            return json.loads((out / "metrics.json").read_text())
-    threads = set_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+            return done
+    if cfg.nproc > 1 and not world.active:
+        return launch_train(cfg, out, overwrite=overwrite, resume=resume, log=log, progress=progress,
+                            on_epoch=on_epoch, splits=list(dataset.splits) if dataset is not None else None)
+    threads = set_threads(cfg.threads, world.local_size)
+    device = world.device(resolve_device(cfg.device))
+    if device.type == "cuda" and world.local_size > torch.cuda.device_count():  # NCCL: one GPU per process
+        raise (BloodcellError if world.main else Reported)(
+            f"{world.local_size} processes on this machine but {torch.cuda.device_count()} GPU(s): "
+            "give --nproc (or torchrun's --nproc-per-node) at most the number of GPUs, or --device cpu")
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
 
-    # data
-    ds = dataset or config_dataset(cfg)
-    if "train" not in ds.splits or "val" not in ds.splits:
-        raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
+    # data (each machine's first process decodes into the cache, the others then read it)
+    def load() -> Dataset:
+        ds = dataset or config_dataset(cfg)
+        keep = distributed.kept_splits()
+        if keep is not None:  # launched for a caller that gave train a Dataset of these splits only
+            ds = dataclasses.replace(ds, splits={k: v for k, v in ds.splits.items() if k in keep})
+        if "train" not in ds.splits or "val" not in ds.splits:
+            raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
+        return ds
+
+    ds = distributed.node_first(world, load)
+    on = f"; {world.size} processes" if world.active else ""
     log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
-        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads")
+        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads"
+        + on)
     if ds.extra_train:
         log(f"data: train also holds {sum(ds.extra_train['images'].values()):,} images of "
             f"{ds.extra_train['root']}'s train split ("
@@ -173,16 +235,20 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         log(line)
 
     # model, optimiser, schedule (the model first: a refused --init-from writes nothing)
-    model, kw = build_model(cfg, ds.classes)
+    model, kw = distributed.node_first(world, lambda: build_model(cfg, ds.classes), ordered=False)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
-                                              "threads": threads, "layout": ds.layout,
-                                              "sources": source_names(ds) or [ds.root],
+                                              "threads": threads, "processes": world.size,
+                                              "layout": ds.layout, "sources": source_names(ds) or [ds.root],
                                               "classes": ds.classes}}
-    if not resume:
-        clear_run_dir(out)
-        write_yaml(out / "config.yaml", cfg.to_dict())
-        write_json(out / "splits.json", ds.split_files())
-    write_yaml(out / "resolved.yaml", resolved)
+
+    def write_start() -> None:
+        if not resume:
+            clear_run_dir(out)
+            write_yaml(out / "config.yaml", cfg.to_dict())
+            write_json(out / "splits.json", ds.split_files())
+        write_yaml(out / "resolved.yaml", resolved)
+
+    distributed.on_main(world, write_start)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -190,8 +256,9 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
                                seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
                                blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes),
-                               stain_jitter=cfg.stain_jitter, gray=cfg.gray)
-    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device)
+                               stain_jitter=cfg.stain_jitter, gray=cfg.gray, rank=world.rank, world=world.size)
+    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device, rank=world.rank,
+                             world=world.size)
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
     steps = len(train_loader)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
@@ -202,14 +269,21 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
                                device=device)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     step = Step(optimizer, scheduler, device, precision, cfg.label_smoothing, weights, cfg.clip_grad,
-                cfg.channels_last, ema)
+                cfg.channels_last, ema, world if world.active else None)
     state = FitState()
-    if resume and (out / "last.pt").is_file():
+
+    def read_last() -> dict | None:  # rank 0's file, on every rank
+        if not (resume and (out / "last.pt").is_file()):
+            return None
         ck = read_checkpoint(out / "last.pt")
         saved = model_kwargs_of(ck)
         if saved != kw:
             raise BloodcellError(f"--resume: {out / 'last.pt'} was written for another model layout "
                                  f"({saved}); start the run afresh with --overwrite")
+        return ck
+
+    ck = distributed.on_main(world, read_last)
+    if ck is not None:
         model.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -219,6 +293,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         log(f"resuming after epoch {state.epoch}")
 
     def save(name: str, st: FitState) -> None:
+        if not world.main:
+            return
         net = ema.model if (ema is not None and name == "best.pt") else model
         extra = {"fit_state": {**st.__dict__, "history": list(st.history)}}
         if ema is not None and name == "last.pt":
@@ -231,8 +307,15 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
         if name == "last.pt":
             write_history(st.history, out / "history.csv")
 
-    tracker = Tracker(cfg.log, out, name=str(out), config=resolved, uri=cfg.mlflow_uri, log=log,
-                      tags={"bloodcell.model": cfg.model, **({"bloodcell.fold": str(cfg.fold)} if cfg.folds else {})})
+    # Each rank keeps the batch-norm statistics of its own shard (fit averages them before each
+    # validation and checkpoint) instead of taking rank 0's at every step.
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
+        if world.active else model
+    # the experiment trackers (--log): rank 0 alone records the run
+    tracker = Tracker(cfg.log if world.main else (), out, name=str(out), config=resolved, uri=cfg.mlflow_uri,
+                      log=log, tags={"bloodcell.model": cfg.model,
+                                     **({"bloodcell.fold": str(cfg.fold)} if cfg.folds else {})})
 
     def epoch_done(epoch: int, row: dict) -> None:
         tracker.epoch(epoch, row)
@@ -241,20 +324,20 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
 
     ok = False
     try:
-        state = fit(model, train_loader, val_loader, step, epochs=cfg.epochs, monitor=cfg.monitor,
+        state = fit(net, train_loader, val_loader, step, epochs=cfg.epochs, monitor=cfg.monitor,
                     patience=cfg.patience, seed=cfg.seed, state=state,
                     val_metrics=lambda y, p: compute_metrics(y, p, ds.classes, n_boot=0),
                     save_last=lambda s: save("last.pt", s), save_best=lambda s: save("best.pt", s),
                     log=log, progress=progress, on_epoch=epoch_done)
-        metrics = _final_metrics(cfg, ds, model, out, state, device, precision, threads, t_start)
+        metrics = _final_metrics(world, cfg, ds, model, step, out, state, device, precision, threads, t_start)
         tracker.final(flat_metrics(metrics))
         tracker.artifact(out / "metrics.json", out / "history.csv", out / "resolved.yaml")
         ok = True
     except TrainingDiverged as e:
         kept = f"the last good checkpoint (epoch {state.epoch}) is kept in {out / 'last.pt'}" \
             if (out / "last.pt").exists() else "no epoch finished, so no checkpoint was written"
-        raise BloodcellError(f"training stopped: {e} in epoch {state.epoch + 1}; {kept}; "
-                             "try a lower --lr or --precision fp32") from e
+        raise (BloodcellError if world.main else Reported)(
+            f"training stopped: {e} in epoch {state.epoch + 1}; {kept}; try a lower --lr or --precision fp32") from e
     finally:
         tracker.close(ok)
     for name in ("test", "test_simple", "val"):
@@ -268,34 +351,40 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     return metrics
 
 
-def _final_metrics(cfg: TrainConfig, ds: Dataset, model, out: Path, state: FitState, device, precision,
-                   threads: int, t_start: float) -> dict:
-    """Evaluate the best checkpoint on every split; write the predictions, metrics.json and DONE."""
+def _final_metrics(world: World, cfg: TrainConfig, ds: Dataset, model, step: Step, out: Path, state: FitState,
+                   device, precision, threads: int, t_start: float) -> dict:
+    """Evaluate the best checkpoint on every split (each rank its share, gathered); rank 0 writes the
+    predictions, metrics.json and DONE."""
     train_minutes = (time.perf_counter() - t_start) / 60
 
     # evaluate the best checkpoint (read back from disk: what predict and serve will use)
-    best = read_checkpoint(out / "best.pt")
-    model.load_state_dict(best["state_dict"])
+    model.load_state_dict(distributed.on_main(world, lambda: read_checkpoint(out / "best.pt")["state_dict"]))
     metrics = {}
     for name in ("val", "test", "test_simple"):
         if name not in ds.splits:
             continue
-        r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device), device, precision,
-                     cfg.channels_last, cfg.tta)
+        r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device, rank=world.rank, world=world.size),
+                     device, precision, cfg.channels_last, cfg.tta, step.world)
         s = ds.splits[name]
         metrics[name] = split_metrics(ds.classes, s.groups, r["labels"], r["probs"])
         if len(ds.sources) > 1:  # several sources: their validation is pooled, and shown apart too
             metrics[name]["per_source"] = per_source_metrics(ds.classes, s.groups, r["labels"], r["probs"],
                                                              s.sources, source_names(ds))
-        write_predictions(out / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"], r["probs"],
-                          ds.classes)
+        if world.main:
+            write_predictions(out / f"predictions_{name}.csv", ds.splits[name].paths, r["labels"], r["probs"],
+                              ds.classes)
     metrics["run"] = {"best_epoch": state.best_epoch, "epochs_run": state.epoch,
                       "best_val_" + cfg.monitor.removeprefix("val_"): state.best_metric,
                       "train_minutes": train_minutes,
                       "train_images_per_s": float(np.median([h["images_per_s"] for h in state.history])),
-                      "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm}
+                      "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm,
+                      "processes": world.size}
     if ds.labelled:  # the labelled cells the run read, per split and class
         metrics["run"]["labelled_cells"] = ds.labelled
-    write_json(out / "metrics.json", metrics)
-    mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+    def finish() -> None:
+        write_json(out / "metrics.json", metrics)
+        mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+    distributed.on_main(world, finish)
     return metrics

@@ -12,7 +12,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import sys
 
 from bloodcell import __version__
@@ -44,28 +44,49 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     if getattr(args, "own_signals", False):
         # serve has its own graceful shutdown, and serving an .onnx file loads no torch
-        guard = contextlib.nullcontext()
-    else:
-        # lazy: start-up (runtime loads torch); `--help` and a bad flag have returned by now
-        from bloodcell.runtime import stop_between_batches
+        try:
+            return args.func(args) or 0
+        except (BloodcellError, ValueError) as e:
+            print(f"bloodcell: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:  # before the server's own handlers are in place
+            print("bloodcell: interrupted", file=sys.stderr)
+            return 130
+    if "WORLD_SIZE" in os.environ:  # one process of several: c10d's C++ log would repeat, per process and
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # at length, what the one line below says
+    # lazy: start-up (runtime loads torch); `--help` and a bad flag have returned by now
+    from bloodcell.distributed import env_world, speaks
+    from bloodcell.runtime import exit_code, stop_between_batches, stopped_by
 
-        # SIGINT and SIGTERM alike stop at the next batch (a second one at once)
-        guard = stop_between_batches()
     try:
-        with guard:
+        # SIGINT and SIGTERM alike stop at the next batch (a second one at once)
+        with stop_between_batches():
             return args.func(args) or 0
     except BloodcellError as e:
-        print(f"bloodcell: error: {e}", file=sys.stderr)
+        if speaks(_world(env_world), e):  # once for a run of several processes, not once per process
+            print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # a library function's argument check, e.g. an unknown model name
         print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from bloodcell.runtime import exit_code, stopped_by  # lazy: torch
-
+        if not speaks(_world(env_world), e):
+            return exit_code(e)
         print(f"bloodcell: {stopped_by(e)}; finished epochs are saved: 'train --resume RUN_DIR', the same "
               "'compare' command, or 'tune --resume DIR' continues", file=sys.stderr)
         return exit_code(e)
+
+
+def _world(env_world):
+    """This process's place in a run of several (one process where the environment is unusable)."""
+    from bloodcell.errors import BloodcellError
+
+    try:
+        return env_world()
+    except BloodcellError:
+        from bloodcell.distributed import ONE  # lazy, as the caller's imports
+
+        return ONE
 
 
 if __name__ == "__main__":

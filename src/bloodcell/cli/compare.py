@@ -27,6 +27,9 @@ def cmd_compare(args) -> int:
     With --folds K each model is cross-validated (runs/<model>/folds/<k>/); results and report give
     the mean and spread over the folds, the other tables the fold chosen on validation."""
     from bloodcell.compare import compare, load_protocol, model_list  # lazy: start-up
+    from bloodcell.distributed import single_process  # lazy: start-up
+
+    single_process("compare")
 
     preset = args.preset
     if preset is None and args.config is None and args.data is None:
@@ -57,6 +60,9 @@ def cmd_crosslab(args) -> int:
     fine-tuned on K labelled cells per class of that lab's train split, for each K."""
     from bloodcell.compare import load_protocol  # lazy: start-up
     from bloodcell.crosslab import crosslab  # lazy: start-up
+    from bloodcell.distributed import single_process  # lazy: start-up
+
+    single_process("crosslab")
 
     shared, _, overrides = load_protocol(args.config, args.preset)
     if overrides:

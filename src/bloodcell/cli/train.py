@@ -20,8 +20,13 @@ def cmd_train(args) -> int:
 
     With --folds K: K models, each validated on its own grouped, stratified fold of the train and
     val images, into RUN_DIR/folds/<k>/; the test split is the same for all and chooses nothing;
-    RUN_DIR/folds.json holds the mean and spread over the folds."""
+    RUN_DIR/folds.json holds the mean and spread over the folds.
+
+    On several processes: --nproc N on this machine, or
+    torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m bloodcell train ...
+    """
     from bloodcell.crossval import cross_validate, is_crossval_dir  # lazy: start-up
+    from bloodcell.distributed import env_world, launched  # lazy: start-up
     from bloodcell.train import train  # lazy: start-up
 
     if args.resume:
@@ -35,7 +40,8 @@ def cmd_train(args) -> int:
         cross_validate(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     else:
         train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"run folder: {args.out}")
+    if env_world().main and not launched():  # once for a run of several processes
+        print(f"run folder: {args.out}")
     return 0
 
 

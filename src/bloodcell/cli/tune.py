@@ -19,11 +19,13 @@ def cmd_tune(args) -> int:
     The study's hand strategy: --grid image_size=48,64,96 batch_size=32,64,128.
     Continue an interrupted study: bloodcell tune --resume DIR. Rebuild its report: bloodcell tune report DIR.
     """
+    from bloodcell.distributed import single_process  # lazy: start-up (torch)
     from bloodcell.runtime import exit_code, stopped_by  # lazy: start-up (torch)
     from bloodcell.tune import tune  # lazy: start-up (optuna, torch)
 
+    single_process("tune")
     base = load_yaml(args.config) if args.config else {}
-    for k in ("cache_dir", "seed", "device", "threads"):
+    for k in ("cache_dir", "seed", "device", "threads", "nproc"):
         if getattr(args, k) is not None:
             base[k] = getattr(args, k)
     try:
@@ -81,6 +83,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, help="split and training seed shared by every trial (default 0)")
     p.add_argument("--device", choices=list(CHOICES["device"]))
     p.add_argument("--threads", type=int, help="CPU threads per worker (default: physical cores)")
+    p.add_argument("--nproc", type=int, help="train each trial on N processes of this machine "
+                                             "(torch.distributed; default 1)")
     p.add_argument("--sampler-seed", type=int, help="seed of the sampler (default: random, so that "
                                                     "workers draw different trials)")
     p.add_argument("--resume", nargs="?", const=True, metavar="DIR",

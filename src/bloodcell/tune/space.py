@@ -19,7 +19,7 @@ from bloodcell.models import model_info
 # Keys a study may not search: they decide the data, the split or the objective, which every trial
 # of a study must share for their values to be comparable.
 NOT_SEARCHABLE = ("data", "model", "seed", "fractions", "val_fraction", "group_regex", "group_by",
-                  "cache_dir", "monitor", "device", "threads", "init_from", "weights")
+                  "cache_dir", "monitor", "device", "threads", "nproc", "init_from", "weights")
 NOT_IN_SPACE = ("data", "model", "monitor")  # given by --data, --model and --metric
 SPEC_KEYS = {"choices", "low", "high", "log", "step"}
 

@@ -1,0 +1,426 @@
+"""Training on several processes with torch.distributed: the world torchrun describes, each rank's
+shard, whole-split predictions gathered without duplicates, batch-norm statistics averaged, stop
+requests agreed, and ``--nproc N`` through torch's own elastic launcher (what torchrun runs).
+
+torchrun (or a scheduler) sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT; without them a run is one process and nothing here does anything. Every collective
+below is called by every rank in the same order: that is the contract train() keeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bloodcell.errors import BloodcellError
+from bloodcell.runtime import Interrupted, stop_requested
+
+PARENT_ENV = "BLOODCELL_NPROC_PARENT"  # set by launch() for its workers: the parent reports failures
+SPLITS_ENV = "BLOODCELL_NPROC_SPLITS"  # set by launch(): the splits its workers keep (a trial: no test)
+TIMEOUT_ENV = "BLOODCELL_DIST_TIMEOUT"  # seconds to join the rendezvous and to wait in a collective
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo; rank 0 may build the cache meanwhile
+
+
+class Reported(BloodcellError):
+    """An error another process (rank 0, the failing rank or the --nproc parent) tells the user
+    about: the CLI exits non-zero without printing it, so a run of N processes says it once."""
+
+    quiet = True
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: rank of size, and on its machine local_rank of local_size."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        """Several processes (a process group to talk to)."""
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes the run folder and logs."""
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """A CUDA device means this rank's own GPU (cuda:LOCAL_RANK)."""
+        return torch.device("cuda", self.local_rank) if device.type == "cuda" and self.active else device
+
+
+ONE = World()
+
+
+def env_world() -> World:
+    """The world torchrun's environment variables describe (one process when they are absent)."""
+    if "WORLD_SIZE" not in os.environ:
+        return ONE
+    try:
+        size = int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    except ValueError as e:
+        raise BloodcellError(f"RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be whole numbers "
+                             f"({e})") from e
+    if size < 1 or not 0 <= rank < size or not 0 <= local_rank < local_size:
+        raise BloodcellError(f"RANK {rank} does not fit WORLD_SIZE {size} (or LOCAL_RANK {local_rank} "
+                             f"LOCAL_WORLD_SIZE {local_size})")
+    return World(rank, size, local_rank, local_size)
+
+
+def timeout_s() -> float:
+    """How long to wait for the other processes (BLOODCELL_DIST_TIMEOUT, else 30 minutes)."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError as e:
+        raise BloodcellError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from e
+
+
+def setup() -> World:
+    """Join the process group the environment names (once per process): gloo for CPU tensors,
+    NCCL for CUDA ones (each process on its machine's GPU LOCAL_RANK). A rendezvous that does not
+    answer in time is one clear error."""
+    world = env_world()
+    if not world.active or dist.is_initialized():
+        return world
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    t = timeout_s()
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=t))
+    except (dist.DistError, RuntimeError, ValueError) as e:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise BloodcellError(f"process {world.rank} of {world.size} could not join the run's rendezvous at "
+                             f"{where} within {t:g} s ({reason}); start every process with the same "
+                             "MASTER_ADDR, MASTER_PORT and WORLD_SIZE (torchrun sets them), rank 0 "
+                             f"among them") from e
+    return world
+
+
+def kept_splits() -> list[str] | None:
+    """The splits a launched worker keeps (None: all of them)."""
+    raw = os.environ.get(SPLITS_ENV) if launched() else None
+    return raw.split(",") if raw else None
+
+
+def launched() -> bool:
+    """Started by launch() (--nproc): the parent reports how the run ended."""
+    return bool(os.environ.get(PARENT_ENV))
+
+
+def speaks(world: World, e: BaseException) -> bool:
+    """Whether this process prints the closing line for ``e`` (once per run, not once per rank)."""
+    if getattr(e, "quiet", False):
+        return False
+    if isinstance(e, KeyboardInterrupt):
+        return world.main and not launched()
+    return True
+
+
+def single_process(command: str) -> None:
+    """Refuse a command that starts its trainings itself (compare, tune) under torchrun."""
+    world = env_world()
+    if world.active:
+        raise (BloodcellError if world.main else Reported)(
+            f"{command} starts its own trainings: run it once, not under torchrun; --nproc N trains "
+            "each model on N processes of this machine")
+
+
+# ---------------------------------------------------------------------------------------------
+# collectives (CPU tensors go through gloo, so these work in a GPU run too)
+
+
+def any_true(world: World, *flags: bool) -> list[bool]:
+    """Each flag ORed over every rank (one all-reduce)."""
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    if world.active:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def check_stop(world: World, diverged: bool = False) -> bool:
+    """runtime.check_stop for every rank at once: where any rank got SIGINT or SIGTERM, all raise
+    Interrupted at the same batch (none is left waiting in a collective). Also returns whether any
+    rank's loss was not finite, so all of them stop on it together."""
+    signum = stop_requested()
+    stop, bad = any_true(world, signum > 0, diverged)
+    if stop:
+        raise Interrupted(signum or signal.SIGTERM)
+    return bad
+
+
+def sum_over(world: World, *values: float) -> list[float]:
+    """Each value summed over every rank."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if world.active:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard(n: int, world: World) -> slice:
+    """This rank's contiguous block of n items: the blocks of all ranks in rank order are 0..n-1,
+    each item exactly once (no padding)."""
+    bounds = np.linspace(0, n, world.size + 1).round().astype(int)
+    return slice(int(bounds[world.rank]), int(bounds[world.rank + 1]))
+
+
+def gather(world: World, part: np.ndarray) -> np.ndarray:
+    """The parts of every rank, concatenated in rank order (with shard(): the whole split, in order)."""
+    if not world.active:
+        return part
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, part)
+    return np.concatenate([p for p in parts if len(p)] or parts[:1])
+
+
+def broadcast(world: World, obj=None):
+    """Rank 0's object on every rank."""
+    if not world.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def sync_buffers(world: World, module: torch.nn.Module) -> None:
+    """Average the float buffers (batch-norm running statistics) over the ranks: each rank gathered
+    them from its own shard; evaluation and checkpoints need one set, the same everywhere."""
+    if not world.active:
+        return
+    for b in module.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b.div_(world.size)
+
+
+def on_main(world: World, fn: Callable):
+    """``fn()`` on rank 0 only, its result on every rank; a BloodcellError there is raised on every
+    rank (printed by rank 0 alone)."""
+    if not world.active:
+        return fn()
+    outcome = None
+    if world.main:
+        try:
+            outcome = ("ok", fn())
+        except BloodcellError as e:
+            broadcast(world, ("error", str(e)))
+            raise
+        except BaseException:
+            broadcast(world, ("error", "rank 0 failed"))
+            raise
+    outcome = broadcast(world, outcome)
+    if outcome[0] == "error":
+        raise Reported(outcome[1])
+    return outcome[1]
+
+
+def node_first(world: World, fn: Callable, ordered: bool = True):
+    """``fn()`` on every rank, the first process of each machine before the others (it builds the
+    machine's decoded cache; they read it), or all at once when not ``ordered``. A BloodcellError
+    on any rank stops every rank, said once: by rank 0, else by the rank it happened on."""
+    def attempt(turn: bool):
+        if not turn:
+            error = None
+        else:
+            try:
+                return_box[0] = fn()
+                error = None
+            except BloodcellError as e:
+                error = e
+        messages: list = [None] * world.size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        if error is not None:
+            if world.main or messages[0] is None:
+                raise error
+            raise Reported(str(error)) from error
+        first = next((m for m in messages if m is not None), None)
+        if first is not None:
+            raise Reported(first)
+
+    if not world.active:
+        return fn()
+    return_box = [None]
+    if ordered:
+        attempt(world.local_rank == 0)
+        attempt(world.local_rank != 0)
+    else:
+        attempt(True)
+    return return_box[0]
+
+
+# What gloo and NCCL say, inside a plain RuntimeError (DDP's backward), when a peer is gone.
+PEER_LOST = ("gloo", "NCCL", "c10d", "Connection reset", "Connection closed")
+
+
+@contextlib.contextmanager
+def peers_guard(world: World, out: Path):
+    """A collective that fails because another rank is gone (killed, or stopped on its own error)
+    becomes one line on rank 0 under torchrun, nothing elsewhere (the --nproc parent says it)."""
+    if not world.active:
+        yield
+        return
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        if not isinstance(e, dist.DistError) and not any(k in str(e) for k in PEER_LOST):
+            raise
+        msg = (f"another process of this run ended (its message is above, or it was killed); finished "
+               f"epochs are saved in {out}: 'bloodcell train --resume {out}' continues")
+        if world.main and not launched():
+            raise BloodcellError(msg) from e
+        raise Reported(msg) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# --nproc N: torch's elastic launcher, as `torchrun --standalone --nproc-per-node N`
+
+
+def launch(argv: list[str], nproc: int, out: Path, on_row: Callable[[dict], None] | None = None,
+           resume: bool = False, log: Callable[[str], None] | None = None,
+           splits: list[str] | None = None) -> None:
+    """Run ``python -m bloodcell *argv`` as nproc processes on this machine and wait for them.
+
+    ``on_row(row)`` is called here, in this process, for each new row of ``out/history.csv`` (a
+    tuner's pruning check); if it raises, the workers are stopped and that is raised. The workers
+    print to this process's stdout and stderr; with ``log``, rank 0's stdout goes to ``log``
+    instead, line by line, once the run has ended (a tuner's trial log). ``splits``: the only
+    splits the workers load (a tuner's trials have no test split). Ctrl-C or
+    SIGTERM stops every worker at its next batch; one that dies ends the others; either way one
+    line says so (a BloodcellError or Interrupted) and the run folder stays resumable.
+    """
+    # lazy: torch.distributed.elastic is only needed by a launching process
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logs = tempfile.mkdtemp(prefix="bloodcell-nproc-logs-")  # the launcher's own folder, removed below
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"bloodcell-{uuid.uuid4().hex}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          logs_specs=DefaultLogsSpecs(log_dir=logs, redirects=Std.OUT if log else Std.NONE))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
+    levels = [lg.level for lg in loggers]
+    env_before = {k: os.environ.get(k) for k in (PARENT_ENV, SPLITS_ENV, "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+    watcher = HistoryWatcher(out / "history.csv", on_row, resume) if on_row is not None else None
+    hint = f"finished epochs are saved in {out}: 'bloodcell train --resume {out}' continues"
+    try:
+        for lg in loggers:  # the agent's own log lines; the line raised below says what happened
+            lg.setLevel(logging.CRITICAL)
+        os.environ[PARENT_ENV] = str(os.getpid())
+        os.environ.pop(SPLITS_ENV, None)
+        if splits is not None:
+            os.environ[SPLITS_ENV] = ",".join(splits)
+        if watcher is not None:
+            watcher.start()
+        elastic_launch(config, sys.executable)("-m", "bloodcell", *argv)
+    except SignalException as e:
+        if watcher is not None and watcher.failed:
+            raise watcher.failed[0] from None
+        raise Interrupted(e.sigval) from None
+    except ChildFailedError as e:
+        if watcher is not None and watcher.failed:
+            raise watcher.failed[0] from None
+        rank, f = e.get_first_failure()
+        if f.exitcode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # a worker was asked to stop
+            raise Interrupted(f.exitcode - 128) from None
+        if f.exitcode == 2:  # a BloodcellError: that worker (or rank 0) has printed it
+            raise Reported(f"process {rank} of {nproc} stopped on an error (printed above)") from None
+        how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"failed (exit code {f.exitcode})"
+        raise BloodcellError(f"process {rank} of {nproc} {how}; the others were stopped; {hint}") from None
+    finally:
+        if log is not None:
+            for f in sorted(Path(logs).glob("*/attempt_*/0/stdout.log")):
+                for line in f.read_text(errors="replace").splitlines():
+                    log(line)
+        shutil.rmtree(logs, ignore_errors=True)
+        if watcher is not None:
+            watcher.stop()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if watcher is not None:
+        if watcher.failed:
+            raise watcher.failed[0]
+        watcher.poll()  # the last epoch's row, if the run ended before the thread saw it
+
+
+class HistoryWatcher:
+    """The launcher's watcher thread: each new row of a run's history.csv to on_row (numbers as
+    numbers); if on_row raises, the workers are stopped (a SIGTERM to this process, which the
+    elastic agent passes on to them) and the launcher raises it."""
+
+    def __init__(self, path: Path, on_row: Callable[[dict], None], resume: bool):
+        self.path, self.on_row = path, on_row
+        self.failed: list[BaseException] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        # A resumed run's earlier rows were reported by the run that wrote them; a replaced run's
+        # file is not this run's until rank 0 writes a new one (a new file: atomic_write renames).
+        self.old = None if resume or not path.is_file() else path.stat().st_ino
+        self.seen = len(self._rows()) if resume else 0
+
+    def _rows(self) -> list[dict]:
+        from bloodcell.runfiles import read_csv  # lazy: only a watching launcher reads the history
+
+        try:
+            if not self.path.is_file() or self.path.stat().st_ino == self.old:
+                return []
+            return read_csv(self.path) or []
+        except (OSError, ValueError):  # replaced between the stat and the read: next time
+            return []
+
+    def poll(self) -> None:
+        """on_row for the rows not seen yet."""
+        for row in self._rows()[self.seen:]:
+            self.seen += 1
+            self.on_row({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()})
+
+    def _run(self) -> None:
+        while not self._done.wait(0.3):
+            try:
+                self.poll()
+            except BaseException as e:  # noqa: BLE001 - handed to the launching thread
+                self.failed.append(e)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def start(self) -> None:
+        """Start watching."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (the thread ends within a poll)."""
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
