@@ -32,8 +32,10 @@ from bloodcell.engine import (
     make_scheduler,
 )
 from bloodcell.errors import BloodcellError, DataError
+from bloodcell.info import MEAN, STD
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.models import get_model, model_info
+from bloodcell.pretrained import new_parameters, weights_info
 from bloodcell.runfiles import (
     clear_run_dir,
     mark_done,
@@ -54,9 +56,24 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
         kw["norm"] = cfg.norm
     if "pool_first" in options:
         kw["pool_first"] = True  # saved, so a checkpoint names its layer order (load_model)
+    if "small_stem" in options and cfg.pretrained:
+        kw["small_stem"] = False  # the ImageNet stem the weights were trained with, at any size
     if cfg.stain_norm != "none":
         kw["stain_norm"] = cfg.stain_norm
     return kw
+
+
+def pretrained_recipe(cfg: TrainConfig) -> dict | None:
+    """What a --pretrained run starts from and how it fine-tunes (resolved.yaml, metrics.json), or
+    None: the weights' source and file, the normalisation and input size they were trained at, and
+    the learning rates of the new classifier and of the pretrained backbone."""
+    if not cfg.pretrained:
+        return None
+    info = weights_info(cfg.model)
+    if cfg.weights:
+        info["file"] = str(cfg.weights)
+    return {**info, "image_size": cfg.image_size, "head_lr": cfg.lr, "backbone_lr": cfg.lr * cfg.backbone_lr,
+            "freeze_epochs": cfg.freeze_epochs}
 
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
@@ -95,7 +112,7 @@ def config_dataset(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, dict]:
     """The model for a config, with local pretrained weights or another run's weights if asked."""
     kw = model_kwargs(cfg, len(classes))
-    model = get_model(cfg.model, weights=cfg.weights, **kw) if cfg.weights else get_model(cfg.model, **kw)
+    model = get_model(cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, **kw)
     if cfg.init_from:
         src = read_checkpoint(cfg.init_from)
         layout = model_kwargs_of(src).get("pool_first"), kw.get("pool_first")
@@ -150,12 +167,24 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
         log(line)
 
-    # model, optimiser, schedule (the model first: a refused --init-from writes nothing)
+    # model, optimiser, schedule (the model first: a refused --init-from or a missing download
+    # writes nothing)
+    recipe = pretrained_recipe(cfg)
     model, kw = build_model(cfg, ds.classes)
+    mean, std = (recipe["mean"], recipe["std"]) if recipe else (MEAN, STD)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
                                               "threads": threads, "layout": ds.layout,
                                               "sources": source_names(ds) or [ds.root],
-                                              "classes": ds.classes}}
+                                              "classes": ds.classes, "mean": list(mean), "std": list(std),
+                                              **({"pretrained": recipe} if recipe else {})}}
+    if recipe:
+        log(f"pretrained: {recipe['source']} ({recipe['file']}), normalised with mean "
+            f"{', '.join(f'{v:.3f}' for v in mean)} / std {', '.join(f'{v:.3f}' for v in std)}; "
+            f"lr {recipe['head_lr']:g} for the new classifier, {recipe['backbone_lr']:g} for the backbone"
+            + (f", frozen for {cfg.freeze_epochs:g} epochs" if cfg.freeze_epochs else ""))
+        if recipe["input_size"] != cfg.image_size:
+            log(f"pretrained: the weights were trained at {recipe['input_size']} px; this run uses "
+                f"{cfg.image_size} px (--image-size {recipe['input_size']} matches them)")
     if not resume:
         clear_run_dir(out)
         write_yaml(out / "config.yaml", cfg.to_dict())
@@ -167,11 +196,16 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     # The loaders hand uint8 batches to the device, so a GPU also does the augmentation.
     train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
                                seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
-                               blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes))
-    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+                               blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes),
+                               mean=mean, std=std)
+    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device, mean=mean, std=std)
+    # A pretrained backbone learns at backbone_lr x lr (frozen for freeze_epochs); the new head at lr.
+    head = new_parameters(model) if recipe else None
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, head=head,
+                               backbone_lr=cfg.backbone_lr)
     steps = len(train_loader)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps),
+                               freeze_steps=int(cfg.freeze_epochs * steps) if recipe else 0)
     weights = None
     if cfg.class_weights:
         counts = np.bincount(ds.splits["train"].labels, minlength=len(ds.classes)).astype(float)
@@ -204,7 +238,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
                         image_size=cfg.image_size, resize=ds.resize, config=cfg.to_dict(), epoch=st.epoch,
                         optimizer=optimizer if name == "last.pt" else None,
                         scheduler=scheduler if name == "last.pt" else None,
-                        best_metric=st.best_metric, extra=extra)
+                        best_metric=st.best_metric, extra=extra, mean=mean, std=std)
         if name == "last.pt":
             write_history(st.history, out / "history.csv")
 
@@ -228,7 +262,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     for name in ("val", "test", "test_simple"):
         if name not in ds.splits:
             continue
-        r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device), device, precision,
+        r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device, mean=mean, std=std), device, precision,
                      cfg.channels_last, cfg.tta)
         s = ds.splits[name]
         metrics[name] = split_metrics(ds.classes, s.groups, r["labels"], r["probs"])
@@ -241,7 +275,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
                       "best_val_" + cfg.monitor.removeprefix("val_"): state.best_metric,
                       "train_minutes": train_minutes,
                       "train_images_per_s": float(np.median([h["images_per_s"] for h in state.history])),
-                      "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm}
+                      "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm,
+                      **({"pretrained": recipe} if recipe else {})}
     write_json(out / "metrics.json", metrics)
     mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     for name in ("test", "test_simple", "val"):
