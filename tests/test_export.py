@@ -83,3 +83,16 @@ def test_export_parity_on_real_images(kaggle_root, tmp_path, fmt) -> None:
     export_model(ckpt, fmt, out)
     x = preprocess(np.stack([load_image(str(p), 64) for p in real_test_images(kaggle_root, 4)]))
     np.testing.assert_allclose(run_exported(out, x), reference(ckpt, x), atol=1e-4, rtol=0)
+
+
+def test_export_metadata_carries_the_checkpoints_normalisation(tmp_path) -> None:
+    from bloodcell.checkpoint import save_checkpoint
+    from bloodcell.models import get_model
+
+    net = get_model("cnn2x32", num_classes=len(CLASSES), image_size=32)
+    save_checkpoint(tmp_path / "m.pt", net, model_name="cnn2x32",
+                    model_kwargs={"num_classes": len(CLASSES), "image_size": 32}, classes=CLASSES,
+                    image_size=32, resize="squash", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.5))
+    export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx")
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.25, 0.5, 0.5]
