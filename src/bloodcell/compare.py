@@ -184,6 +184,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
             "train_minutes": r["train_minutes"], "train_images_per_s": r["train_images_per_s"],
             "norm": cfg.norm if "norm" in model_info(arch)["options"] else None,
             "precision": r["precision"], "run_dir": f"runs/{m}",
+            "pretrained": (r.get("pretrained") or {}).get("source"),  # the weights it started from
             **{s: metrics[s] for s in ("val", "test", "test_simple") if s in metrics},
             "study": dict(STUDY[arch]) if arch in STUDY else None,
         })
@@ -233,6 +234,7 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
                 ci = (m or {}).get(k) or [None, None]
                 f[f"{s}_{k}_lo"], f[f"{s}_{k}_hi"] = ci
         f["study_accuracy"] = (r["study"] or {}).get("accuracy")
+        f["pretrained"] = r.get("pretrained")
         flat.append(f)
     write_csv(path, flat)
 
