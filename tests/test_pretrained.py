@@ -148,3 +148,12 @@ def test_cli_offline_is_one_line_and_writes_nothing(tmp_path):
         assert ("model.safetensors of hf.co/timm/tf_efficientnet_lite0.in1k" if model == LITE0
                 else "resnet18-f37072fd.pth") in lines[0]
         assert not (out / "config.yaml").exists()
+
+
+def test_a_bad_weights_file_is_one_line(tmp_path, torch_home):
+    (tmp_path / "bad.pth").write_bytes(b"not a torch file")
+    with pytest.raises(BloodcellError, match=r"--weights .*bad.pth: not a readable weights file"):
+        get_model("resnet18", 4, 64, pretrained=True, weights=tmp_path / "bad.pth")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")  # another model's weights
+    with pytest.raises(BloodcellError, match="the weights do not fit the model"):
+        get_model("resnet18", 4, 64, pretrained=True, weights=tmp_path / "other.pth")

@@ -167,8 +167,7 @@ def get_model(
     """Build a registered model or ``timm/<name>``; ``weights`` is an optional local state_dict file;
     ``pretrained`` starts from the weights' own pretrained weights (bloodcell.pretrained: the torch or
     Hugging Face cache, downloaded once; with ``weights``, that file holds them) and a zero classifier;
-    ``stain_norm`` other
-    than ``none`` puts a ``StainNorm`` layer in front (``StainNormed``)."""
+    ``stain_norm`` other than ``none`` puts a ``StainNorm`` layer in front (``StainNormed``)."""
     _check_name(name)
     min_size = model_info(name)["min_image_size"]
     if num_classes < 2:
@@ -183,7 +182,7 @@ def get_model(
     elif pretrained:
         pre.weights_info(name)  # refuses a model without pretrained weights, in one line
         model = _MODELS[name](num_classes=num_classes, image_size=image_size, pretrained=True, **kwargs)
-        state = torch.load(weights, map_location="cpu", weights_only=True) if weights else pre.torchvision_state(name)
+        state = pre.read_state(weights) if weights else pre.torchvision_state(name)
         pre.zero_head(pre.load_backbone(model, state, str(weights or pre.cache_file(name))))
         weights = None
     else:
@@ -338,11 +337,11 @@ def resnet18(num_classes: int, image_size: int = 64, pretrained: bool = False,
 
 @register_model(family="modern")
 def efficientnet_b0(num_classes: int, image_size: int = 64, pretrained: bool = False) -> nn.Module:
-    """EfficientNet-B0 (torchvision), random init."""
+    """EfficientNet-B0 (torchvision)."""
     return tvm.efficientnet_b0(weights=None, num_classes=num_classes)
 
 
 @register_model(family="modern")
 def mobilenet_v3_small(num_classes: int, image_size: int = 64, pretrained: bool = False) -> nn.Module:
-    """MobileNetV3-Small (torchvision), random init."""
+    """MobileNetV3-Small (torchvision)."""
     return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes)

@@ -101,6 +101,19 @@ def torchvision_state(name: str) -> dict:
                              f"({type(e).__name__}): {fix}") from e
 
 
+def read_state(path: str | Path) -> dict:
+    """A state_dict file given with --weights (a bare state_dict, or a checkpoint dict holding one)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not a torch file: one line
+        raise BloodcellError(f"--weights {path}: not a readable weights file ({type(e).__name__})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BloodcellError(f"--weights {path}: not a state_dict")
+    return state
+
+
 def _timm_repo(timm, name: str) -> tuple[str, str]:
     """(hub repository, file) that timm's pretrained=True reads for a timm model."""
     cfg = timm.models.get_pretrained_cfg(name) or {}
