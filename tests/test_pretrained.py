@@ -148,6 +148,7 @@ def test_cli_offline_is_one_line_and_writes_nothing(tmp_path):
         assert ("model.safetensors of hf.co/timm/tf_efficientnet_lite0.in1k" if model == LITE0
                 else "resnet18-f37072fd.pth") in lines[0]
         assert not (out / "config.yaml").exists()
+        assert "data:" not in r.stdout  # refused before reading any data
 
 
 def test_a_bad_weights_file_is_one_line(tmp_path, torch_home):
@@ -157,3 +158,12 @@ def test_a_bad_weights_file_is_one_line(tmp_path, torch_home):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")  # another model's weights
     with pytest.raises(BloodcellError, match="the weights do not fit the model"):
         get_model("resnet18", 4, 64, pretrained=True, weights=tmp_path / "other.pth")
+
+
+def test_preflight_refuses_only_what_no_cache_holds(hf_cache, torch_home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, fill in ((LITE0, lambda: fill_hf_cache(hf_cache)), ("resnet18", lambda: fill_torch_cache("resnet18"))):
+        with pytest.raises(BloodcellError, match="HF_HUB_OFFLINE is set"):
+            pre.preflight(name)
+        fill()
+        pre.preflight(name)  # now in the cache: nothing to say

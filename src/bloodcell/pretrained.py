@@ -144,12 +144,34 @@ def timm_model(name: str, num_classes: int, pretrained: bool = False, weights: s
     try:
         model = timm.create_model(bare, pretrained=pretrained, num_classes=num_classes)
     except OSError as e:  # the hub's LocalEntryNotFoundError and connection errors are OSErrors
-        repo, file = _timm_repo(timm, bare)
         why = "HF_HUB_OFFLINE is set" if offline() else f"the hub could not be reached ({type(e).__name__})"
-        raise BloodcellError(f"{name} --pretrained: {file} of hf.co/{repo} is not in the Hugging Face cache "
-                             f"({hub_cache()}) and {why}: run `hf download {repo}` where there is a network and "
-                             f"copy that cache here, or give the file with --weights FILE") from e
+        raise BloodcellError(_not_in_hub_cache(timm, name, why)) from e
     return model
+
+
+def _not_in_hub_cache(timm, name: str, why: str) -> str:
+    repo, file = _timm_repo(timm, name.removeprefix(TIMM_PREFIX))
+    return (f"{name} --pretrained: {file} of hf.co/{repo} is not in the Hugging Face cache ({hub_cache()}) "
+            f"and {why}: run `hf download {repo}` where there is a network and copy that cache here, or "
+            "give the file with --weights FILE")
+
+
+def preflight(name: str) -> None:
+    """Offline, refuse at once (before any data is read) weights that are in no cache."""
+    if not offline():
+        return  # a download may still bring them; get_model says so if it cannot
+    if not is_timm(name):
+        if not cache_file(name).is_file():
+            torchvision_state(name)  # raises the offline line
+        return
+    timm = import_timm(name)
+    repo, file = _timm_repo(timm, name.removeprefix(TIMM_PREFIX))
+    if not repo:
+        return  # weights from a URL: timm's own torch.hub cache, checked when loading
+    from huggingface_hub import try_to_load_from_cache  # timm's dependency; lazy like timm
+
+    if not any(isinstance(try_to_load_from_cache(repo, f), str) for f in (file, "pytorch_model.bin")):
+        raise BloodcellError(_not_in_hub_cache(timm, name, "HF_HUB_OFFLINE is set"))
 
 
 def hub_cache() -> str:

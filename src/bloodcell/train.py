@@ -35,7 +35,7 @@ from bloodcell.errors import BloodcellError, DataError
 from bloodcell.info import MEAN, STD
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.models import get_model, model_info
-from bloodcell.pretrained import new_parameters, weights_info
+from bloodcell.pretrained import new_parameters, preflight, weights_info
 from bloodcell.runfiles import (
     clear_run_dir,
     mark_done,
@@ -150,6 +150,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
+    if cfg.pretrained and not cfg.weights:
+        preflight(cfg.model)  # offline and not in a cache: say so before reading any data
 
     # data
     ds = dataset or config_dataset(cfg)
