@@ -69,9 +69,7 @@ def import_timm(name: str):
 
 
 def _tv_weights(name: str):
-    from torchvision import (
-        models as tvm,  # the enum classes live there; models.py imports it anyway
-    )
+    from torchvision import models as tvm  # the weights enums; torchvision is loaded by now anyway
 
     enum, member = TORCHVISION_WEIGHTS[name].split(".")
     return getattr(getattr(tvm, enum), member)
