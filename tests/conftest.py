@@ -198,3 +198,68 @@ def images(tmp_path) -> list[Path]:
         p.write_bytes(png_bytes(i, fmt=fmt))
         out.append(p)
     return out
+
+
+# --- pretrained weights in caches filled here (tests never download) -----------------------
+
+REPO = "models--timm--tf_efficientnet_lite0.in1k"
+REV = "1" * 40
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError("a test tried to download")
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch cache (TORCH_HOME), where any download attempt fails the test."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    import torch
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
+    return tmp_path / "torch"
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache, offline (the hub reads its settings at import: patched)."""
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hf" / "hub"
+
+
+def fill_torch_cache(name: str) -> dict:
+    """A seeded random ImageNet-shaped state_dict of a baseline, at the file its weights API reads."""
+    import torch
+    import torchvision
+
+    from bloodcell import pretrained as pre
+
+    torch.manual_seed(1)
+    builder = {"resnet18": torchvision.models.resnet18, "efficientnet_b0": torchvision.models.efficientnet_b0,
+               "mobilenet_v3_small": torchvision.models.mobilenet_v3_small}[name]
+    state = builder(weights=None).state_dict()
+    path = pre.cache_file(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def fill_hf_cache(hub: Path) -> dict:
+    """Random tf_efficientnet_lite0 weights where the hub keeps timm/tf_efficientnet_lite0.in1k."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    state = timm.create_model("tf_efficientnet_lite0").state_dict()
+    repo = hub / REPO
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REV)
+    (repo / "snapshots" / REV).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, repo / "snapshots" / REV / "model.safetensors")
+    return state

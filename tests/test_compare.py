@@ -220,3 +220,23 @@ def test_anylab_preset_trains_on_every_lab_given(tmp_path):
     m = json.loads((out / "runs" / "cnn4x32" / "metrics.json").read_text())
     assert set(m["val"]["per_source"]) == set(labs)
     assert main(["adapt", str(out / "runs" / "cnn4x32"), "--data", labs[1], "--out", str(tmp_path / "a")]) == 0
+@pytest.mark.slow
+def test_pretrained_against_scratch_under_labels(tmp_path, torch_home):
+    """resnet18 and resnet18@imagenet (pretrained: true): the row and results.csv name the weights,
+    and the parameter count is of the architecture each trained (the ImageNet stem when pretrained)."""
+    import csv
+
+    from conftest import fill_torch_cache
+
+    fill_torch_cache("resnet18")
+    out = tmp_path / "cmp"
+    f = tmp_path / "p.yaml"
+    f.write_text("models: [resnet18, resnet18@imagenet]\noverrides:\n  resnet18@imagenet: {pretrained: true}\n")
+    assert main(["compare", "--data", "synthetic:96", "--config", str(f), "--out", str(out), "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet"]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())["models"]}
+    assert rows["resnet18"]["pretrained"] is None
+    assert rows["resnet18@imagenet"]["pretrained"] == "torchvision ResNet18_Weights.IMAGENET1K_V1"
+    assert rows["resnet18@imagenet"]["params"] - rows["resnet18"]["params"] == 64 * 3 * (49 - 9)
+    with open(out / "results.csv") as fh:
+        assert [r["pretrained"] for r in csv.DictReader(fh)] == ["", "torchvision ResNet18_Weights.IMAGENET1K_V1"]

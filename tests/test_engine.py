@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 
+import pytest
 import torch
 from conftest import quiet
 
@@ -102,3 +103,39 @@ def test_fit_on_one_batch_learns_and_saves_each_epoch() -> None:
                 save_best=lambda s: saved.__setitem__("best", saved["best"] + 1), log=quiet, progress=False)
     assert state.epoch == 20 and saved["last"] == 20 and 1 <= saved["best"] <= 20
     assert state.history[-1]["val_loss"] < state.history[0]["val_loss"] / 2  # it learned the batch
+
+
+def test_pretrained_backbone_learns_slower_and_waits_out_the_freeze() -> None:
+    """Head at lr, backbone at backbone_lr x lr; the backbone at 0 while frozen, then warming up;
+    a frozen step moves the head and leaves every backbone weight as it was."""
+    torch.manual_seed(0)
+    model = get_model("cnn2x32", num_classes=3, image_size=32)
+    head = {"classifier.4.weight", "classifier.4.bias"}
+    opt = make_optimizer(model, "adamw", 1e-2, 0.05, 0.9, head=head, backbone_lr=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["backbone"] for g in opt.param_groups] == [False, False, True, True]
+    for g in opt.param_groups:
+        assert all((names[id(p)] in head) != g["backbone"] for p in g["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    sched = make_scheduler(opt, "constant", total_steps=20, warmup_steps=2, freeze_steps=3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2 / 3, 1e-2 / 3, 0.0, 0.0])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in head), n
+    lrs = []
+    for _ in range(8):
+        sched.step()
+        lrs.append((opt.param_groups[0]["lr"], opt.param_groups[2]["lr"]))
+    assert [b for _, b in lrs[:2]] == [0.0, 0.0]  # steps 1, 2: still frozen
+    assert lrs[2][1] == pytest.approx(1e-3 / 3) and lrs[3][1] == pytest.approx(2e-3 / 3)  # warming up
+    assert lrs[-1] == pytest.approx((1e-2, 1e-3))  # then the schedule: backbone at 0.1 x the head
+
+
+def test_without_a_head_the_optimizer_is_as_before() -> None:
+    model = get_model("cnn2x32", num_classes=3, image_size=32)
+    opt = make_optimizer(model, "sgd", 0.1, 0.05, 0.9)
+    assert [(g["lr"], g["weight_decay"], g["backbone"]) for g in opt.param_groups] == [
+        (0.1, 0.05, False), (0.1, 0.0, False)]

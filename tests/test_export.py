@@ -120,3 +120,14 @@ def test_int8_needs_onnx_and_validation_images(tmp_path, ckpt) -> None:
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(BloodcellError, match="unknown quantisation"):
         export_model(ckpt, "onnx", tmp_path / "m.onnx", quantize="int4")
+def test_export_metadata_carries_the_checkpoints_normalisation(tmp_path) -> None:
+    from bloodcell.checkpoint import save_checkpoint
+    from bloodcell.models import get_model
+
+    net = get_model("cnn2x32", num_classes=len(CLASSES), image_size=32)
+    save_checkpoint(tmp_path / "m.pt", net, model_name="cnn2x32",
+                    model_kwargs={"num_classes": len(CLASSES), "image_size": 32}, classes=CLASSES,
+                    image_size=32, resize="squash", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.5))
+    export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx")
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.25, 0.5, 0.5]

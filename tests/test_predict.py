@@ -203,3 +203,22 @@ def test_predict_real_images_with_a_corrupt_one_in_the_batch(kaggle_root, ckpt, 
             want = overlay_png(load_image(r["path"], 32), heat / max(float(heat.max()), 1e-12),
                                original=r["path"])
             assert Path(r["cam"]).read_bytes() == want
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_predict_normalises_with_the_checkpoints_mean_and_std(tmp_path, backend) -> None:
+    """A model trained with its weights' own normalisation (a timm model's 0.5/0.5, say) is fed
+    that, not ImageNet's: the probabilities are the model's on the input so normalised."""
+    torch.manual_seed(0)
+    net = get_model("cnn2x32", num_classes=len(CLASSES), image_size=32).eval()
+    save_checkpoint(tmp_path / "m.pt", net, model_name="cnn2x32",
+                    model_kwargs={"num_classes": len(CLASSES), "image_size": 32}, classes=CLASSES,
+                    image_size=32, resize="squash", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    pred = Predictor(tmp_path / "m.pt", backend=backend)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    x = to_float(torch.from_numpy(images))
+    with torch.no_grad():
+        own = torch.softmax(net(normalize(x, (0.5,) * 3, (0.5,) * 3)), 1).numpy()
+        imagenet = torch.softmax(net(normalize(x)), 1).numpy()
+    assert np.allclose(pred.probs(images), own, atol=1e-4)
+    assert not np.allclose(own, imagenet, atol=1e-3)  # the test can tell the two apart

@@ -275,3 +275,52 @@ def test_labels_per_class_fine_tunes_on_k_cells_and_keeps_the_test_split(tmp_pat
     assert again["test"]["accuracy"] == few["test"]["accuracy"]
     with pytest.raises(ConfigError, match="labels_per_class"):
         tiny(labels_per_class=-1)
+@pytest.mark.slow
+def test_a_pretrained_timm_run_fine_tunes_and_keeps_the_weights_normalisation(tmp_path, hf_cache):
+    """timm/<name> --pretrained from the hub cache: the backbone frozen through --freeze-epochs (its
+    weights in best.pt are the cache's, bit for bit), the head trained; the weights' mean/std (0.5)
+    in resolved.yaml, metrics.json and the checkpoint, and predict normalises with them."""
+    import yaml
+    from conftest import fill_hf_cache
+
+    from bloodcell.predict import Predictor
+
+    state = fill_hf_cache(hf_cache)
+    cfg = tiny(model="timm/tf_efficientnet_lite0", pretrained=True, epochs=1, freeze_epochs=1, backbone_lr=0.5)
+    m = train(cfg, tmp_path / "r", log=quiet, progress=False)
+    ck = read_checkpoint(tmp_path / "r" / "best.pt")
+    assert torch.equal(ck["state_dict"]["conv_stem.weight"], state["conv_stem.weight"])
+    assert torch.equal(ck["state_dict"]["blocks.6.0.conv_pwl.weight"], state["blocks.6.0.conv_pwl.weight"])
+    assert ck["state_dict"]["classifier.weight"].abs().sum() > 0  # the head learnt from its zero start
+    assert ck["mean"] == [0.5, 0.5, 0.5] and ck["std"] == [0.5, 0.5, 0.5]
+    recipe = yaml.safe_load((tmp_path / "r" / "resolved.yaml").read_text())["resolved"]["pretrained"]
+    assert recipe["source"] == "timm tf_efficientnet_lite0.in1k" and recipe["mean"] == [0.5, 0.5, 0.5]
+    assert recipe["head_lr"] == cfg.lr and recipe["backbone_lr"] == cfg.lr * 0.5
+    assert recipe["freeze_epochs"] == 1 and recipe["input_size"] == 224 and recipe["image_size"] == 32
+    assert m["run"]["pretrained"] == recipe
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["pretrained"] is True
+    pred = Predictor(tmp_path / "r", backend="torch")
+    x = pred.preprocess(np.zeros((1, 32, 32, 3), np.uint8))
+    assert torch.allclose(x, torch.full_like(x, -1.0))  # (0 - 0.5) / 0.5, not ImageNet's mean/std
+
+
+@pytest.mark.slow
+def test_a_pretrained_resnet18_checkpoint_rebuilds_without_the_cache(tmp_path, torch_home):
+    from conftest import fill_torch_cache
+
+    state = fill_torch_cache("resnet18")
+    train(tiny(model="resnet18", pretrained=True, epochs=1), tmp_path / "r", log=quiet, progress=False)
+    ck = read_checkpoint(tmp_path / "r" / "best.pt")
+    assert ck["model"]["kwargs"]["small_stem"] is False and "pretrained" not in ck["model"]["kwargs"]
+    assert not torch.equal(ck["state_dict"]["conv1.weight"], state["conv1.weight"])  # fine-tuned
+    for f in torch_home.rglob("*.pth"):
+        f.unlink()  # load_model must rebuild from the file alone (a download would fail the test)
+    model, meta = load_model(tmp_path / "r")
+    assert model.conv1.kernel_size == (7, 7) and meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_pretrained_refuses_a_model_without_weights():
+    with pytest.raises(ConfigError, match="--pretrained: cnn2x32 has no pretrained weights"):
+        tiny(pretrained=True)
+    with pytest.raises(ConfigError, match="freeze_epochs must be in"):
+        tiny(model="resnet18", pretrained=True, freeze_epochs=3)

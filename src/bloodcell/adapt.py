@@ -162,11 +162,12 @@ def adapt(run: str | Path, data: str, out: str | Path, *, split: str = "train", 
     else:
         split = "all"  # no labels, no splits: every image
     log(f"adapt: {meta['path']} to {len(images):,} images of {data} ({split}), labels not read")
-    loader = BatchLoader(images, batch_size, device=dev)
+    norm = {"mean": meta["mean"], "std": meta["std"]}  # the model's own normalisation
+    loader = BatchLoader(images, batch_size, device=dev, **norm)
     losses = []
     if entropy_steps:
         shuffled = BatchLoader(images, batch_size, shuffle=True, seed=seed, device=dev,
-                               drop_last=len(images) > batch_size)
+                               drop_last=len(images) > batch_size, **norm)
         torch.manual_seed(seed)
         losses = entropy_minimise(model, shuffled, dev, entropy_steps, lr)
         log(f"adapt: {entropy_steps} entropy steps, mean entropy {losses[0]:.3f} -> {losses[-1]:.3f}")

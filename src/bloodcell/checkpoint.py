@@ -22,13 +22,14 @@ FORMAT = "bloodcell-checkpoint/1"
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, *, model_name: str, model_kwargs: dict,
                     classes: list[str], image_size: int, resize: str, config: dict | None = None,
                     epoch: int = 0, optimizer=None, scheduler=None, best_metric: float | None = None,
-                    extra: dict | None = None) -> None:
-    """Write a checkpoint atomically (runfiles.atomic_write: the old file or the new, never half)."""
+                    extra: dict | None = None, mean=MEAN, std=STD) -> None:
+    """Write a checkpoint atomically (runfiles.atomic_write: the old file or the new, never half);
+    ``mean``/``std`` are the normalisation the model was trained with (pretrained: the weights')."""
     ckpt = {
         "format": FORMAT, "bloodcell_version": __version__,
         "model": {"name": model_name, "kwargs": dict(model_kwargs)},
         "classes": list(classes), "image_size": int(image_size), "resize": resize,
-        "mean": list(MEAN), "std": list(STD),
+        "mean": [float(v) for v in mean], "std": [float(v) for v in std],
         "state_dict": {k: v.detach().clone().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -85,7 +86,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def model_kwargs_of(ckpt: dict) -> dict:
     """The arguments that rebuild a checkpoint's model (``get_model(name, **them)``)."""
     name = ckpt["model"]["name"]
-    kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k != "weights"}
+    kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k not in ("weights", "pretrained")}
     if "pool_first" in model_info(name)["options"] and "pool_first" not in kwargs:
         # Written before the study models pooled first, or by hand: the layer order whose
         # parameter names the weights carry (BatchNorm sits one place later when pooled first).

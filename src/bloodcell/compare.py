@@ -204,6 +204,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
             "precision": r["precision"],
             # with --folds: the fold chosen on validation (its curves, predictions and Grad-CAMs)
             "run_dir": f"runs/{m}" + (f"/folds/{r['chosen_fold']}" if "cv" in metrics else ""),
+            "pretrained": (r.get("pretrained") or {}).get("source"),  # the weights it started from
             **{s: metrics[s] for s in ("val", "test", "test_simple") if s in metrics},
             "study": dict(STUDY[arch]) if arch in STUDY else None,
             **({"folds": r["folds"], "chosen_fold": r["chosen_fold"], "cv": metrics["cv"],
@@ -269,6 +270,7 @@ def write_results_csv(rows: list[dict], path: Path) -> None:
                     sp = ((r.get("cv") or {}).get(s) or {}).get(k) or {}
                     f[f"cv_{s}_{k}_mean"], f[f"cv_{s}_{k}_sd"] = sp.get("mean"), sp.get("sd")
             f["oof_accuracy"] = (r.get("out_of_fold") or {}).get("accuracy")
+        f["pretrained"] = r.get("pretrained")
         flat.append(f)
     write_csv(path, flat)
 

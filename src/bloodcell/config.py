@@ -29,6 +29,8 @@ CHOICES = {
 
 # Choices and defaults of the commands around training, which their CLI flags show too.
 DEFAULT_MODELS = ("cnn2x32", "cnn4x64", "cnn4x32", "vgg3", "resnet18")  # compare's default list
+# The registered models --pretrained has weights for (torchvision's); any timm/<name> may have them too.
+PRETRAINED_BASELINES = ("resnet18", "efficientnet_b0", "mobilenet_v3_small")
 BACKENDS = ("auto", "onnx", "torchscript", "torch")  # predict and serve: the inference engine
 EXPORT_FORMATS = ("onnx", "torchscript")
 MAX_UPLOAD_MB = 10.0  # serve: the largest image file accepted
@@ -69,7 +71,18 @@ FIELD_HELP = {
                         "other label; the test split is untouched. With --monitor last the val labels "
                         "choose nothing",
     "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
-    "model": "registered model name (bloodcell models lists them)",
+    "model": "registered model name (bloodcell models lists them), or timm/<name> for any timm model "
+             "(pip install 'bloodcell[timm]')",
+    "pretrained": "start from the model's ImageNet weights: torchvision's weights API for resnet18, "
+                  "efficientnet_b0, mobilenet_v3_small (the torch cache, $TORCH_HOME), timm's for "
+                  "timm/<name> (the Hugging Face cache, $HF_HOME); downloaded once, never with "
+                  "HF_HUB_OFFLINE=1; with --weights FILE, that file holds them. The images are "
+                  "normalised as the weights were trained, and the checkpoint keeps that normalisation",
+    "backbone_lr": "with --pretrained: the pretrained layers' learning rate, as a fraction of --lr (the "
+                   "new classifier gets --lr)",
+    "freeze_epochs": "with --pretrained: epochs at the start that train the new classifier only, the "
+                     "pretrained layers frozen (learning rate 0; their batch-norm statistics still "
+                     "adapt), then they warm up over --warmup-epochs",
     "norm": "normalisation layers (the study's four and the torchvision baselines): batch norm; group "
             "norm (each image's own statistics, the same at training and test time, whatever the lab); "
             "none (the study's four only)",
@@ -77,7 +90,8 @@ FIELD_HELP = {
                   "export apply it too): image = each image's colour channels shifted and scaled to "
                   "mean 0 and spread 1, removing a lab's stain and lighting cast; gray = the same on "
                   "the grey level, colour dropped; none = off",
-    "weights": "a local state_dict file to start the model from (never downloaded)",
+    "weights": "a local state_dict file to start the model from (never downloaded); with --pretrained, "
+               "the pretrained weights themselves, instead of the cache",
     "init_from": "a bloodcell checkpoint to start from: every weight whose shape fits is taken (a "
                  "classifier for other classes is not)",
     "epochs": "passes over the training images",
@@ -159,6 +173,9 @@ class TrainConfig:
     stain_norm: str = "none"
     weights: str | None = None
     init_from: str | None = None
+    pretrained: bool = False
+    backbone_lr: float = 0.1
+    freeze_epochs: float = 0.0
     # optimisation
     epochs: int = 12
     batch_size: int = 64
@@ -223,6 +240,13 @@ class TrainConfig:
             raise ConfigError(f"labels_per_class must be 0 (all) or more, got {self.labels_per_class}")
         if not self.mix_alpha > 0:
             raise ConfigError(f"mix_alpha must be positive, got {self.mix_alpha}")
+        if self.pretrained and not (self.model.startswith("timm/") or self.model in PRETRAINED_BASELINES):
+            raise ConfigError(f"--pretrained: {self.model} has no pretrained weights; it is for "
+                              f"{', '.join(PRETRAINED_BASELINES)} and timm/<name>")
+        if not 0 <= self.backbone_lr <= 10:
+            raise ConfigError(f"backbone_lr must be in [0, 10] (a fraction of lr), got {self.backbone_lr}")
+        if not 0 <= self.freeze_epochs <= self.epochs:
+            raise ConfigError(f"freeze_epochs must be in [0, epochs], got {self.freeze_epochs}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 < self.val_fraction < 1:

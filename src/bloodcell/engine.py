@@ -165,20 +165,27 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
 # optimiser and schedule
 
 
-def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
-    """AdamW or SGD; no weight decay on biases and normalisation weights."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
+                   head: set[str] | None = None, backbone_lr: float = 1.0):
+    """AdamW or SGD; no weight decay on biases and normalisation weights. With ``head`` (the names of
+    a pretrained model's new parameters), every other parameter is the backbone, at ``backbone_lr``
+    x ``lr`` in groups marked ``backbone`` (after the head's: param_groups[0] is at ``lr``)."""
+    parts: dict[tuple[bool, bool], list] = {(b, d): [] for b in (False, True) for d in (True, False)}
+    for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            parts[(head is not None and n not in head, p.ndim > 1)].append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "backbone": backbone,
+               "lr": lr * (backbone_lr if backbone else 1.0)}
+              for (backbone, decay), ps in parts.items() if ps or not backbone]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int):
-    """Per-step schedule: cosine or one-cycle with linear warm-up, or constant after warm-up."""
+def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int, freeze_steps: int = 0):
+    """Per-step schedule: cosine or one-cycle with linear warm-up, or constant after warm-up. The
+    ``backbone`` groups stay at 0 for the first ``freeze_steps`` (the frozen-backbone warm-up), then
+    warm up linearly over ``warmup_steps`` into the same schedule."""
     total_steps = max(total_steps, 1)
     warmup_steps = min(warmup_steps, total_steps - 1) if total_steps > 1 else 0
 
@@ -192,7 +199,14 @@ def make_scheduler(optimizer, name: str, total_steps: int, warmup_steps: int):
             return max(0.0, 1.0 - t)
         return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def backbone_factor(step: int) -> float:
+        if step < freeze_steps:
+            return 0.0
+        return factor(step) * min(1.0, (step - freeze_steps + 1) / (warmup_steps + 1))
+
+    lambdas = [backbone_factor if g.get("backbone") and freeze_steps > 0 else factor
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
         """Labels and probabilities of one of the data's splits, each image scored once per call."""
         if name not in scored:
             with torch.inference_mode():
-                r = evaluate(model, BatchLoader(ds.splits[name], 256, device=dev), dev, prec, True, tta)
+                loader = BatchLoader(ds.splits[name], 256, device=dev, mean=meta["mean"], std=meta["std"])
+                r = evaluate(model, loader, dev, prec, True, tta)
             scored[name] = r["labels"], r["probs"]
         return scored[name]
 

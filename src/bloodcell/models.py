@@ -35,10 +35,15 @@ chose, and the builders say so:
 - Each has one hidden dense layer (ReLU) whose width the builder names, then ``Dropout(dropout)``
   (default 0.3, for all four) before the output layer.
 
-The modern baselines ("modern" family) take ``norm="batch"`` or ``"group"`` (GroupNorm in place of
-every BatchNorm, as in the study's four). They are torchvision's, always randomly initialised: weights are
-never downloaded. ``get_model(..., weights=path)`` loads a local state_dict for any model instead
-(keys whose shapes differ, such as another classifier, are dropped and reported in a warning).
+The modern baselines ("modern" family) are torchvision's, randomly initialised unless
+``get_model(..., pretrained=True)``: then their ImageNet weights come through torchvision's weights
+API from the torch cache, downloaded once (``bloodcell.pretrained``), a new classifier for our
+classes, and resnet18 keeps its ImageNet stem at any size. They take ``norm="batch"`` or ``"group"``
+(GroupNorm in place of every BatchNorm, as in the study's four; from scratch only: the ImageNet
+weights are batch-norm ones). Any timm model is ``timm/<name>`` (the timm extra), pretrained through
+timm and the Hugging Face cache. ``get_model(..., weights=path)`` loads a local state_dict for any
+model instead (keys whose shapes differ, such as another classifier, are dropped and reported in a
+warning); with ``pretrained`` that file holds the pretrained weights.
 
 Any model can start with a stain normalisation, ``get_model(..., stain_norm="image"|"gray")``: the
 ``StainNorm`` layer standardises each image's colour channels (``image``) or its grey level
@@ -60,6 +65,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from bloodcell import pretrained as pre
 from bloodcell.config import CHOICES
 
 Builder = Callable[..., nn.Module]
@@ -141,29 +147,47 @@ def list_models() -> list[str]:
 
 
 def _check_name(name: str) -> None:
-    if name not in _MODELS:
+    if name not in _MODELS and not pre.is_timm(name):
         raise ValueError(f"unknown model '{name}'; known: {', '.join(list_models())}")
 
 
 def model_info(name: str) -> dict:
-    """Name, one-line description, minimum image size and family of a registered model."""
+    """Name, one-line description, minimum image size and family of a registered model (or of
+    ``timm/<name>``: any timm model, built by timm)."""
     _check_name(name)
+    if pre.is_timm(name):
+        return {"name": name, "description": f"timm {name.removeprefix(pre.TIMM_PREFIX)} (the timm extra)",
+                "min_image_size": 32, "family": "timm", "options": ()}
     return dict(_INFO[name])
 
 
 def get_model(
     name: str, num_classes: int, image_size: int = 64, weights: str | Path | None = None,
-    stain_norm: str = "none", **kwargs
+    stain_norm: str = "none", pretrained: bool = False, **kwargs
 ) -> nn.Module:
-    """Build a registered model; ``weights`` is an optional local state_dict file (never a download);
+    """Build a registered model or ``timm/<name>``; ``weights`` is an optional local state_dict file;
+    ``pretrained`` starts from the weights' own pretrained weights (bloodcell.pretrained: the torch or
+    Hugging Face cache, downloaded once; with ``weights``, that file holds them) and a zero classifier;
     ``stain_norm`` other than ``none`` puts a ``StainNorm`` layer in front (``StainNormed``)."""
     _check_name(name)
-    min_size = _INFO[name]["min_image_size"]
+    min_size = model_info(name)["min_image_size"]
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if image_size < min_size:
         raise ValueError(f"model '{name}' needs image_size >= {min_size}, got {image_size}")
-    model = _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
+    if pre.is_timm(name):
+        model = pre.timm_model(name, num_classes, pretrained, weights if pretrained else None)
+        if pretrained:
+            weights = None  # timm loaded them
+            pre.zero_head(model)
+    elif pretrained:
+        pre.weights_info(name)  # refuses a model without pretrained weights, in one line
+        model = _MODELS[name](num_classes=num_classes, image_size=image_size, pretrained=True, **kwargs)
+        state = pre.read_state(weights) if weights else pre.torchvision_state(name)
+        pre.zero_head(pre.load_backbone(model, state, str(weights or pre.cache_file(name))))
+        weights = None
+    else:
+        model = _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
     if weights is not None:
         load_weights(model, weights)
     return model if stain_norm == "none" else StainNormed(model, stain_norm)
@@ -301,15 +325,29 @@ def vgg3(
     return plain_cnn([[32, 32], [64, 64], [128, 128]], 128, num_classes, norm, dropout, pool_first)
 
 
-# --- modern baselines (torchvision, random init, weights=None: never downloads) ----------------
-# ``norm="group"`` builds them with GroupNorm in place of every BatchNorm (torchvision's ``norm_layer``).
+# --- modern baselines (torchvision; random init unless get_model(..., pretrained=True)) --------
+# ``pretrained`` only shapes the architecture (the weights are loaded by get_model), so a checkpoint
+# rebuilds the model with it and never downloads. ``norm="group"`` builds them with GroupNorm in
+# place of every BatchNorm (torchvision's ``norm_layer``).
+
+
+def baseline_norm(norm: str, pretrained: bool) -> dict:
+    """torchvision's ``norm_layer`` argument for a norm choice ({} for its own batch norm)."""
+    if norm == "batch":
+        return {}
+    if pretrained:
+        raise ValueError(f"norm '{norm}' cannot start from pretrained weights (they are batch-norm ones)")
+    return {"norm_layer": norm_layer(norm)}
 
 
 @register_model(family="modern")
-def resnet18(num_classes: int, image_size: int = 64, norm: str = "batch") -> nn.Module:
+def resnet18(num_classes: int, image_size: int = 64, pretrained: bool = False,
+             small_stem: bool | None = None, norm: str = "batch") -> nn.Module:
     """ResNet-18 (torchvision); at <= 64 px a small-input stem: one 3x3 conv, no max-pool."""
-    model = tvm.resnet18(weights=None, num_classes=num_classes, norm_layer=norm_layer(norm))
-    if image_size <= 64:
+    # Pretrained weights need the ImageNet stem they were trained with, whatever the input size.
+    small_stem = (image_size <= 64 and not pretrained) if small_stem is None else small_stem
+    model = tvm.resnet18(weights=None, num_classes=num_classes, **baseline_norm(norm, pretrained))
+    if small_stem:
         # The ImageNet stem divides by 4 before the first block: 64 px would reach layer4 at 2x2.
         # The small stem divides by 2 above 32 px (64 px meets layer1 at 32x32, as CIFAR's 32 px
         # does with stride 1) and by 1 at 32 px and under.
@@ -321,14 +359,14 @@ def resnet18(num_classes: int, image_size: int = 64, norm: str = "batch") -> nn.
 
 
 @register_model(family="modern")
-def efficientnet_b0(num_classes: int, image_size: int = 64, norm: str = "batch") -> nn.Module:
-    """EfficientNet-B0 (torchvision), random init."""
-    kw = {} if norm == "batch" else {"norm_layer": norm_layer(norm)}  # batch: torchvision's own eps
-    return tvm.efficientnet_b0(weights=None, num_classes=num_classes, **kw)
+def efficientnet_b0(num_classes: int, image_size: int = 64, pretrained: bool = False,
+                    norm: str = "batch") -> nn.Module:
+    """EfficientNet-B0 (torchvision)."""
+    return tvm.efficientnet_b0(weights=None, num_classes=num_classes, **baseline_norm(norm, pretrained))
 
 
 @register_model(family="modern")
-def mobilenet_v3_small(num_classes: int, image_size: int = 64, norm: str = "batch") -> nn.Module:
-    """MobileNetV3-Small (torchvision), random init."""
-    kw = {} if norm == "batch" else {"norm_layer": norm_layer(norm)}  # batch: torchvision's eps, momentum
-    return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, **kw)
+def mobilenet_v3_small(num_classes: int, image_size: int = 64, pretrained: bool = False,
+                       norm: str = "batch") -> nn.Module:
+    """MobileNetV3-Small (torchvision)."""
+    return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, **baseline_norm(norm, pretrained))

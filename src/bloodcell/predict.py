@@ -136,7 +136,8 @@ class Predictor:
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 N x H x W x 3 -> the normalised float batch the model was trained on."""
-        return normalize(to_float(torch.from_numpy(np.require(images, np.uint8, ["C", "W"])))).contiguous()
+        x = to_float(torch.from_numpy(np.require(images, np.uint8, ["C", "W"])))
+        return normalize(x, self.meta["mean"], self.meta["std"]).contiguous()
 
     def probs(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
         """Class probabilities N x C for uint8 images N x H x W x 3 (8-view TTA averages flips/rotations)."""

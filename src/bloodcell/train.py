@@ -38,8 +38,10 @@ from bloodcell.engine import (
     make_scheduler,
 )
 from bloodcell.errors import BloodcellError, ConfigError, DataError
+from bloodcell.info import MEAN, STD
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.models import get_model, model_info
+from bloodcell.pretrained import new_parameters, preflight, weights_info
 from bloodcell.runfiles import (
     clear_run_dir,
     mark_done,
@@ -61,9 +63,24 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
         kw["norm"] = cfg.norm
     if "pool_first" in options:
         kw["pool_first"] = True  # saved, so a checkpoint names its layer order (load_model)
+    if "small_stem" in options and cfg.pretrained:
+        kw["small_stem"] = False  # the ImageNet stem the weights were trained with, at any size
     if cfg.stain_norm != "none":
         kw["stain_norm"] = cfg.stain_norm
     return kw
+
+
+def pretrained_recipe(cfg: TrainConfig) -> dict | None:
+    """What a --pretrained run starts from and how it fine-tunes (resolved.yaml, metrics.json), or
+    None: the weights' source and file, the normalisation and input size they were trained at, and
+    the learning rates of the new classifier and of the pretrained backbone."""
+    if not cfg.pretrained:
+        return None
+    info = weights_info(cfg.model)
+    if cfg.weights:
+        info["file"] = str(cfg.weights)
+    return {**info, "image_size": cfg.image_size, "head_lr": cfg.lr, "backbone_lr": cfg.lr * cfg.backbone_lr,
+            "freeze_epochs": cfg.freeze_epochs}
 
 
 # The config keys that decide the data set (what is read, how it is decoded, split and grouped).
@@ -114,7 +131,7 @@ def config_dataset(cfg: TrainConfig, loaded: Dataset | None = None):
 def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, dict]:
     """The model for a config, with local pretrained weights or another run's weights if asked."""
     kw = model_kwargs(cfg, len(classes))
-    model = get_model(cfg.model, weights=cfg.weights, **kw) if cfg.weights else get_model(cfg.model, **kw)
+    model = get_model(cfg.model, weights=cfg.weights, pretrained=cfg.pretrained, **kw)
     if cfg.init_from:
         src = read_checkpoint(cfg.init_from)
         layout = model_kwargs_of(src).get("pool_first"), kw.get("pool_first")
@@ -205,6 +222,8 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
+    if cfg.pretrained and not cfg.weights:
+        preflight(cfg.model)  # offline and not in a cache: say so before reading any data
 
     # data (each machine's first process decodes into the cache, the others then read it)
     def load() -> Dataset:
@@ -234,12 +253,24 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
         log(line)
 
-    # model, optimiser, schedule (the model first: a refused --init-from writes nothing)
+    # model, optimiser, schedule (the model first: a refused --init-from or a missing download
+    # writes nothing)
+    recipe = pretrained_recipe(cfg)
     model, kw = distributed.node_first(world, lambda: build_model(cfg, ds.classes), ordered=False)
+    mean, std = (recipe["mean"], recipe["std"]) if recipe else (MEAN, STD)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
                                               "threads": threads, "processes": world.size,
                                               "layout": ds.layout, "sources": source_names(ds) or [ds.root],
-                                              "classes": ds.classes}}
+                                              "classes": ds.classes, "mean": list(mean), "std": list(std),
+                                              **({"pretrained": recipe} if recipe else {})}}
+    if recipe:
+        log(f"pretrained: {recipe['source']} ({recipe['file']}), normalised with mean "
+            f"{', '.join(f'{v:.3f}' for v in mean)} / std {', '.join(f'{v:.3f}' for v in std)}; "
+            f"lr {recipe['head_lr']:g} for the new classifier, {recipe['backbone_lr']:g} for the backbone"
+            + (f", frozen for {cfg.freeze_epochs:g} epochs" if cfg.freeze_epochs else ""))
+        if recipe["input_size"] != cfg.image_size:
+            log(f"pretrained: the weights were trained at {recipe['input_size']} px; this run uses "
+                f"{cfg.image_size} px (--image-size {recipe['input_size']} matches them)")
 
     def write_start() -> None:
         if not resume:
@@ -256,12 +287,17 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
                                seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
                                blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes),
-                               stain_jitter=cfg.stain_jitter, gray=cfg.gray, rank=world.rank, world=world.size)
+                               stain_jitter=cfg.stain_jitter, gray=cfg.gray, rank=world.rank, world=world.size,
+                               mean=mean, std=std)
     val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device, rank=world.rank,
-                             world=world.size)
-    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+                             world=world.size, mean=mean, std=std)
+    # A pretrained backbone learns at backbone_lr x lr (frozen for freeze_epochs); the new head at lr.
+    head = new_parameters(model) if recipe else None
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, head=head,
+                               backbone_lr=cfg.backbone_lr)
     steps = len(train_loader)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps))
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps),
+                               freeze_steps=int(cfg.freeze_epochs * steps) if recipe else 0)
     weights = None
     if cfg.class_weights:
         counts = np.bincount(ds.splits["train"].labels, minlength=len(ds.classes)).astype(float)
@@ -303,7 +339,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
                         image_size=cfg.image_size, resize=ds.resize, config=cfg.to_dict(), epoch=st.epoch,
                         optimizer=optimizer if name == "last.pt" else None,
                         scheduler=scheduler if name == "last.pt" else None,
-                        best_metric=st.best_metric, extra=extra)
+                        best_metric=st.best_metric, extra=extra, mean=mean, std=std)
         if name == "last.pt":
             write_history(st.history, out / "history.csv")
 
@@ -329,7 +365,8 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
                     val_metrics=lambda y, p: compute_metrics(y, p, ds.classes, n_boot=0),
                     save_last=lambda s: save("last.pt", s), save_best=lambda s: save("best.pt", s),
                     log=log, progress=progress, on_epoch=epoch_done)
-        metrics = _final_metrics(world, cfg, ds, model, step, out, state, device, precision, threads, t_start)
+        metrics = _final_metrics(world, cfg, ds, model, step, out, state, device, precision, threads, t_start,
+                                 mean, std, recipe)
         tracker.final(flat_metrics(metrics))
         tracker.artifact(out / "metrics.json", out / "history.csv", out / "resolved.yaml")
         ok = True
@@ -352,7 +389,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
 
 
 def _final_metrics(world: World, cfg: TrainConfig, ds: Dataset, model, step: Step, out: Path, state: FitState,
-                   device, precision, threads: int, t_start: float) -> dict:
+                   device, precision, threads: int, t_start: float, mean, std, recipe: dict | None) -> dict:
     """Evaluate the best checkpoint on every split (each rank its share, gathered); rank 0 writes the
     predictions, metrics.json and DONE."""
     train_minutes = (time.perf_counter() - t_start) / 60
@@ -363,8 +400,9 @@ def _final_metrics(world: World, cfg: TrainConfig, ds: Dataset, model, step: Ste
     for name in ("val", "test", "test_simple"):
         if name not in ds.splits:
             continue
-        r = evaluate(model, BatchLoader(ds.splits[name], 256, device=device, rank=world.rank, world=world.size),
-                     device, precision, cfg.channels_last, cfg.tta, step.world)
+        loader = BatchLoader(ds.splits[name], 256, device=device, rank=world.rank, world=world.size, mean=mean,
+                             std=std)
+        r = evaluate(model, loader, device, precision, cfg.channels_last, cfg.tta, step.world)
         s = ds.splits[name]
         metrics[name] = split_metrics(ds.classes, s.groups, r["labels"], r["probs"])
         if len(ds.sources) > 1:  # several sources: their validation is pooled, and shown apart too
@@ -378,7 +416,7 @@ def _final_metrics(world: World, cfg: TrainConfig, ds: Dataset, model, step: Ste
                       "train_minutes": train_minutes,
                       "train_images_per_s": float(np.median([h["images_per_s"] for h in state.history])),
                       "precision": precision, "device": str(device), "threads": threads, "norm": cfg.norm,
-                      "processes": world.size}
+                      "processes": world.size, **({"pretrained": recipe} if recipe else {})}
     if ds.labelled:  # the labelled cells the run read, per split and class
         metrics["run"]["labelled_cells"] = ds.labelled
 

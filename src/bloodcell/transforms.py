@@ -36,10 +36,11 @@ def to_float(x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
     return x_uint8_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Subtract the mean and divide by the standard deviation of info.MEAN/STD."""
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+def normalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    """Subtract the mean and divide by the standard deviation per channel: info.MEAN/STD unless the
+    model's pretrained weights were trained with their own (a checkpoint's ``mean``/``std``)."""
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

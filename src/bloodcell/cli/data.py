@@ -39,6 +39,8 @@ def cmd_models(args) -> int:
     for name in list_models():
         n = count_parameters(get_model(name, num_classes=4, image_size=args.image_size))
         print(f"{name:20s} {n:>12,}  {model_info(name)['description']}")
+    print(f"{'timm/<name>':20s} {'':>12s}  any timm model (pip install 'bloodcell[timm]'); --pretrained for "
+          "its weights, and for resnet18, efficientnet_b0, mobilenet_v3_small")
     return 0
 
 

@@ -12,16 +12,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bloodcell.info import MEAN, STD
 from bloodcell.transforms import augment, mix_batch, normalize, to_float
 
 
 class BatchLoader:
-    """Iterate over a split in batches; order and augmentation depend only on (seed, epoch)."""
+    """Iterate over a split in batches; order and augmentation depend only on (seed, epoch);
+    normalised with ``mean``/``std`` (info.MEAN/STD unless a pretrained model's own)."""
 
     def __init__(self, split, batch_size: int, shuffle: bool = False, augment: str = "none",
                  seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu", blur: float = 0.0,
                  mix: str = "none", mix_alpha: float = 1.0, num_classes: int = 0, stain_jitter: float = 0.0,
-                 gray: float = 0.0, rank: int = 0, world: int = 1):
+                 gray: float = 0.0, rank: int = 0, world: int = 1, mean=MEAN, std=STD):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= rank < world:
@@ -36,6 +38,7 @@ class BatchLoader:
         self.seed, self.drop_last, self.device = seed, drop_last, torch.device(device)
         self.mix, self.mix_alpha, self.num_classes = mix, mix_alpha, num_classes
         self.stain_jitter, self.gray = stain_jitter, gray
+        self.mean, self.std = tuple(mean), tuple(std)  # the model's normalisation (pretrained: the weights')
         if mix != "none" and num_classes < 2:
             raise ValueError("mix needs num_classes")
         self.epoch = 0
@@ -71,4 +74,4 @@ class BatchLoader:
             y = y.to(self.device, non_blocking=True)
             if self.mix != "none":  # soft targets N x C
                 x, y = mix_batch(x, y, self.num_classes, self.mix, self.mix_alpha, g)
-            yield normalize(x), y
+            yield normalize(x, self.mean, self.std), y

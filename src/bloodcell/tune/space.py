@@ -127,7 +127,7 @@ def load_space(path: str | Path | dict | None = None, model: str | None = None,
     """The default space with a space file's (or dict's) entries on top, validated.
 
     Returns name -> Choice | Range | fixed value. ``model`` drops ``norm`` for models without the
-    option and checks image sizes against the model's minimum; ``base`` is the config the fixed
+    option (and ``none`` from it for the baselines, which need a norm) and checks image sizes against the model's minimum; ``base`` is the config the fixed
     values apply to (checked together). ``defaults=False`` reads a resolved space alone.
     """
     where = f"default space {default_space_path()}"
@@ -139,8 +139,16 @@ def load_space(path: str | Path | dict | None = None, model: str | None = None,
         for k, v in data.items():
             space[k.replace("-", "_")] = _parse_entry(where, k.replace("-", "_"), v)
     if model is not None:
-        if "norm" not in model_info(model)["options"]:
+        info = model_info(model)
+        if "norm" not in info["options"]:
             space.pop("norm", None)
+        elif info["family"] != "study" and isinstance(space.get("norm"), Choice):
+            # the baselines take batch or group norm, not none: search what is left, if anything
+            kept = tuple(v for v in space["norm"].values if v != "none")
+            if len(kept) > 1:
+                space["norm"] = Choice(kept)
+            else:
+                space.pop("norm")
         check_sizes(where, model, space.get("image_size"))
     try:
         make_config(TrainConfig, base or {}, fixed_values(space))
