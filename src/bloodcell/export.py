@@ -24,7 +24,7 @@ from bloodcell import __version__
 from bloodcell.checkpoint import load_model
 from bloodcell.config import EXPORT_FORMATS
 from bloodcell.errors import BloodcellError
-from bloodcell.runfiles import atomic_write
+from bloodcell.runfiles import atomic_write, check_out_file
 
 OPSET = 17
 META_FILE = "bloodcell.json"
@@ -153,9 +153,9 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
     """
     if fmt not in EXPORT_FORMATS:
         raise BloodcellError(f"unknown export format {fmt!r}; known: {', '.join(EXPORT_FORMATS)}")
+    out = check_out_file(out)
     model, meta = load_model(checkpoint)
     size = int(meta["image_size"])
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         atomic_write(out, onnx_bytes(model, size, meta))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -35,9 +36,11 @@ from bloodcell.errors import BloodcellError, DataError
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.models import get_model, model_info
 from bloodcell.runfiles import (
+    check_out_dir,
     clear_run_dir,
     mark_done,
     prepare_run_dir,
+    run_lock,
     write_history,
     write_json,
     write_predictions,
@@ -119,10 +122,22 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     """Train one model as cfg says, into run folder ``out``; returns the metrics per split.
 
     ``on_epoch(epoch, history_row)`` is called after each epoch's validation (a tuner reports and
-    prunes there); ``dataset`` reuses an already loaded Dataset.
+    prunes there); ``dataset`` reuses an already loaded Dataset. One process at a time trains in
+    ``out`` (runfiles.run_lock): a second one is refused.
     """
     out = Path(out)
+    if not resume:
+        check_out_dir(out)
     prepare_run_dir(out, overwrite, resume)
+    with contextlib.ExitStack() as held:  # the lock, from the first write in ``out`` to the end
+        return _train(cfg, out, overwrite=overwrite, resume=resume, log=log, progress=progress,
+                      dataset=dataset, on_epoch=on_epoch,
+                      lock=lambda: held.enter_context(run_lock(out, "training")))
+
+
+def _train(cfg: TrainConfig, out: Path, *, overwrite: bool, resume: bool, log, progress: bool,
+           dataset: Dataset | None, on_epoch, lock) -> dict:
+    """train's work; ``lock()`` locks the run folder (creating it), called before its first write."""
     if resume:
         cfg = make_config(TrainConfig, load_yaml(out / "config.yaml"))
         if (out / "DONE").exists():
@@ -156,6 +171,8 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
                                               "threads": threads, "layout": ds.layout,
                                               "sources": source_names(ds) or [ds.root],
                                               "classes": ds.classes}}
+    lock()
+    prepare_run_dir(out, overwrite, resume)  # again, now that no other process can change it
     if not resume:
         clear_run_dir(out)
         write_yaml(out / "config.yaml", cfg.to_dict())

@@ -20,7 +20,7 @@ import numpy as np
 from bloodcell.data import synthetic
 from bloodcell.data.images import RESIZE_MODES, describe_error, load_image
 from bloodcell.data.records import Item
-from bloodcell.runfiles import write_json
+from bloodcell.runfiles import check_out_dir, write_json
 from bloodcell.runtime import check_stop, worker_map
 
 CACHE_FORMAT = 1
@@ -36,7 +36,7 @@ def default_cache_dir() -> Path:
 
 def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
     """``cache_dir``, or default_cache_dir() when it is not given; created if missing."""
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = check_out_dir(Path(cache_dir) if cache_dir else default_cache_dir(), "cache folder")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -72,12 +72,26 @@ def write_array(path: Path, shape: tuple[int, ...], fill):
     os.close(fd)
     try:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()  # header and size
+        reserve(tmp)
         out = fill(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate a (sparse) file's blocks now: a full disk is then an OSError (ENOSPC) here, not a
+    SIGBUS that kills whichever process later writes a page of the memory map."""
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the map's writes are unreserved
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None  # say which file
+        finally:
+            os.close(fd)
 
 
 def build_cache(items: list[Item], size: int, resize: str = "squash", cache_dir: str | os.PathLike | None = None,
@@ -133,6 +147,10 @@ def synthetic_arrays(n: int, size: int, seed: int,
     images, labels = synthetic.generate(n, size, seed)
     for target, arr in ((f_labels, labels), (f, images)):  # images last: their presence means complete
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, target)
+        try:
+            np.save(tmp, arr)
+            os.replace(tmp, target)
+        except BaseException:  # a full disk, say: no half file left behind
+            tmp.unlink(missing_ok=True)
+            raise
     return images, labels, False
