@@ -36,6 +36,10 @@ from bloodcell.predict import ImageError, Predictor, decode_image
 
 _MULTIPART_SLACK = 64 * 1024  # headers and boundaries of a multipart body
 EXAMPLE_PX = 128  # side of the example cells' pictures on the page
+# The errors an upload can get, in the OpenAPI schema (tests/test_fuzz.py holds the server to it).
+UPLOAD_ERRORS = {s: {"description": d} for s, d in (
+    (400, "not a multipart form"), (413, "upload too large, or too many files"),
+    (415, "not an image the decoder reads"), (422, "a missing field, or a corrupt image"))}
 
 
 def data_url(png: bytes) -> str:
@@ -185,7 +189,7 @@ def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_
             shown.update(examples_card(predictor))
         return shown
 
-    @app.post("/predict", dependencies=[Depends(multipart)])
+    @app.post("/predict", dependencies=[Depends(multipart)], responses=UPLOAD_ERRORS)
     def predict(file: Annotated[UploadFile, File(description="one image file (JPEG, PNG, BMP, TIFF)")],
                 top_k: Annotated[int, Query(ge=1, description="classes listed in top_k")] = n_classes,
                 tta: Annotated[bool, Query(description="average over the 8 flips and rotations")] = False,
@@ -202,7 +206,7 @@ def create_app(model: str | os.PathLike | Predictor, max_upload_mb: float = MAX_
             row["cam_png"] = data_url(row["cam_png"])
         return {"filename": file.filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
 
-    @app.post("/predict/batch", dependencies=[Depends(multipart)])
+    @app.post("/predict/batch", dependencies=[Depends(multipart)], responses=UPLOAD_ERRORS)
     def predict_batch(files: Annotated[list[UploadFile], File(description="image files")],
                       top_k: Annotated[int, Query(ge=1)] = 1, tta: bool = False) -> dict:
         """Class probabilities of several images in one forward pass; bad files get an error entry."""
