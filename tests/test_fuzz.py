@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -202,6 +202,8 @@ def test_make_config_takes_any_mapping_or_says_why_not(d):
 @given(text=st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda b: b.decode("latin-1")),
                       st.dictionaries(KEYS, VALUES, max_size=5).map(lambda d: __import__("yaml").safe_dump(d))),
        raw=st.binary(max_size=64))
+@example(text="1: 2\n", raw=b"null: x\n")  # found by the fuzzer: a key that is not a string
+@example(text="? [a, b]\n: 1\n", raw=b"\xff\xfe")
 def test_a_yaml_file_of_anything_is_a_mapping_or_a_config_error(text, raw):
     from bloodcell.config import TrainConfig, load_yaml, make_config
 
@@ -223,6 +225,7 @@ SPEC = st.one_of(VALUES, st.fixed_dictionaries({}, optional={
 
 
 @given(space=st.dictionaries(KEYS, SPEC, max_size=4), model=st.sampled_from(["cnn4x32", "resnet18", "vgg3"]))
+@example(space={1: 2}, model="cnn4x32")  # a YAML space file may have a non-string key
 def test_load_space_takes_any_space_or_says_why_not(space, model):
     from bloodcell.tune.space import Choice, Range, load_space
 

@@ -232,6 +232,8 @@ def make_config(cls, *sources: dict):
     merged: dict = {}
     for src in sources:
         for key, value in (src or {}).items():
+            if not isinstance(key, str):  # YAML allows `1: x`, `null: x`, `[a]: x`
+                raise ConfigError(f"config key {key!r} is not a name (a {type(key).__name__})")
             k = key.replace("-", "_")
             if k not in known:
                 close = [n for n in known if n.startswith(k[:3])]
