@@ -33,6 +33,7 @@ from bloodcell.tune.study import (
     SurplusTrial,
     counts,
     differences,
+    fail_dead_workers,
     fail_own_running,
     importances,
     masked,
@@ -75,6 +76,7 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
     # the storage first: one that cannot be opened leaves no tune.yaml that a rerun would be held to
     study = open_study(settings, out, pruner=None if isinstance(pruner, str) or resume else pruner)
     write_settings(settings, out)
+    fail_dead_workers(study, log)
     retry_interrupted(study, log)
     c = counts(study)
     finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]

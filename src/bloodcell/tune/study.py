@@ -209,6 +209,29 @@ def fail_own_running(study, started) -> None:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def fail_dead_workers(study, log) -> None:
+    """Mark RUNNING trials whose worker was a process on this machine that no longer exists (a
+    SIGKILL, a crash, a power cut) as failed now, so this run retries them at once instead of
+    counting them as running until their heartbeat goes stale (STALE_AFTER_S)."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker") or ""
+        name, _, pid = owner.rpartition(":")
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            log(f"trial {t.number}: its worker (process {pid}) is gone; marked failed")
+
+
 def retry_interrupted(study, log) -> None:
     """Queue again the parameters of trials that failed (an interrupt, a crash) and were not rerun."""
     trials = study.get_trials(deepcopy=False)
