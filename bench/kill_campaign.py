@@ -155,11 +155,12 @@ def campaign(name: str, kills: int, rng: random.Random, work: Path, log=print) -
         t1 = time.perf_counter()
         rc2, out2, _ = run(cmd(d if name != "cache" else c), c)
         rerun_s = time.perf_counter() - t1
+        left_after = leftovers(d)
         equal = rc2 == 0 and result(d if name != "cache" else c, out2) == reference
         rows.append({"kill_at_s": round(at, 2), "killed": killed, "first_rc": rc1, "temporaries_left": left,
-                     "rerun_rc": rc2, "rerun_s": round(rerun_s, 1), "equal": equal})
+                     "temporaries_after_rerun": left_after, "rerun_rc": rc2, "rerun_s": round(rerun_s, 1), "equal": equal})
         log(f"{name} kill {k + 1:2d}/{kills} at {at:5.1f}s of {wall:4.1f}s: {'killed' if killed else 'ended first'}, "
-            f"{left} temporaries left, rerun rc {rc2} in {rerun_s:4.1f}s: {'EQUAL' if equal else 'DIFFERENT'}")
+            f"{left} temporaries left ({left_after} after the rerun), rerun rc {rc2} in {rerun_s:4.1f}s: {'EQUAL' if equal else 'DIFFERENT'}")
     return {"command": " ".join(cmd(Path("DIR"))[1:]).replace(PY, "python"), "uninterrupted_s": round(wall, 1),
             "kills": kills, "killed": sum(r["killed"] for r in rows), "equal": sum(r["equal"] for r in rows),
             "rows": rows}

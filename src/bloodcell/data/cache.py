@@ -21,7 +21,7 @@ from bloodcell.data import synthetic
 from bloodcell.data.images import RESIZE_MODES, describe_error, load_image
 from bloodcell.data.records import Item
 from bloodcell.runfiles import check_out_dir, write_json
-from bloodcell.runtime import check_stop, worker_map
+from bloodcell.runtime import check_stop, pid_alive, worker_map
 
 CACHE_FORMAT = 1
 
@@ -68,7 +68,13 @@ def write_array(path: Path, shape: tuple[int, ...], fill):
     """Create the uint8 array file ``path`` (.npy) of ``shape``: ``fill(tmp)`` writes the rows into the
     file at ``tmp`` (open it with ``np.load(tmp, mmap_mode="r+")``), then one rename makes it whole,
     so an interrupted build never leaves a file a later run would read. Returns what ``fill`` returns."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+    # A build killed outright (SIGKILL, power) left its temporary, as big as the array: remove
+    # those of processes that are gone. The name carries the builder's process id for that.
+    for old in path.parent.glob(f".{path.stem}.*.npy"):
+        pid = old.name.split(".")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=".npy", dir=path.parent)
     os.close(fd)
     try:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()  # header and size

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from bloodcell.config import PRUNE_FROM_EPOCH, TrainConfig, TuneSettings, load_yaml
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.runfiles import write_yaml
+from bloodcell.runtime import pid_alive
 
 SETTINGS_FILE = "tune.yaml"
 STALE_AFTER_S = 120  # a running trial without a heartbeat for this long is failed and retried
@@ -209,16 +210,6 @@ def fail_own_running(study, started) -> None:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def fail_dead_workers(study, log) -> None:
     """Mark RUNNING trials whose worker was a process on this machine that no longer exists (a
     SIGKILL, a crash, a power cut) as failed now, so this run retries them at once instead of
@@ -227,7 +218,7 @@ def fail_dead_workers(study, log) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("worker") or ""
         name, _, pid = owner.rpartition(":")
-        if name == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             log(f"trial {t.number}: its worker (process {pid}) is gone; marked failed")
 
