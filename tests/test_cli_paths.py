@@ -79,6 +79,7 @@ ROWS = [
     (["tune", "--trials", "1", "--out", "{dir}/t", "--config", "{dir}"], "is a folder, not a YAML file"),
     (["tune", "--trials", "1", "--out", "{dir}/t", "--data", "{missing}"], "data path does not exist"),
     (["tune", "--trials", "1", "--out", "{dir}/t", "--storage", "sqlite:///{file}/x.db"], "cannot open storage"),
+    (["tune", "--trials", "1", "--out", "{dir}/t", "--cache-dir", "{file}"], "--cache-dir"),
     (["tune", "--resume", "{file}"], "--resume"),
     (["tune", "--resume", "{missing}"], "holds no study"),
     (["tune", "report", "{file}"], "holds no study"),
@@ -99,6 +100,7 @@ UNWRITABLE = [
     ["train", *T, "--cache-dir", "{ro}/cache", "--out", "{dir}/r"],
     ["evaluate", "{run}", "--data", "synthetic:96", "--out", "{ro}/e"],
     ["tune", "--trials", "1", "--out", "{ro}/t"],
+    ["tune", "--trials", "1", "--out", "{dir}/t", "--cache-dir", "{ro}/cache"],
     ["predict", "{run}", "{img}", "--cam", "{ro}/cams"],
     ["export", "{run}", "--out", "{ro}/m.onnx"],
 ]

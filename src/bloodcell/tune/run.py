@@ -111,7 +111,10 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
     for k in NOT_IN_SPACE:
         if k in base:
             raise ConfigError(f"base config: {k!r} is set by tune's own argument, not the config")
-    data = make_config(TrainConfig, base, {"data": data, "model": model}).data
+    cfg = make_config(TrainConfig, base, {"data": data, "model": model})
+    if cfg.cache_dir:  # now, not in the first trial (a failed trial and optuna's traceback)
+        check_out_dir(cfg.cache_dir, "--cache-dir")
+    data = cfg.data
     for source in ([data] if isinstance(data, str) else data):  # a bad path: one line now, not a failed trial
         if not is_synthetic(source):
             raise_if_fatal(discover(source, group_regex=base.get("group_regex"),
