@@ -161,7 +161,7 @@ def campaign(name: str, kills: int, rng: random.Random, work: Path, log=print) -
                      "temporaries_after_rerun": left_after, "rerun_rc": rc2, "rerun_s": round(rerun_s, 1), "equal": equal})
         log(f"{name} kill {k + 1:2d}/{kills} at {at:5.1f}s of {wall:4.1f}s: {'killed' if killed else 'ended first'}, "
             f"{left} temporaries left ({left_after} after the rerun), rerun rc {rc2} in {rerun_s:4.1f}s: {'EQUAL' if equal else 'DIFFERENT'}")
-    return {"command": " ".join(cmd(Path("DIR"))[1:]).replace(PY, "python"), "uninterrupted_s": round(wall, 1),
+    return {"command": " ".join(cmd(ref_dir)[1:]), "uninterrupted_s": round(wall, 1),
             "kills": kills, "killed": sum(r["killed"] for r in rows), "equal": sum(r["equal"] for r in rows),
             "rows": rows}
 
