@@ -263,3 +263,143 @@ def fill_hf_cache(hub: Path) -> dict:
     (repo / "snapshots" / REV).mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, repo / "snapshots" / REV / "model.safetensors")
     return state
+# --- disks that fail: a read-only folder and a full one ------------------------------------------
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    """Mount a tmpfs at ``path`` (root with CAP_SYS_ADMIN only); False where that is not allowed."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Path:
+    """A folder nothing can be written in: mode 0o500 for a normal user; for root (whom modes do not
+    stop) a read-only tmpfs; skipped where neither is possible."""
+    path = tmp_path / "read-only"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o500)
+        yield path
+        path.chmod(0o700)
+        return
+    if not _mount_tmpfs(path, "ro,size=64k"):
+        pytest.skip("running as root without the right to mount a read-only tmpfs")
+    yield path
+    _umount(path)
+
+
+class SmallDisk:
+    """A folder on a disk that can be filled: a real tmpfs of a few MB where this process may mount
+    one (``real``), else the same folder with ENOSPC simulated in-process: once ``fill()`` is called,
+    every write of a file under it (runfiles.atomic_write's file object, posix_fallocate, open for
+    writing) raises OSError(ENOSPC) after ``left`` bytes, as a full disk does."""
+
+    def __init__(self, path: Path, real: bool, monkeypatch):
+        self.path, self.real, self._mp, self._filler = path, real, monkeypatch, None
+
+    def fill(self, left: int = 16 * 1024) -> None:
+        """Leave about ``left`` bytes free."""
+        if self.real:
+            self._filler = self.path / "filler"
+            st = os.statvfs(self.path)
+            with open(self._filler, "wb") as f:
+                f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - left))
+            return
+        self._simulate(left)
+
+    def free(self) -> None:
+        """Free the space taken by fill()."""
+        if self.real:
+            if self._filler is not None:
+                self._filler.unlink(missing_ok=True)
+        else:
+            self._mp.undo()
+
+    def _simulate(self, left: int) -> None:
+        import builtins
+        import errno
+
+        root = str(self.path.resolve())
+        budget = [left]
+
+        def under(p) -> bool:
+            try:
+                return os.path.realpath(p).startswith(root + os.sep)
+            except (TypeError, ValueError):
+                return False
+
+        def enospc(p):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(p))
+
+        class Full:
+            """A file object whose writes stop when the budget is spent."""
+
+            def __init__(self, f, name):
+                self._f, self._name = f, name
+
+            def write(self, b):
+                if len(b) > budget[0]:
+                    self._f.write(b[:budget[0]])
+                    budget[0] = 0
+                    raise enospc(self._name)
+                budget[0] -= len(b)
+                return self._f.write(b)
+
+            def __getattr__(self, k):
+                return getattr(self._f, k)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                return self._f.__exit__(*a)
+
+        real_fdopen, real_open, real_falloc = os.fdopen, builtins.open, os.posix_fallocate
+
+        def fdopen(fd, *a, **k):
+            f = real_fdopen(fd, *a, **k)
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            return Full(f, name) if under(name) else f
+
+        def open_(file, mode="r", *a, **k):
+            f = real_open(file, mode, *a, **k)
+            writing = any(c in mode for c in "wax+")
+            return Full(f, file) if writing and isinstance(file, (str, os.PathLike)) and under(file) else f
+
+        def fallocate(fd, offset, length):
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            if under(name) and length > budget[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_falloc(fd, offset, length)
+
+        self._mp.setattr(os, "fdopen", fdopen)
+        self._mp.setattr(builtins, "open", open_)
+        self._mp.setattr(os, "posix_fallocate", fallocate)
+
+
+@pytest.fixture(params=["tmpfs", "simulated"])
+def small_disk(request, tmp_path):
+    """A SmallDisk of 8 MB: a real tmpfs (skipped where it cannot be mounted) and the in-process
+    simulation (run everywhere)."""
+    path = tmp_path / "disk"
+    real = request.param == "tmpfs"
+    if real and not _mount_tmpfs(path, "size=8m"):
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN): the simulated disk runs")
+    path.mkdir(exist_ok=True)
+    mp = pytest.MonkeyPatch()
+    yield SmallDisk(path, real, mp)
+    mp.undo()
+    if real:
+        _umount(path)

@@ -39,7 +39,7 @@ def test_checkpoints_from_before_pool_first_still_load(tmp_path):
     assert isinstance(model.features[0][1], torch.nn.MaxPool2d)
     with pytest.raises(BloodcellError, match="layer order"):
         train(tiny(epochs=1, init_from=str(tmp_path / "old.pt")), tmp_path / "b", log=quiet, progress=False)
-    assert not any((tmp_path / "b").iterdir())  # refused before writing: no half-made run to clear
+    assert not (tmp_path / "b").exists()  # refused before writing: no half-made run to clear
     train(tiny(epochs=1, init_from=str(tmp_path / "new.pt")), tmp_path / "b", log=quiet, progress=False)
     torch.save(ck, tmp_path / "a" / "last.pt")
     (tmp_path / "a" / "DONE").unlink()

@@ -220,6 +220,8 @@ def test_anylab_preset_trains_on_every_lab_given(tmp_path):
     m = json.loads((out / "runs" / "cnn4x32" / "metrics.json").read_text())
     assert set(m["val"]["per_source"]) == set(labs)
     assert main(["adapt", str(out / "runs" / "cnn4x32"), "--data", labs[1], "--out", str(tmp_path / "a")]) == 0
+
+
 @pytest.mark.slow
 def test_pretrained_against_scratch_under_labels(tmp_path, torch_home):
     """resnet18 and resnet18@imagenet (pretrained: true): the row and results.csv name the weights,
@@ -240,3 +242,32 @@ def test_pretrained_against_scratch_under_labels(tmp_path, torch_home):
     assert rows["resnet18@imagenet"]["params"] - rows["resnet18"]["params"] == 64 * 3 * (49 - 9)
     with open(out / "results.csv") as fh:
         assert [r["pretrained"] for r in csv.DictReader(fh)] == ["", "torchvision ResNet18_Weights.IMAGENET1K_V1"]
+
+
+@pytest.mark.slow
+def test_a_second_compare_on_one_folder_is_refused_not_mixed_in(tmp_path, capsys):
+    """Two `compare` processes on one folder: the second gets one line while the first runs, and the
+    folder ends as the first one's alone."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", "synthetic:160", "--image-size", "32", "--epochs", "4", "--batch-size", "16",
+            "--threads", "1", "--quiet", "--no-report", "--out", str(out)]
+    src = str(Path(__file__).parent.parent / "src")
+    first = subprocess.Popen([sys.executable, "-m", "bloodcell", *args, "--models", "cnn2x32"],
+                             env={**os.environ, "PYTHONPATH": src}, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "compare.yaml").exists() and time.time() < deadline:  # written under the lock
+        time.sleep(0.05)
+    assert first.poll() is None, "the first compare ended before the second one started"
+    capsys.readouterr()
+    code = main([*args, "--models", "cnn2x32,cnn4x32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "in use by another bloodcell comparison" in err[0], err
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    rows = json.loads((out / "results.json").read_text())["models"]
+    assert [r["model"] for r in rows] == ["cnn2x32"] and sorted(p.name for p in (out / "runs").iterdir()) == ["cnn2x32"]

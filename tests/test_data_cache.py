@@ -59,3 +59,26 @@ def test_cached_images_equal_fresh_decode(class_folders, tmp_path):
     arr, _, _ = build_cache(items, 20, cache_dir=tmp_path / "c", workers=2)
     for k in (0, 7, 29):
         assert np.array_equal(arr[k], load_image(items[k].path, 20))
+
+
+def test_a_killed_builds_temporary_is_removed_by_the_next_build(class_folders, tmp_path):
+    """A SIGKILLed build leaves its temporary (as big as the cache); the next build of that key
+    removes those of dead processes, and keeps a live builder's."""
+    import subprocess
+    import sys
+
+    from bloodcell.data.cache import fingerprint
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    items = discover(class_folders).items
+    key = fingerprint(items, 16, "squash")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = cache / f".{key}.{gone.pid}.x1y2.npy"
+    live = cache / f".{key}.{os.getppid()}.x1y2.npy"
+    for p in (dead, live):
+        p.write_bytes(b"\0" * 4096)
+    build_cache(items, 16, cache_dir=cache)
+    assert not dead.exists() and live.exists()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, f"{key}.npy", f"{key}.json"])

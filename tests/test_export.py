@@ -120,6 +120,8 @@ def test_int8_needs_onnx_and_validation_images(tmp_path, ckpt) -> None:
     assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(BloodcellError, match="unknown quantisation"):
         export_model(ckpt, "onnx", tmp_path / "m.onnx", quantize="int4")
+
+
 def test_export_metadata_carries_the_checkpoints_normalisation(tmp_path) -> None:
     from bloodcell.checkpoint import save_checkpoint
     from bloodcell.models import get_model

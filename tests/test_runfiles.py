@@ -68,3 +68,36 @@ def test_predictions_and_history_read_back(tmp_path) -> None:
     h = read_history(tmp_path / "history.csv")
     assert h["epoch"].tolist() == [1.0, 2.0] and h["val_acc"][0] == 0.5 and np.isnan(h["val_acc"][1])
     assert read_history(tmp_path / "missing.csv") is None
+
+
+HOLD = """
+import sys, time
+from bloodcell.runfiles import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_folder_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from bloodcell.errors import BloodcellError
+    from bloodcell.runfiles import LOCK_FILE, has_files, run_lock
+
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": src})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BloodcellError, match=rf"in use by another bloodcell run \(pid {holder.pid}\)"):
+            with run_lock(tmp_path / "run"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_lock(tmp_path / "run"):  # the OS released it: a SIGKILL leaves no stale lock
+        assert (tmp_path / "run" / LOCK_FILE).read_text() == str(os.getpid())
+    assert not has_files(tmp_path / "run")  # the lock file is not a run's file

@@ -275,6 +275,8 @@ def test_labels_per_class_fine_tunes_on_k_cells_and_keeps_the_test_split(tmp_pat
     assert again["test"]["accuracy"] == few["test"]["accuracy"]
     with pytest.raises(ConfigError, match="labels_per_class"):
         tiny(labels_per_class=-1)
+
+
 @pytest.mark.slow
 def test_a_pretrained_timm_run_fine_tunes_and_keeps_the_weights_normalisation(tmp_path, hf_cache):
     """timm/<name> --pretrained from the hub cache: the backbone frozen through --freeze-epochs (its

@@ -173,3 +173,25 @@ def test_pruners_wait_for_the_end_of_the_warm_up(name):
         assert pruned_at == PRUNE_FROM_EPOCH
     else:  # Hyperband's rungs start at PRUNE_FROM_EPOCH (a trial's bracket may start later)
         assert pruned_at is None or pruned_at >= PRUNE_FROM_EPOCH
+
+
+def test_a_trial_whose_local_worker_is_gone_is_failed_at_once(tmp_path):
+    """A SIGKILLed worker's RUNNING trial is failed (and so retried) by the next run on this machine,
+    not counted as running for STALE_AFTER_S; a live worker's trial is left alone."""
+    import socket
+
+    import optuna
+
+    from bloodcell.tune.study import fail_dead_workers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    gone, alive = study.ask(), study.ask()
+    gone.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")
+    lines: list[str] = []
+    fail_dead_workers(study, lines.append)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {gone.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
+    assert len(lines) == 1 and str(dead.pid) in lines[0]

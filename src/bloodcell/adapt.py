@@ -36,7 +36,15 @@ from bloodcell.data.images import describe_error, load_image
 from bloodcell.data.layouts import IMAGE_EXTENSIONS, is_synthetic
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluate import checkpoint_data, evaluate_checkpoint
-from bloodcell.runfiles import clear_run_dir, mark_done, prepare_run_dir, write_json, write_yaml
+from bloodcell.runfiles import (
+    check_out_dir,
+    clear_run_dir,
+    mark_done,
+    prepare_run_dir,
+    run_lock,
+    write_json,
+    write_yaml,
+)
 from bloodcell.runtime import resolve_device, set_threads
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -146,6 +154,7 @@ def adapt(run: str | Path, data: str, out: str | Path, *, split: str = "train", 
         raise BloodcellError("--out must be another folder than the run adapted (its files are kept)")
     if entropy_steps < 0 or batch_size < 1 or not lr > 0:
         raise BloodcellError("--entropy-steps must be 0 or more, --batch-size at least 1, --lr positive")
+    check_out_dir(out)
     prepare_run_dir(out, overwrite, resume=False)
     set_threads(0)
     dev = resolve_device(device)
@@ -179,31 +188,33 @@ def adapt(run: str | Path, data: str, out: str | Path, *, split: str = "train", 
               "images": len(images), "batchnorm_layers": n_bn, "entropy_steps": entropy_steps, "lr": lr,
               "batch_size": batch_size, "seed": seed, "entropy": losses[:1] + losses[-1:],
               "labels_read": False, "minutes": (time.perf_counter() - t0) / 60}
-    clear_run_dir(out)
-    config = dict(meta.get("config", {}))
-    save_checkpoint(out / "best.pt", model, model_name=ckpt["model"]["name"], model_kwargs=model_kwargs_of(ckpt),
-                    classes=meta["classes"], image_size=meta["image_size"], resize=meta["resize"], config=config,
-                    epoch=int(meta.get("epoch", 0)), best_metric=meta.get("best_metric"),
-                    extra={"adapted": record})
-    write_yaml(out / "config.yaml", config)
-    write_json(out / "adapt.json", record)
+    with run_lock(out, "adaptation"):  # one process at a time writes here
+        prepare_run_dir(out, overwrite, resume=False)  # again, under the lock
+        clear_run_dir(out)
+        config = dict(meta.get("config", {}))
+        save_checkpoint(out / "best.pt", model, model_name=ckpt["model"]["name"], model_kwargs=model_kwargs_of(ckpt),
+                        classes=meta["classes"], image_size=meta["image_size"], resize=meta["resize"], config=config,
+                        epoch=int(meta.get("epoch", 0)), best_metric=meta.get("best_metric"),
+                        extra={"adapted": record})
+        write_yaml(out / "config.yaml", config)
+        write_json(out / "adapt.json", record)
 
-    # Now, and only now, the labels: the adapted model against the original on the other splits.
-    scored = [k for k in ds.splits if k != split] if ds is not None and split != "all" else []
-    metrics = {}
-    if scored:
-        after = evaluate_checkpoint(out, data, split=",".join(scored), cache_dir=cache_dir, device=device, log=log)
-        before = evaluate_checkpoint(run, data, split=",".join(scored), cache_dir=cache_dir, device=device,
-                                     log=lambda _: None)
-        for k in scored:
-            metrics[k] = {**after[k], "before": {m: before[k][m] for m in ("accuracy", "macro_f1", "loss")
-                                                 if m in before[k]}}
-            log(f"{k}: accuracy {before[k]['accuracy']:.4f} -> {after[k]['accuracy']:.4f}  macro-F1 "
-                f"{before[k]['macro_f1']:.4f} -> {after[k]['macro_f1']:.4f}  (n={after[k]['n']})")
-    else:
-        log("adapt: no labelled split left to score (unlabelled images, or --split all)")
-    write_json(out / "metrics.json", metrics)
-    mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        # Now, and only now, the labels: the adapted model against the original on the other splits.
+        scored = [k for k in ds.splits if k != split] if ds is not None and split != "all" else []
+        metrics = {}
+        if scored:
+            after = evaluate_checkpoint(out, data, split=",".join(scored), cache_dir=cache_dir, device=device, log=log)
+            before = evaluate_checkpoint(run, data, split=",".join(scored), cache_dir=cache_dir, device=device,
+                                         log=lambda _: None)
+            for k in scored:
+                metrics[k] = {**after[k], "before": {m: before[k][m] for m in ("accuracy", "macro_f1", "loss")
+                                                     if m in before[k]}}
+                log(f"{k}: accuracy {before[k]['accuracy']:.4f} -> {after[k]['accuracy']:.4f}  macro-F1 "
+                    f"{before[k]['macro_f1']:.4f} -> {after[k]['macro_f1']:.4f}  (n={after[k]['n']})")
+        else:
+            log("adapt: no labelled split left to score (unlabelled images, or --split all)")
+        write_json(out / "metrics.json", metrics)
+        mark_done(out, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return metrics
 
 

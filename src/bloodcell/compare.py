@@ -28,7 +28,10 @@ from bloodcell.info import STUDY
 from bloodcell.metrics import split_metrics
 from bloodcell.models import count_parameters, get_model, list_models, model_info
 from bloodcell.runfiles import (
+    check_out_dir,
+    has_files,
     read_predictions,
+    run_lock,
     write_csv,
     write_json,
     write_predictions,
@@ -139,21 +142,8 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
             for m in models}
     protocol = {**base.to_dict(), "models": models, "overrides": overrides}
     protocol.pop("model")
-    saved = out / "compare.yaml"
-    if saved.exists() and not overwrite:
-        # The model list may grow or shrink (finished models are kept); the protocol itself may not
-        # change, nor the overrides of a model already in the folder.
-        old, new = load_yaml(saved), json.loads(json.dumps(protocol))
-        both = set(old.get("models", [])) & set(models)
-        diff = sorted(k for k in (set(old) | set(new)) - {"models", "overrides", *RECORD_KEYS}
-                      if old.get(k, FIELD_DEFAULTS.get(k)) != new.get(k))
-        diff += [f"overrides of {m}" for m in sorted(both)
-                 if old.get("overrides", {}).get(m) != new["overrides"].get(m)]
-        if diff:
-            raise BloodcellError(f"{out} holds a comparison with another protocol (differs in: "
-                                 f"{', '.join(diff)}); use --overwrite or another --out")
-    elif out.exists() and any(out.iterdir()) and not overwrite and not saved.exists():
-        raise BloodcellError(f"{out} exists and is not a compare folder; choose another --out")
+    check_out_dir(out)
+    check_folder(out, protocol, overwrite)
     # Every data set the models need is read (or its cache found) before anything in OUT is
     # touched: a wrong path or unusable data fails here and leaves the folder as it was.
     t0 = time.perf_counter()
@@ -165,87 +155,109 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         if dataset_key(cfg) not in datasets:
             loaded[dataset_key(cfg)] = source_dataset(cfg)
             datasets[dataset_key(cfg)] = config_dataset(cfg, loaded[dataset_key(cfg)])
-    if overwrite and out.exists():
-        for p in ("runs", "figures"):
-            shutil.rmtree(out / p, ignore_errors=True)
-        for p in ("results.json", "results.csv", "report.html", "report.md", "compare.yaml"):
-            (out / p).unlink(missing_ok=True)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    write_yaml(saved, json.loads(json.dumps(protocol)))
+    # One comparison at a time writes here: a second process is refused, not mixed in.
+    with run_lock(out, "comparison"):
+        check_folder(out, protocol, overwrite)  # again, now that no other process can change it
+        if overwrite and out.exists():
+            for p in ("runs", "figures"):
+                shutil.rmtree(out / p, ignore_errors=True)
+            for p in ("results.json", "results.csv", "report.html", "report.md", "compare.yaml"):
+                (out / p).unlink(missing_ok=True)
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        write_yaml(out / "compare.yaml", json.loads(json.dumps(protocol)))
 
-    rows = []
-    run_info: dict = {}
-    for i, m in enumerate(models, 1):
-        cfg = cfgs[m]
-        run = out / "runs" / m
-        ds = datasets[dataset_key(cfg)]
-        if cfg.folds and cfg.fold is None:  # K folds under runs/<m>/folds/; a finished one is kept, as a finished model is
-            log(f"[{i}/{len(models)}] {m}: {cfg.folds}-fold cross-validation")
-            metrics = cross_validate(cfg, run, resume=(run / "config.yaml").exists(), log=log, progress=progress,
-                                     dataset=loaded[dataset_key(cfg)])
-        elif (run / "DONE").exists():
-            log(f"[{i}/{len(models)}] {m}: already finished, kept")
-            metrics = json.loads((run / "metrics.json").read_text())
-        else:
-            resume = (run / "last.pt").exists() and (run / "config.yaml").exists()
-            log(f"[{i}/{len(models)}] {m}: {'resuming' if resume else 'training'}")
-            metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress,
-                            dataset=ds)
-        arch = cfg.model  # the architecture of entry m (NAME of NAME@LABEL)
-        net = get_model(arch, **model_kwargs(cfg, len(ds.classes)))
-        r = metrics["run"]
-        run_info = run_info or r
-        rows.append({
-            "model": m, "description": model_info(arch)["description"], "params": count_parameters(net),
-            "image_size": cfg.image_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
-            "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
-            "train_minutes": r["train_minutes"], "train_images_per_s": r["train_images_per_s"],
-            "norm": cfg.norm if "norm" in model_info(arch)["options"] else None,
-            "precision": r["precision"],
-            # with --folds: the fold chosen on validation (its curves, predictions and Grad-CAMs)
-            "run_dir": f"runs/{m}" + (f"/folds/{r['chosen_fold']}" if "cv" in metrics else ""),
-            "pretrained": (r.get("pretrained") or {}).get("source"),  # the weights it started from
-            **{s: metrics[s] for s in ("val", "test", "test_simple") if s in metrics},
-            "study": dict(STUDY[arch]) if arch in STUDY else None,
-            **({"folds": r["folds"], "chosen_fold": r["chosen_fold"], "cv": metrics["cv"],
-                "out_of_fold": metrics.get("out_of_fold"), "cv_dir": f"runs/{m}"} if "cv" in metrics else {}),
-        })
-    ds0 = next(iter(datasets.values()))
-    if ensemble and any(c.folds for c in cfgs.values()):
-        log("--ensemble: not made with --folds (each model's chosen fold validated on other images)")
-    elif ensemble and len(rows) > 1 and len(datasets) == 1:
-        row = ensemble_row(out, rows, ds0)
-        if row is not None:
-            rows.append(row)
-    results = {
-        "bloodcell_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "command": command or "bloodcell.compare.compare(...)",
-        "protocol": {**protocol, "ensemble": ensemble},
-        "dataset": {"root": ds0.root, "layout": ds0.layout, "synthetic": ds0.layout == "synthetic",
-                    "group_by": ds0.group_by, "classes": ds0.classes, "image_size": ds0.image_size,
-                    "splits": ds0.summary(), "extra_train": ds0.extra_train, "sources": ds0.sources,
-                    "problems": [{"kind": p.kind, "detail": p.detail, "n": len(p.paths)} for p in ds0.problems]},
-        "environment": environment(run_info["device"], run_info["precision"], run_info["threads"]),
-        "models": rows,
-        "wall_minutes_this_session": (time.perf_counter() - t0) / 60,
-    }
-    write_json(out / "results.json", results)
-    write_results_csv(rows, out / "results.csv")
-    log(format_table(rows))
-    if report:
-        from bloodcell.report import (
-            build_report,  # lazy: matplotlib only where a report is asked for
-        )
+        rows = []
+        run_info: dict = {}
+        for i, m in enumerate(models, 1):
+            cfg = cfgs[m]
+            run = out / "runs" / m
+            ds = datasets[dataset_key(cfg)]
+            if cfg.folds and cfg.fold is None:  # K folds under runs/<m>/folds/; a finished one is kept, as a finished model is
+                log(f"[{i}/{len(models)}] {m}: {cfg.folds}-fold cross-validation")
+                metrics = cross_validate(cfg, run, resume=(run / "config.yaml").exists(), log=log, progress=progress,
+                                         dataset=loaded[dataset_key(cfg)])
+            elif (run / "DONE").exists():
+                log(f"[{i}/{len(models)}] {m}: already finished, kept")
+                metrics = json.loads((run / "metrics.json").read_text())
+            else:
+                resume = (run / "last.pt").exists() and (run / "config.yaml").exists()
+                log(f"[{i}/{len(models)}] {m}: {'resuming' if resume else 'training'}")
+                metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress,
+                                dataset=ds)
+            arch = cfg.model  # the architecture of entry m (NAME of NAME@LABEL)
+            net = get_model(arch, **model_kwargs(cfg, len(ds.classes)))
+            r = metrics["run"]
+            run_info = run_info or r
+            rows.append({
+                "model": m, "description": model_info(arch)["description"], "params": count_parameters(net),
+                "image_size": cfg.image_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+                "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
+                "train_minutes": r["train_minutes"], "train_images_per_s": r["train_images_per_s"],
+                "norm": cfg.norm if "norm" in model_info(arch)["options"] else None,
+                "precision": r["precision"],
+                # with --folds: the fold chosen on validation (its curves, predictions and Grad-CAMs)
+                "run_dir": f"runs/{m}" + (f"/folds/{r['chosen_fold']}" if "cv" in metrics else ""),
+                "pretrained": (r.get("pretrained") or {}).get("source"),  # the weights it started from
+                **{s: metrics[s] for s in ("val", "test", "test_simple") if s in metrics},
+                "study": dict(STUDY[arch]) if arch in STUDY else None,
+                **({"folds": r["folds"], "chosen_fold": r["chosen_fold"], "cv": metrics["cv"],
+                    "out_of_fold": metrics.get("out_of_fold"), "cv_dir": f"runs/{m}"} if "cv" in metrics else {}),
+            })
+        ds0 = next(iter(datasets.values()))
+        if ensemble and any(c.folds for c in cfgs.values()):
+            log("--ensemble: not made with --folds (each model's chosen fold validated on other images)")
+        elif ensemble and len(rows) > 1 and len(datasets) == 1:
+            row = ensemble_row(out, rows, ds0)
+            if row is not None:
+                rows.append(row)
+        results = {
+            "bloodcell_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": command or "bloodcell.compare.compare(...)",
+            "protocol": {**protocol, "ensemble": ensemble},
+            "dataset": {"root": ds0.root, "layout": ds0.layout, "synthetic": ds0.layout == "synthetic",
+                        "group_by": ds0.group_by, "classes": ds0.classes, "image_size": ds0.image_size,
+                        "splits": ds0.summary(), "extra_train": ds0.extra_train, "sources": ds0.sources,
+                        "problems": [{"kind": p.kind, "detail": p.detail, "n": len(p.paths)} for p in ds0.problems]},
+            "environment": environment(run_info["device"], run_info["precision"], run_info["threads"]),
+            "models": rows,
+            "wall_minutes_this_session": (time.perf_counter() - t0) / 60,
+        }
+        write_json(out / "results.json", results)
+        write_results_csv(rows, out / "results.csv")
+        log(format_table(rows))
+        if report:
+            from bloodcell.report import (
+                build_report,  # lazy: matplotlib only where a report is asked for
+            )
 
-        html, md = build_report(out)
-        log(f"report: {html}\n        {md}")
-    record(base.log, out, name=f"{out} (compare)", config=json.loads(json.dumps(protocol)), uri=base.mlflow_uri,
-           values={f"{r['model']}/{k}": v for r in rows for k, v in flat_metrics(
-               {s: r[s] for s in ("val", "test", "test_simple") if isinstance(r.get(s), dict)}).items()},
-           files=[out / n for n in ("results.json", "results.csv", "report.md", "report.html")],
-           tags={"bloodcell.compare": ",".join(models)}, log=log)
-    return results
+            html, md = build_report(out)
+            log(f"report: {html}\n        {md}")
+        record(base.log, out, name=f"{out} (compare)", config=json.loads(json.dumps(protocol)), uri=base.mlflow_uri,
+               values={f"{r['model']}/{k}": v for r in rows for k, v in flat_metrics(
+                   {s: r[s] for s in ("val", "test", "test_simple") if isinstance(r.get(s), dict)}).items()},
+               files=[out / n for n in ("results.json", "results.csv", "report.md", "report.html")],
+               tags={"bloodcell.compare": ",".join(models)}, log=log)
+        return results
+
+
+def check_folder(out: Path, protocol: dict, overwrite: bool) -> None:
+    """Refuse a folder that holds another comparison's protocol, or something else than a comparison."""
+    saved = out / "compare.yaml"
+    if saved.exists() and not overwrite:
+        # The model list may grow or shrink (finished models are kept); the protocol itself may not
+        # change, nor the overrides of a model already in the folder.
+        old, new = load_yaml(saved), json.loads(json.dumps(protocol))
+        both = set(old.get("models", [])) & set(protocol["models"])
+        diff = sorted(k for k in (set(old) | set(new)) - {"models", "overrides", *RECORD_KEYS}
+                      if old.get(k, FIELD_DEFAULTS.get(k)) != new.get(k))
+        diff += [f"overrides of {m}" for m in sorted(both)
+                 if old.get("overrides", {}).get(m) != new["overrides"].get(m)]
+        if diff:
+            raise BloodcellError(f"{out} holds a comparison with another protocol (differs in: "
+                                 f"{', '.join(diff)}); use --overwrite or another --out")
+    elif has_files(out) and not overwrite and not saved.exists():
+        raise BloodcellError(f"{out} exists and is not a compare folder; choose another --out")
 
 
 def write_results_csv(rows: list[dict], path: Path) -> None:

@@ -325,6 +325,8 @@ def make_config(cls, *sources: dict):
     merged: dict = {}
     for src in sources:
         for key, value in (src or {}).items():
+            if not isinstance(key, str):  # YAML allows `1: x`, `null: x`, `[a]: x`
+                raise ConfigError(f"config key {key!r} is not a name (a {type(key).__name__})")
             k = key.replace("-", "_")
             if k not in known:
                 close = [n for n in known if n.startswith(k[:3])]
@@ -337,10 +339,16 @@ def make_config(cls, *sources: dict):
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a missing file or non-mapping is a ConfigError."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict):

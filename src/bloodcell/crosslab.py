@@ -37,7 +37,15 @@ from bloodcell.config import FIELD_DEFAULTS, RECORD_KEYS, TrainConfig, load_yaml
 from bloodcell.data import discover, load_sources
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.evaluate import evaluate_checkpoint
-from bloodcell.runfiles import atomic_write, read_json, write_json, write_yaml
+from bloodcell.runfiles import (
+    atomic_write,
+    check_out_dir,
+    has_files,
+    read_json,
+    run_lock,
+    write_json,
+    write_yaml,
+)
 from bloodcell.train import train
 
 PROTOCOL_FILE = "crosslab.yaml"
@@ -63,7 +71,7 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
              report: bool = True, command: str | None = None, label_curve: tuple[int, ...] = ()) -> dict:
     """Leave each lab out once; write DIR/crosslab.json (the matrix, and with ``label_curve`` the
     accuracy against labelled cells per class) and the report; return it."""
-    out = Path(out)
+    out = check_out_dir(out)
     base = make_config(TrainConfig, shared)
     labs = base.sources
     if base.folds or base.fold is not None:
@@ -87,56 +95,57 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
         if diff:
             raise BloodcellError(f"{out} holds a crosslab run with another protocol (differs in: {', '.join(diff)}); "
                                  "use --overwrite or another --out")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    elif has_files(out) and not overwrite:
         raise BloodcellError(f"{out} exists and is not a crosslab folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_yaml(saved, json.loads(json.dumps(protocol)))
-    log(f"crosslab: {len(labs)} labs ({', '.join(names)}), classes {', '.join(classes)}, model {base.model}")
-    t0 = time.perf_counter()
-    folds = []
-    for k, (lab, name) in enumerate(zip(labs, names, strict=True)):
-        others = tuple(s for s in labs if s != lab)
-        cfg = make_config(TrainConfig, base.to_dict(), {"data": list(others)})
-        run = out / "folds" / f"{k}-{name}"
-        if (run / "DONE").exists() and not overwrite:
-            log(f"[{k + 1}/{len(labs)}] held out {name}: already finished, kept")
-            metrics = read_json(run / "metrics.json")
-        else:
-            resume = (run / "last.pt").exists() and (run / "config.yaml").exists() and not overwrite
-            log(f"[{k + 1}/{len(labs)}] held out {name}: {'resuming' if resume else 'training'} on "
-                f"{', '.join(lab_name(s) for s in others)}")
-            metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress)
-        held = evaluate_checkpoint(run, lab, split="all", cache_dir=cfg.cache_dir, device=cfg.device,
-                                   out=run / "held_out", log=log)["all"]
-        per = metrics["test"].get("per_source")
-        if per is None:  # one lab trained on
-            in_lab = {others[0]: metrics["test"]}
-        elif set(per) <= set(others):
-            in_lab = per
-        else:  # keyed by the layouts' roots (a run before sources kept their given names): same order
-            in_lab = dict(zip(others, per.values(), strict=False))
-        folds.append({"held_out": lab, "name": name, "trained_on": list(others), "run_dir": str(run.relative_to(out)),
-                      "held_out_metrics": held, "in_lab": in_lab, "best_epoch": metrics["run"]["best_epoch"],
-                      "train_minutes": metrics["run"]["train_minutes"]})
-        log(f"  held-out {name}: accuracy {held['accuracy']:.4f}  macro-F1 {held['macro_f1']:.4f}  (n={held['n']}); "
-            + "  ".join(f"in-lab {lab_name(s)} {m['accuracy']:.4f}" for s, m in in_lab.items()))
-    matrix = {f["name"]: {**{lab_name(s): m["accuracy"] for s, m in f["in_lab"].items()},
-                          f["name"]: f["held_out_metrics"]["accuracy"]} for f in folds}
-    curve = {f["name"]: fold_label_curve(out / f["run_dir"], f["held_out"], base, label_curve, log=log,
-                                         progress=progress) for f in folds} if label_curve else {}
-    write_crops(out / "crops.npz", labs, base)
-    res = {"bloodcell_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "command": command or "bloodcell.crosslab.crosslab(...)", "protocol": protocol, "classes": classes,
-           "labs": [{"root": s, "name": n} for s, n in zip(labs, names, strict=True)], "folds": folds,
-           "matrix": matrix, "label_curve": curve, "wall_minutes_this_session": (time.perf_counter() - t0) / 60}
-    write_json(out / "crosslab.json", res)
-    log(format_matrix(res))
-    if report:
-        # lazy: matplotlib only where a report is asked for (training code never imports it)
-        from bloodcell.report.crosslab import build_crosslab_report
+    with run_lock(out, "crosslab run"):  # one process at a time writes here
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(saved, json.loads(json.dumps(protocol)))
+        log(f"crosslab: {len(labs)} labs ({', '.join(names)}), classes {', '.join(classes)}, model {base.model}")
+        t0 = time.perf_counter()
+        folds = []
+        for k, (lab, name) in enumerate(zip(labs, names, strict=True)):
+            others = tuple(s for s in labs if s != lab)
+            cfg = make_config(TrainConfig, base.to_dict(), {"data": list(others)})
+            run = out / "folds" / f"{k}-{name}"
+            if (run / "DONE").exists() and not overwrite:
+                log(f"[{k + 1}/{len(labs)}] held out {name}: already finished, kept")
+                metrics = read_json(run / "metrics.json")
+            else:
+                resume = (run / "last.pt").exists() and (run / "config.yaml").exists() and not overwrite
+                log(f"[{k + 1}/{len(labs)}] held out {name}: {'resuming' if resume else 'training'} on "
+                    f"{', '.join(lab_name(s) for s in others)}")
+                metrics = train(cfg, run, resume=resume, overwrite=not resume, log=log, progress=progress)
+            held = evaluate_checkpoint(run, lab, split="all", cache_dir=cfg.cache_dir, device=cfg.device,
+                                       out=run / "held_out", log=log)["all"]
+            per = metrics["test"].get("per_source")
+            if per is None:  # one lab trained on
+                in_lab = {others[0]: metrics["test"]}
+            elif set(per) <= set(others):
+                in_lab = per
+            else:  # keyed by the layouts' roots (a run before sources kept their given names): same order
+                in_lab = dict(zip(others, per.values(), strict=False))
+            folds.append({"held_out": lab, "name": name, "trained_on": list(others), "run_dir": str(run.relative_to(out)),
+                          "held_out_metrics": held, "in_lab": in_lab, "best_epoch": metrics["run"]["best_epoch"],
+                          "train_minutes": metrics["run"]["train_minutes"]})
+            log(f"  held-out {name}: accuracy {held['accuracy']:.4f}  macro-F1 {held['macro_f1']:.4f}  (n={held['n']}); "
+                + "  ".join(f"in-lab {lab_name(s)} {m['accuracy']:.4f}" for s, m in in_lab.items()))
+        matrix = {f["name"]: {**{lab_name(s): m["accuracy"] for s, m in f["in_lab"].items()},
+                              f["name"]: f["held_out_metrics"]["accuracy"]} for f in folds}
+        curve = {f["name"]: fold_label_curve(out / f["run_dir"], f["held_out"], base, label_curve, log=log,
+                                             progress=progress) for f in folds} if label_curve else {}
+        write_crops(out / "crops.npz", labs, base)
+        res = {"bloodcell_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "command": command or "bloodcell.crosslab.crosslab(...)", "protocol": protocol, "classes": classes,
+               "labs": [{"root": s, "name": n} for s, n in zip(labs, names, strict=True)], "folds": folds,
+               "matrix": matrix, "label_curve": curve, "wall_minutes_this_session": (time.perf_counter() - t0) / 60}
+        write_json(out / "crosslab.json", res)
+        log(format_matrix(res))
+        if report:
+            # lazy: matplotlib only where a report is asked for (training code never imports it)
+            from bloodcell.report.crosslab import build_crosslab_report
 
-        log(f"report: {build_crosslab_report(out)}")
-    return res
+            log(f"report: {build_crosslab_report(out)}")
+        return res
 
 
 def fold_label_curve(run: Path, lab: str, base: TrainConfig, ks: tuple[int, ...], log=print,

@@ -19,7 +19,7 @@ from bloodcell.data import (
 from bloodcell.engine import evaluate
 from bloodcell.errors import BloodcellError
 from bloodcell.metrics import per_source_metrics, split_metrics
-from bloodcell.runfiles import write_json, write_predictions
+from bloodcell.runfiles import check_out_dir, write_json, write_predictions
 from bloodcell.runtime import resolve_device, resolve_precision, set_threads
 
 
@@ -54,6 +54,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
 
     ``data`` may be several sources (a list): each split is scored pooled and per source.
     """
+    if out is not None:  # before the model and the data load
+        check_out_dir(out)
     set_threads(0)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)

@@ -31,7 +31,7 @@ from bloodcell.checkpoint import load_model
 from bloodcell.config import EXPORT_FORMATS
 from bloodcell.errors import BloodcellError
 from bloodcell.predict_onnx import _value
-from bloodcell.runfiles import atomic_write
+from bloodcell.runfiles import atomic_write, check_out_file
 
 OPSET = 17
 META_FILE = "bloodcell.json"
@@ -227,16 +227,16 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
         raise BloodcellError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZE)}")
     if quantize != "none" and fmt != "onnx":
         raise BloodcellError("--quantize int8 needs --format onnx (ONNX Runtime's quantisation)")
+    out = check_out_file(out)
     model, meta = load_model(checkpoint)
     meta = {**meta, "parameters": sum(p.numel() for p in model.parameters())}
     size = int(meta["image_size"])
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     calib = None
     if quantize == "int8":
         from bloodcell.transforms import normalize, to_float
 
-        calib = normalize(to_float(torch.from_numpy(calibration_images(meta)))).contiguous()
+        calib = normalize(to_float(torch.from_numpy(calibration_images(meta))), meta["mean"], meta["std"]).contiguous()
         meta = {**meta, "quantize": "int8"}
     if fmt == "onnx":
         data = onnx_bytes(model, size, meta)

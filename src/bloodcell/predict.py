@@ -31,7 +31,7 @@ from bloodcell.errors import BloodcellError
 from bloodcell.export import onnx_bytes
 from bloodcell.info import IMAGE_EXTENSIONS
 from bloodcell.predict_onnx import result_rows
-from bloodcell.runfiles import atomic_write, read_csv
+from bloodcell.runfiles import atomic_write, check_out_dir, read_csv
 from bloodcell.runtime import physical_cores
 from bloodcell.transforms import TTA_VIEWS, normalize, to_float, tta_view
 
@@ -166,6 +166,7 @@ class Predictor:
         """One row per path, in order; a file that cannot be read gets a row with ``error`` set."""
         results: list[dict] = []
         if cam_dir is not None:
+            check_out_dir(cam_dir, "--cam")
             Path(cam_dir).mkdir(parents=True, exist_ok=True)
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]

@@ -11,7 +11,9 @@ A train run folder: ``config.yaml`` (the config as given, for --resume), ``resol
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -23,6 +25,7 @@ import yaml
 
 from bloodcell.errors import BloodcellError
 
+LOCK_FILE = ".lock"  # the run-folder lock (run_lock); never part of a run's results
 RUN_FILES = ("config.yaml", "history.csv", "best.pt", "last.pt", "splits.json", "metrics.json", "DONE")
 
 
@@ -86,6 +89,94 @@ def write_csv(path: str | os.PathLike, rows: list[dict] | list[list], fieldnames
     return atomic_write(path, buf.getvalue())
 
 
+# --- checking where output goes, before any work -----------------------------------------------
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (what a mkdir(parents=True) would start from)."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """A folder output may go to, created nowhere: a BloodcellError naming ``flag`` if it is a file,
+    if a part of it is a file, or if it (or the folder it would be created in) is not writable."""
+    path = Path(path)
+    base = _first_existing(path)
+    if base == path and not path.is_dir():
+        raise BloodcellError(f"{flag} {path}: is a file, not a folder")
+    if not base.is_dir():
+        raise BloodcellError(f"{flag} {path}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(base) else "permission denied"
+        raise BloodcellError(f"{flag} {path}: cannot write in {base} ({why})")
+    return path
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """A file output may be written to: not a folder, its folder as check_out_dir wants it."""
+    path = Path(path)
+    if path.is_dir():
+        raise BloodcellError(f"{flag} {path}: is a folder, not a file name")
+    try:
+        check_out_dir(path.parent, flag)
+    except BloodcellError as e:
+        raise BloodcellError(str(e).replace(f"{flag} {path.parent}:", f"{flag} {path}:", 1)) from None
+    return path
+
+
+def _read_only(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as the one line the CLI prints: what failed, on which path, and that nothing
+    already written was lost (every file goes through atomic_write)."""
+    where = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+    what = e.strerror or str(e)
+    line = f"{what}: {where}" if where is not None else what
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        line += " (disk full: files already written are whole; free space and run the command again)"
+    return line
+
+
+# --- one process per run folder -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, what: str = "run"):
+    """Hold ``folder``/.lock exclusively (fcntl.flock) while the block runs; a second process gets
+    a BloodcellError at once. The OS releases the lock when the process dies (SIGKILL included),
+    so a killed run never leaves a stale lock: the file may stay, the lock does not."""
+    import fcntl  # POSIX only: importing bloodcell elsewhere still works
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise BloodcellError(f"{folder} is in use by another bloodcell {what} (pid {holder}); wait "
+                                 "for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+def has_files(folder: Path) -> bool:
+    """Whether ``folder`` holds anything but the lock file."""
+    return folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir())
+
+
 # --- reading ----------------------------------------------------------------------------------
 
 
@@ -108,16 +199,16 @@ def read_json(path: str | os.PathLike):
 
 def prepare_run_dir(out: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber a finished run unless asked; create the folder. An overwritten run's files
-    stay until clear_run_dir, once the new run's data and model have loaded."""
+    stay until clear_run_dir, once the new run's data and model have loaded. Nothing is created
+    here: run_lock creates the folder when the run is about to write in it."""
     if resume:
         if not (out / "config.yaml").is_file():
             raise BloodcellError(f"--resume: {out} holds no run to resume (no config.yaml)")
         return
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if has_files(out) and not overwrite:
         what = "a finished run" if (out / "DONE").exists() else "files (an unfinished run?)"
         raise BloodcellError(f"{out} already holds {what}; use --overwrite to replace it"
                              + ("" if (out / "DONE").exists() else " or --resume to continue it"))
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def clear_run_dir(out: Path) -> None:

@@ -95,6 +95,17 @@ _stop_signal = [int(signal.SIGINT)]  # which signal asked, for the message and t
 _active: list[bool] = []  # non-empty inside a stop_between_batches block
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def exit_code(e: BaseException) -> int:
     """The exit code for a KeyboardInterrupt: 128 + its signal (a plain one is SIGINT's, 130)."""
     return e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -43,9 +44,11 @@ from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, 
 from bloodcell.models import get_model, model_info
 from bloodcell.pretrained import new_parameters, preflight, weights_info
 from bloodcell.runfiles import (
+    check_out_dir,
     clear_run_dir,
     mark_done,
     prepare_run_dir,
+    run_lock,
     write_history,
     write_json,
     write_predictions,
@@ -157,17 +160,22 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     ``on_epoch(epoch, history_row)`` is called after each epoch's validation (a tuner reports and
     prunes there); ``dataset`` reuses an already loaded Dataset. Under torchrun every process calls
     this; rank 0 alone writes the run folder and logs. With ``cfg.nproc`` > 1 (and no torchrun)
-    the run is launched on that many processes here (distributed.launch) and this one waits.
+    the run is launched on that many processes here (distributed.launch) and this one waits. One
+    run at a time trains in ``out`` (runfiles.run_lock, held by rank 0): a second one is refused.
     """
     out = Path(out)
     if cfg.folds and cfg.fold is None:
         raise ConfigError("folds: train() runs one model (give fold too); bloodcell.crossval.cross_validate "
                           "runs every fold (bloodcell train --folds K)")
     check_trackers(cfg.log)  # a tracker that is not installed: refused before anything is written
+    if not resume:
+        check_out_dir(out)
     world = distributed.setup()
-    with distributed.peers_guard(world, out):
+    with distributed.peers_guard(world, out), contextlib.ExitStack() as held:
+        # the lock, from the first write in ``out`` to the end (rank 0's; a launching parent's never)
         return _train(world, cfg, out, overwrite, resume, log if world.main else _silent,
-                      progress and world.main, dataset, on_epoch)
+                      progress and world.main, dataset, on_epoch,
+                      lock=lambda: held.enter_context(run_lock(out, "training")))
 
 
 def _silent(msg: str) -> None:
@@ -195,7 +203,8 @@ def launch_train(cfg: TrainConfig, out: Path, *, overwrite: bool, resume: bool, 
 
 
 def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, log, progress: bool,
-           dataset: Dataset | None, on_epoch) -> dict:
+           dataset: Dataset | None, on_epoch, lock) -> dict:
+    """train's work; ``lock()`` locks the run folder (creating it), called before its first write."""
     def prepare():
         prepare_run_dir(out, overwrite, resume)
         if not resume:
@@ -273,6 +282,8 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
                 f"{cfg.image_size} px (--image-size {recipe['input_size']} matches them)")
 
     def write_start() -> None:
+        lock()
+        prepare_run_dir(out, overwrite, resume)  # again, now that no other process can change it
         if not resume:
             clear_run_dir(out)
             write_yaml(out / "config.yaml", cfg.to_dict())

@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a library function's argument check, e.g. an unknown model name
         print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the checks before the work could not foresee: a full disk, a race
+        from bloodcell.runfiles import os_error_line  # lazy: start-up
+
+        print(f"bloodcell: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         if not speaks(_world(env_world), e):
             return exit_code(e)

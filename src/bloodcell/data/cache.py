@@ -20,8 +20,8 @@ import numpy as np
 from bloodcell.data import synthetic
 from bloodcell.data.images import RESIZE_MODES, describe_error, load_image
 from bloodcell.data.records import Item
-from bloodcell.runfiles import write_json
-from bloodcell.runtime import check_stop, worker_map
+from bloodcell.runfiles import check_out_dir, write_json
+from bloodcell.runtime import check_stop, pid_alive, worker_map
 
 CACHE_FORMAT = 1
 
@@ -36,7 +36,7 @@ def default_cache_dir() -> Path:
 
 def cache_folder(cache_dir: str | os.PathLike | None) -> Path:
     """``cache_dir``, or default_cache_dir() when it is not given; created if missing."""
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = check_out_dir(Path(cache_dir) if cache_dir else default_cache_dir(), "cache folder")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -68,16 +68,36 @@ def write_array(path: Path, shape: tuple[int, ...], fill):
     """Create the uint8 array file ``path`` (.npy) of ``shape``: ``fill(tmp)`` writes the rows into the
     file at ``tmp`` (open it with ``np.load(tmp, mmap_mode="r+")``), then one rename makes it whole,
     so an interrupted build never leaves a file a later run would read. Returns what ``fill`` returns."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+    # A build killed outright (SIGKILL, power) left its temporary, as big as the array: remove
+    # those of processes that are gone. The name carries the builder's process id for that.
+    for old in path.parent.glob(f".{path.stem}.*.npy"):
+        pid = old.name.split(".")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=".npy", dir=path.parent)
     os.close(fd)
     try:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()  # header and size
+        reserve(tmp)
         out = fill(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate a (sparse) file's blocks now: a full disk is then an OSError (ENOSPC) here, not a
+    SIGBUS that kills whichever process later writes a page of the memory map."""
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the map's writes are unreserved
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None  # say which file
+        finally:
+            os.close(fd)
 
 
 def build_cache(items: list[Item], size: int, resize: str = "squash", cache_dir: str | os.PathLike | None = None,
@@ -133,6 +153,10 @@ def synthetic_arrays(n: int, size: int, seed: int,
     images, labels = synthetic.generate(n, size, seed)
     for target, arr in ((f_labels, labels), (f, images)):  # images last: their presence means complete
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, target)
+        try:
+            np.save(tmp, arr)
+            os.replace(tmp, target)
+        except BaseException:  # a full disk, say: no half file left behind
+            tmp.unlink(missing_ok=True)
+            raise
     return images, labels, False

@@ -99,6 +99,8 @@ def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squas
         if len(src) == 0:
             raise ImageError("empty file", "empty")
         src = io.BytesIO(src)
+    elif os.path.isfile(src) and os.path.getsize(src) == 0:  # as for bytes: not "not an image"
+        raise ImageError("empty file", "empty")
     try:
         return load_image(src, size, resize, max_pixels)  # PIL opens file objects as well as paths
     except FileNotFoundError:

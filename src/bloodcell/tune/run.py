@@ -16,7 +16,7 @@ from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.models import model_info
 from bloodcell.report.tune import TuneData, columns, write_tune_report
-from bloodcell.runfiles import write_csv, write_json, write_yaml
+from bloodcell.runfiles import check_out_dir, write_csv, write_json, write_yaml
 from bloodcell.runtime import stop_between_batches
 from bloodcell.tune.objective import make_objective, short, stop_when_full
 from bloodcell.tune.space import (
@@ -33,6 +33,7 @@ from bloodcell.tune.study import (
     SurplusTrial,
     counts,
     differences,
+    fail_dead_workers,
     fail_own_running,
     importances,
     masked,
@@ -56,7 +57,7 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
     runs: a resumed or joined study stops when it has that many. ``pruner`` may also be an optuna
     pruner object. ``resume=True`` reads everything but trials/timeout from ``out/tune.yaml``.
     """
-    out = Path(out)
+    out = check_out_dir(out, "--resume" if resume else "--out")
     if resume:
         old = read_settings(out)
         settings = dataclasses.replace(old, trials=trials or old.trials,
@@ -72,9 +73,10 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
                 raise BloodcellError(f"{out} already holds a study with other settings ({'; '.join(diff)});"
                                      f" use 'bloodcell tune --resume {out}' or another --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_settings(settings, out)
-
+    # the storage first: one that cannot be opened leaves no tune.yaml that a rerun would be held to
     study = open_study(settings, out, pruner=None if isinstance(pruner, str) or resume else pruner)
+    write_settings(settings, out)
+    fail_dead_workers(study, log)
     retry_interrupted(study, log)
     c = counts(study)
     finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
@@ -111,7 +113,10 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
             raise ConfigError(f"base config: {k!r} is set by tune's own argument, not the config")
     if base.get("folds") or base.get("fold") is not None:
         raise ConfigError("tune trains each trial on one train/val split; --folds is for train and compare")
-    data = make_config(TrainConfig, base, {"data": data, "model": model}).data
+    cfg = make_config(TrainConfig, base, {"data": data, "model": model})
+    if cfg.cache_dir:  # now, not in the first trial (a failed trial and optuna's traceback)
+        check_out_dir(cfg.cache_dir, "--cache-dir")
+    data = cfg.data
     for source in ([data] if isinstance(data, str) else data):  # a bad path: one line now, not a failed trial
         if not is_synthetic(source):
             raise_if_fatal(discover(source, group_regex=base.get("group_regex"),

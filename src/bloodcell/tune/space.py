@@ -137,6 +137,8 @@ def load_space(path: str | Path | dict | None = None, model: str | None = None,
         where = "space" if isinstance(path, dict) else f"space file {path}"
         data = path if isinstance(path, dict) else load_yaml(path)
         for k, v in data.items():
+            if not isinstance(k, str):  # YAML allows `1: x`, `null: x`
+                raise ConfigError(f"{where}: key {k!r} is not a config key name")
             space[k.replace("-", "_")] = _parse_entry(where, k.replace("-", "_"), v)
     if model is not None:
         info = model_info(model)

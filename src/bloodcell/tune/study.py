@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from bloodcell.config import PRUNE_FROM_EPOCH, TrainConfig, TuneSettings, load_yaml
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.runfiles import write_yaml
+from bloodcell.runtime import pid_alive
 
 SETTINGS_FILE = "tune.yaml"
 STALE_AFTER_S = 120  # a running trial without a heartbeat for this long is failed and retried
@@ -207,6 +208,19 @@ def fail_own_running(study, started) -> None:
         owner = t.user_attrs.get("worker")
         if owner == me or (owner is None and t.datetime_start and t.datetime_start >= started):
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def fail_dead_workers(study, log) -> None:
+    """Mark RUNNING trials whose worker was a process on this machine that no longer exists (a
+    SIGKILL, a crash, a power cut) as failed now, so this run retries them at once instead of
+    counting them as running until their heartbeat goes stale (STALE_AFTER_S)."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker") or ""
+        name, _, pid = owner.rpartition(":")
+        if name == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            log(f"trial {t.number}: its worker (process {pid}) is gone; marked failed")
 
 
 def retry_interrupted(study, log) -> None:
