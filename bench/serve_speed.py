@@ -62,25 +62,34 @@ def default_model(folder: Path) -> tuple[str, bytes]:
     return str(out), jpeg_bytes()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """python bench/serve_speed.py --onnx model.onnx --image cell.jpeg"""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """The flags of the model, the request and the server (serve_speed.py and soak.py)."""
     ap.add_argument("--onnx", help="exported model (default: an untrained cnn4x32 at 64 px)")
     ap.add_argument("--image", help="JPEG to send (default: a generated 320 x 240 one)")
-    ap.add_argument("--requests", type=int, default=3000, help="per round")
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=4.0, help="in-process measurement per round")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--decoders", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="write the figures here")
+
+
+def model_and_payload(args, folder: Path) -> tuple[str, bytes]:
+    """The model file to serve and the bytes each request sends, as the flags say."""
+    onnx, payload = default_model(folder) if not args.onnx else (args.onnx, b"")
+    return onnx, Path(args.image).read_bytes() if args.image else payload
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """python bench/serve_speed.py --onnx model.onnx --image cell.jpeg"""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_args(ap)
+    ap.add_argument("--requests", type=int, default=3000, help="per round")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0, help="in-process measurement per round")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx, payload = default_model(Path(tmp)) if not args.onnx else (args.onnx, b"")
-        if args.image:
-            payload = Path(args.image).read_bytes()
+        onnx, payload = model_and_payload(args, Path(tmp))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(onnx, port, args)

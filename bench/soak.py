@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling bench scripts, not the package
 from load_test import fast_load, free_port  # noqa: E402
-from serve_speed import default_model, start_server  # noqa: E402
+from serve_speed import add_server_args, model_and_payload, start_server  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -42,20 +42,13 @@ def rss_mb(pid: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     """python bench/soak.py --requests 10000 --concurrency 32"""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--onnx", help="exported model (default: an untrained cnn4x32 at 64 px)")
-    ap.add_argument("--image", help="JPEG to send (default: a generated 320 x 240 one)")
+    add_server_args(ap)
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--decoders", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx, payload = default_model(Path(tmp)) if not args.onnx else (args.onnx, b"")
-        if args.image:
-            payload = Path(args.image).read_bytes()
+        onnx, payload = model_and_payload(args, Path(tmp))
         port = free_port()
         proc = start_server(onnx, port, args)
         memory: dict[int, float] = {0: rss_mb(proc.pid)}
