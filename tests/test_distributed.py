@@ -129,7 +129,8 @@ def test_torchrun_two_processes_learn_into_one_folder_scored_alike_in_one(tmp_pa
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["ddp"]
     assert {p.name for p in run.iterdir()} == {"config.yaml", "resolved.yaml", "splits.json", "history.csv",
                                                 "best.pt", "last.pt", "predictions_val.csv",
-                                                "predictions_test.csv", "metrics.json", "DONE"}
+                                                "predictions_test.csv", "metrics.json", "DONE",
+                                                ".lock"}  # rank 0's run-folder lock (runfiles.run_lock)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["run"]["processes"] == 2
     assert metrics["test"]["accuracy"] > 0.6  # 4 classes: chance is 0.25
