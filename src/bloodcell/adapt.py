@@ -32,6 +32,7 @@ from torch import nn
 
 from bloodcell.checkpoint import load_model, model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.data import BatchLoader, Split, discover, problem_lines
+from bloodcell.data.dataset import JoinedRows
 from bloodcell.data.images import describe_error, load_image
 from bloodcell.data.layouts import IMAGE_EXTENSIONS, is_synthetic
 from bloodcell.errors import BloodcellError
@@ -78,12 +79,9 @@ def images_of(ds, split: str) -> Split:
     if split != "all" and split not in ds.splits:
         raise BloodcellError(f"split {split!r} not in the data; it has: {', '.join(ds.splits)}, all")
     parts = list(ds.splits.values()) if split == "all" else [ds.splits[split]]
-    if len(parts) == 1:
-        s = parts[0]
-        images = s.images
-    else:
-        images = np.concatenate([np.asarray(p.images) for p in parts])
-    n = len(images)
+    # several splits: a lazy concatenation, as join_sources makes (no copy of a memory map)
+    images = parts[0].images if len(parts) == 1 else JoinedRows([p.images for p in parts])
+    n = sum(len(p) for p in parts)
     return Split(images, np.zeros(n, dtype=np.int64), np.arange(n), [q for p in parts for q in p.paths])
 
 

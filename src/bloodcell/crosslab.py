@@ -34,7 +34,7 @@ import numpy as np
 from bloodcell import __version__
 from bloodcell.adapt import adapt
 from bloodcell.config import FIELD_DEFAULTS, RECORD_KEYS, TrainConfig, load_yaml, make_config
-from bloodcell.data import discover, load_sources
+from bloodcell.data import discover
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.evaluate import evaluate_checkpoint
 from bloodcell.runfiles import (
@@ -46,7 +46,7 @@ from bloodcell.runfiles import (
     write_json,
     write_yaml,
 )
-from bloodcell.train import train
+from bloodcell.train import config_dataset, train
 
 PROTOCOL_FILE = "crosslab.yaml"
 # Fine-tuning on K labelled cells per class: few images, so many short epochs at a lower rate, and
@@ -155,13 +155,12 @@ def fold_label_curve(run: Path, lab: str, base: TrainConfig, ks: tuple[int, ...]
     Returns {"n_test", "trained", "adapted", "k": {K: {"accuracy", "macro_f1", "cells"}}}; the runs
     are kept under the fold (``adapted/``, ``k<K>/``) and a finished one is reused."""
     lab_cfg = make_config(TrainConfig, base.to_dict(), {"data": lab})
-    trained = evaluate_checkpoint(run, lab, split="test", cache_dir=base.cache_dir, device=base.device,
-                                  log=lambda _: None)["test"]
     if not (run / "adapted" / "DONE").exists():
         adapt(run, lab, run / "adapted", split="train", cache_dir=base.cache_dir, device=base.device,
               seed=base.seed, overwrite=True, log=log)
-    adapted = read_json(run / "adapted" / "metrics.json")["test"]
-    curve = {"n_test": trained["n"], "trained": {m: trained[m] for m in ("accuracy", "macro_f1")},
+    adapted = read_json(run / "adapted" / "metrics.json")["test"]  # "before": the fold's model as trained
+    trained = adapted["before"]
+    curve = {"n_test": adapted["n"], "trained": {m: trained[m] for m in ("accuracy", "macro_f1")},
              "adapted": {m: adapted[m] for m in ("accuracy", "macro_f1")}, "k": {}}
     log(f"  {lab_name(lab)} test split: as trained {trained['accuracy']:.4f}, adapted {adapted['accuracy']:.4f}")
     for k in ks:
@@ -185,9 +184,7 @@ def write_crops(path: Path, labs: tuple[str, ...], base: TrainConfig) -> None:
     classes), for the report's contact sheet: DIR/crops.npz, one uint8 N x H x W x 3 array per lab."""
     arrays = {}
     for lab in labs:
-        ds = load_sources(lab, image_size=base.image_size, seed=base.seed, resize=base.resize,
-                          cache_dir=base.cache_dir, fractions=base.fractions, val_fraction=base.val_fraction,
-                          group_regex=base.group_regex, group_by=base.group_by)
+        ds = config_dataset(make_config(TrainConfig, base.to_dict(), {"data": lab}))
         s = ds.splits.get("test") or next(iter(ds.splits.values()))
         per = max(1, CROPS_PER_LAB // len(ds.classes))
         rows = [r for i in range(len(ds.classes)) for r in np.flatnonzero(s.labels == i)[:per]][:CROPS_PER_LAB]
