@@ -33,7 +33,7 @@ from torch import nn
 from bloodcell.checkpoint import load_model, model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.data import BatchLoader, Split, discover, problem_lines
 from bloodcell.data.dataset import JoinedRows
-from bloodcell.data.images import describe_error, load_image
+from bloodcell.data.images import ImageError, decode_image
 from bloodcell.data.layouts import IMAGE_EXTENSIONS, is_synthetic
 from bloodcell.errors import BloodcellError
 from bloodcell.evaluate import checkpoint_data, evaluate_checkpoint
@@ -64,10 +64,10 @@ def unlabelled_folder(data: str, image_size: int, resize: str, log=print) -> Spl
     images, paths = [], []
     for f in files:
         try:
-            images.append(load_image(str(f), image_size, resize))
+            images.append(decode_image(str(f), image_size, resize))
             paths.append(str(f))
-        except Exception as e:  # noqa: BLE001 - any decoding failure: that file is skipped, and said
-            log(f"adapt: skipped {f}: {describe_error(e)}")
+        except ImageError as e:  # that file is skipped, and said
+            log(f"adapt: skipped {f}: {e}")
     if not images:
         raise BloodcellError(f"no readable image in {data}")
     n = len(images)
