@@ -129,7 +129,8 @@ def snapshot(*roots: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("argv, needle", ROWS, ids=[" ".join(a[:1] + [x for x in a if "{" in x]) + f" #{i}"
                                                     for i, (a, _) in enumerate(ROWS)])
-def test_a_bad_path_is_one_line_and_changes_nothing(argv, needle, places, capsys):
+def test_a_bad_path_is_one_line_and_changes_nothing(argv, needle, places, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # rows without --out use the default (runs/...): not the checkout's own
     before = snapshot(places["file"], places["dir"], places["run"])
     code, err = run_cli(fill(argv, places), capsys)
     assert code != 0 and len(err) == 1, err
