@@ -15,13 +15,7 @@ import numpy as np
 
 from bloodcell.errors import BloodcellError
 from bloodcell.report.document import Block, Cell, Figure, Table, render_html, render_md
-from bloodcell.report.figures import (
-    PALETTE,
-    fig_confusions,
-    fig_contact_sheet,
-    fig_label_curve,
-    style,
-)
+from bloodcell.report.figures import PALETTE, fig_confusions, figure, pct_axis, png, style
 from bloodcell.report.format import MISSING, count, fixed, pct, pct_ci, setting
 from bloodcell.runfiles import atomic_write, read_json
 
@@ -130,3 +124,51 @@ def build_crosslab_report(dir: str | Path) -> Path:
     atomic_write(d / "report.html", render_html(blocks, title, sub, nav=NAV, footer=FOOTER))
     atomic_write(d / "report.md", render_md(blocks, title, sub, d / "figures"))
     return d / "report.html"
+
+
+# --- figures ---------------------------------------------------------------------------------------
+
+
+def fig_label_curve(curve: dict) -> bytes:
+    """Crosslab: per held-out lab, test accuracy against labelled cells per class (0: as trained,
+    and adapted without labels, the hollow marker at 0)."""
+    fig = figure(6.2, 3.4)
+    ax = fig.subplots()
+    for i, (lab, c) in enumerate(curve.items()):
+        color = PALETTE[i % len(PALETTE)]
+        ks = sorted(int(k) for k in c["k"])
+        xs = [0, *ks]
+        ax.plot(xs, [c["trained"]["accuracy"], *(c["k"][str(k)]["accuracy"] for k in ks)], "o-", color=color,
+                label=lab)
+        ax.plot([0], [c["adapted"]["accuracy"]], "o", mfc="white", color=color)
+    ax.plot([], [], "o", mfc="white", color="#6b7280", label="adapted, no label")
+    ax.set_xscale("symlog", linthresh=5)
+    ax.set_xticks([0, 5, 10, 25, 50], ["0", "5", "10", "25", "50"])
+    ax.set_xlabel("labelled cells per class of the held-out lab")
+    ax.set_ylabel("test accuracy there")
+    ax.set_ylim(0, 1)
+    pct_axis(ax)
+    ax.legend(loc="lower right", frameon=False)
+    return png(fig)
+
+
+def fig_contact_sheet(crops: dict[str, np.ndarray]) -> bytes:
+    """One row per lab of the images as the model sees them (size, resize): do the cells fill the
+    frame alike in every lab?"""
+    n = max(len(a) for a in crops.values())
+    fig = figure(1.0 * n + 1.2, 1.0 * len(crops) + 0.2)
+    axs = fig.subplots(len(crops), n, squeeze=False)
+    for r, (lab, arr) in enumerate(crops.items()):
+        for c in range(n):
+            ax = axs[r, c]
+            ax.set_axis_off()
+            if c < len(arr):
+                ax.imshow(arr[c])
+        axs[r, 0].set_axis_on()
+        axs[r, 0].set_xticks([])
+        axs[r, 0].set_yticks([])
+        axs[r, 0].grid(False)
+        for s in axs[r, 0].spines.values():
+            s.set_visible(False)
+        axs[r, 0].set_ylabel(lab, rotation=0, ha="right", va="center")
+    return png(fig)

@@ -1,10 +1,12 @@
-"""Every figure of the reports, drawn with matplotlib's object API (``Figure``, never pyplot: no
-global state, no backend switched in the caller's process) and returned as small PNG bytes.
+"""The reports' shared look and the compare report's figures, drawn with matplotlib's object API
+(``Figure``, never pyplot: no global state, no backend switched in the caller's process) and
+returned as small PNG bytes.
 
-Compare report: learning curves, the validation overlay, confusion matrices, recall per class,
-accuracy against cost, and the gallery of confident errors (Pillow). Tuning report: the optimisation
-history, validation per epoch, parameter importances and the metric against one parameter. Draw
-them inside ``style()``, the shared look.
+Shared: ``style()`` (draw every figure inside it), ``figure``, ``png``, the palette, the percent
+axis, thumbnails and the font. Compare report: learning curves, the validation overlay, confusion
+matrices (the crosslab report's too), recall per class, accuracy against cost, and the gallery of
+confident errors (Pillow). The tuning and crosslab reports draw their own figures, in
+``report/tune.py`` and ``report/crosslab.py``, with these helpers.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def png(fig: Figure) -> bytes:
     return out.getvalue()
 
 
-def _pct_axis(ax, axis: str = "y") -> None:
+def pct_axis(ax, axis: str = "y") -> None:
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(PercentFormatter(1.0, decimals=0))
 
 
@@ -113,7 +115,7 @@ def fig_learning_curves(models: list[dict], histories: dict, colors: dict) -> by
             ax.set_ylabel(label if i % ncols == 0 else "")
         a_loss.set_ylim(0, loss_max)
         a_acc.set_ylim(0, 1.0)
-        _pct_axis(a_acc)
+        pct_axis(a_acc)
         a_acc.set_xlabel("epoch")
     keys = [Line2D([], [], color="#374151", ls="--", lw=1.4, label="train"),
             Line2D([], [], color="#374151", lw=1.8, label="validation"),
@@ -138,7 +140,7 @@ def fig_val_overlay(models: list[dict], histories: dict, colors: dict) -> bytes 
     a_acc.set_title("validation accuracy", loc="left")
     a_loss.set_title("validation loss", loc="left")
     a_acc.set_ylim(0, 1)
-    _pct_axis(a_acc)
+    pct_axis(a_acc)
     for ax in (a_acc, a_loss):
         ax.set_xlabel("epoch")
     fig.legend(handles=a_acc.get_lines() or a_loss.get_lines(), loc="outside right upper", frameon=False)
@@ -189,51 +191,6 @@ def fig_confusions(models: list[dict], classes: list[str], colors: dict) -> byte
     return png(fig)
 
 
-def fig_label_curve(curve: dict) -> bytes:
-    """Crosslab: per held-out lab, test accuracy against labelled cells per class (0: as trained,
-    and adapted without labels, the hollow marker at 0)."""
-    fig = figure(6.2, 3.4)
-    ax = fig.subplots()
-    for i, (lab, c) in enumerate(curve.items()):
-        color = PALETTE[i % len(PALETTE)]
-        ks = sorted(int(k) for k in c["k"])
-        xs = [0, *ks]
-        ax.plot(xs, [c["trained"]["accuracy"], *(c["k"][str(k)]["accuracy"] for k in ks)], "o-", color=color,
-                label=lab)
-        ax.plot([0], [c["adapted"]["accuracy"]], "o", mfc="white", color=color)
-    ax.plot([], [], "o", mfc="white", color="#6b7280", label="adapted, no label")
-    ax.set_xscale("symlog", linthresh=5)
-    ax.set_xticks([0, 5, 10, 25, 50], ["0", "5", "10", "25", "50"])
-    ax.set_xlabel("labelled cells per class of the held-out lab")
-    ax.set_ylabel("test accuracy there")
-    ax.set_ylim(0, 1)
-    _pct_axis(ax)
-    ax.legend(loc="lower right", frameon=False)
-    return png(fig)
-
-
-def fig_contact_sheet(crops: dict[str, np.ndarray]) -> bytes:
-    """One row per lab of the images as the model sees them (size, resize): do the cells fill the
-    frame alike in every lab?"""
-    n = max(len(a) for a in crops.values())
-    fig = figure(1.0 * n + 1.2, 1.0 * len(crops) + 0.2)
-    axs = fig.subplots(len(crops), n, squeeze=False)
-    for r, (lab, arr) in enumerate(crops.items()):
-        for c in range(n):
-            ax = axs[r, c]
-            ax.set_axis_off()
-            if c < len(arr):
-                ax.imshow(arr[c])
-        axs[r, 0].set_axis_on()
-        axs[r, 0].set_xticks([])
-        axs[r, 0].set_yticks([])
-        axs[r, 0].grid(False)
-        for s in axs[r, 0].spines.values():
-            s.set_visible(False)
-        axs[r, 0].set_ylabel(lab, rotation=0, ha="right", va="center")
-    return png(fig)
-
-
 def fig_recall(models: list[dict], classes: list[str], colors: dict) -> bytes | None:
     """Grouped bars: test recall per class, one bar per model."""
     have = [r for r in models if isinstance(metric(r, "test", "per_class"), dict)]
@@ -251,7 +208,7 @@ def fig_recall(models: list[dict], classes: list[str], colors: dict) -> bytes | 
                label=row["model"])
     ax.set_xticks(x, classes)
     ax.set_ylim(0, 1.0)
-    _pct_axis(ax)
+    pct_axis(ax)
     ax.set_ylabel("test recall")
     ax.grid(axis="x", visible=False)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
@@ -300,7 +257,7 @@ def fig_cost(models: list[dict], colors: dict) -> bytes | None:
             _empty(ax, f"no {key} recorded")
         ax.set_xlabel(label)
     axs[0].set_ylabel("test accuracy (95 % CI)")
-    _pct_axis(axs[0])
+    pct_axis(axs[0])
     return png(fig)
 
 
@@ -356,73 +313,3 @@ def fig_wrong(rows: list[dict], base: Path) -> tuple[bytes, list[str]]:
     out = io.BytesIO()
     canvas.quantize(256, dither=Image.Dither.FLOYDSTEINBERG).save(out, format="PNG", optimize=True)
     return out.getvalue(), missing
-
-
-# --- the tuning report: rows are tune's trial rows (number, state, value, params, _curve) -------
-
-
-def fig_tune_history(rows: list[dict], ylabel: str) -> bytes:
-    """Each trial's value by trial number, pruned ones at their last report, and the best so far."""
-    done = [r for r in rows if r["state"] == "complete"]
-    pruned = [r for r in rows if r["state"] == "pruned" and r["value"] is not None]
-    fig = figure(6.4, 3.6)
-    ax = fig.subplots()
-    ax.scatter([r["number"] for r in done], [r["value"] for r in done], label="completed", zorder=3)
-    ax.scatter([r["number"] for r in pruned], [r["value"] for r in pruned], marker="x", c="grey",
-               label="pruned (last reported value)", zorder=3)
-    if done:
-        order = sorted(done, key=lambda r: r["number"])
-        best = np.maximum.accumulate([r["value"] for r in order])
-        ax.step([r["number"] for r in order], best, where="post", c="C3", label="best so far")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="trial", ylabel=ylabel, title="Optimisation history")
-    ax.legend(fontsize=8)
-    return png(fig)
-
-
-def fig_tune_curves(rows: list[dict], ylabel: str) -> bytes:
-    """The validation metric per epoch of every trial; pruned ones dotted."""
-    fig = figure(6.4, 3.6)
-    ax = fig.subplots()
-    for r in rows:
-        if r["_curve"]:
-            ax.plot(list(r["_curve"]), list(r["_curve"].values()), alpha=0.7,
-                    ls="-" if r["state"] == "complete" else ":", marker=".")
-    ax.set(xlabel="epoch", ylabel=ylabel, title="Validation per epoch (dotted: pruned)")
-    return png(fig)
-
-
-def fig_importances(importances: dict[str, float]) -> bytes:
-    """Horizontal bars, the most important parameter on top."""
-    names = list(importances)[::-1]
-    fig = figure(6.4, 0.4 * len(names) + 1.2)
-    ax = fig.subplots()
-    ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance (share of the variance in the metric)", title="Parameter importances")
-    return png(fig)
-
-
-def fig_tune_param(rows: list[dict], key: str, ylabel: str) -> bytes | None:
-    """The metric against one parameter: completed trials jittered, their best and median, pruned
-    ones as x; None when no completed trial has the parameter."""
-    done = [r for r in rows if r["state"] == "complete"]
-    pruned = [r for r in rows if r["state"] == "pruned" and r["value"] is not None]
-    pts = [(r[key], r["value"]) for r in done if r.get(key) is not None]
-    pp = [(r[key], r["value"]) for r in pruned if r.get(key) is not None]
-    if not pts:
-        return None
-    fig = figure(6.4, 3.6)
-    ax = fig.subplots()
-    xs = sorted({x for x, _ in pts + pp})
-    rng = np.random.default_rng(0)
-    for i, x in enumerate(xs):
-        ys = [y for xx, y in pts if xx == x]
-        if not ys:
-            continue
-        ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, c="C0", alpha=0.7, zorder=3)
-        ax.plot([i - 0.3, i + 0.3], [max(ys)] * 2, c="C3", lw=2)
-        ax.plot([i - 0.3, i + 0.3], [float(np.median(ys))] * 2, c="k", lw=1)
-    ax.scatter([xs.index(x) for x, _ in pp], [y for _, y in pp], marker="x", c="grey", zorder=2)
-    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-    ax.set(xlabel=key, ylabel=ylabel, title=f"{ylabel} against {key} (red: best, black: median, x: pruned)")
-    return png(fig)

@@ -3,6 +3,8 @@ renderer as the compare report.
 
 It takes plain data (``TuneData``: the settings, counts per state, trial rows, the best trial,
 importances), which ``bloodcell.tune`` reads from the study's storage; nothing here knows Optuna.
+Its figures (the optimisation history, validation per epoch, parameter importances and the metric
+against one parameter) are drawn here with the shared look of ``report/figures.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from bloodcell.config import TrainConfig, TuneSettings
@@ -24,13 +27,7 @@ from bloodcell.report.document import (
     render_html,
     stylesheet,
 )
-from bloodcell.report.figures import (
-    fig_importances,
-    fig_tune_curves,
-    fig_tune_history,
-    fig_tune_param,
-    style,
-)
+from bloodcell.report.figures import figure, png, style
 from bloodcell.report.format import value
 from bloodcell.runfiles import atomic_write
 
@@ -133,3 +130,73 @@ def write_tune_report(data: TuneData, path: Path) -> Path:
                        footer=f"Generated {time.strftime('%Y-%m-%d %H:%M')} by bloodcell tune report "
                               "from the study's storage.", css=stylesheet("tune.css"))
     return atomic_write(path, page)
+
+
+# --- the tuning report: rows are tune's trial rows (number, state, value, params, _curve) -------
+
+
+def fig_tune_history(rows: list[dict], ylabel: str) -> bytes:
+    """Each trial's value by trial number, pruned ones at their last report, and the best so far."""
+    done = [r for r in rows if r["state"] == "complete"]
+    pruned = [r for r in rows if r["state"] == "pruned" and r["value"] is not None]
+    fig = figure(6.4, 3.6)
+    ax = fig.subplots()
+    ax.scatter([r["number"] for r in done], [r["value"] for r in done], label="completed", zorder=3)
+    ax.scatter([r["number"] for r in pruned], [r["value"] for r in pruned], marker="x", c="grey",
+               label="pruned (last reported value)", zorder=3)
+    if done:
+        order = sorted(done, key=lambda r: r["number"])
+        best = np.maximum.accumulate([r["value"] for r in order])
+        ax.step([r["number"] for r in order], best, where="post", c="C3", label="best so far")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="trial", ylabel=ylabel, title="Optimisation history")
+    ax.legend(fontsize=8)
+    return png(fig)
+
+
+def fig_tune_curves(rows: list[dict], ylabel: str) -> bytes:
+    """The validation metric per epoch of every trial; pruned ones dotted."""
+    fig = figure(6.4, 3.6)
+    ax = fig.subplots()
+    for r in rows:
+        if r["_curve"]:
+            ax.plot(list(r["_curve"]), list(r["_curve"].values()), alpha=0.7,
+                    ls="-" if r["state"] == "complete" else ":", marker=".")
+    ax.set(xlabel="epoch", ylabel=ylabel, title="Validation per epoch (dotted: pruned)")
+    return png(fig)
+
+
+def fig_importances(importances: dict[str, float]) -> bytes:
+    """Horizontal bars, the most important parameter on top."""
+    names = list(importances)[::-1]
+    fig = figure(6.4, 0.4 * len(names) + 1.2)
+    ax = fig.subplots()
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel="importance (share of the variance in the metric)", title="Parameter importances")
+    return png(fig)
+
+
+def fig_tune_param(rows: list[dict], key: str, ylabel: str) -> bytes | None:
+    """The metric against one parameter: completed trials jittered, their best and median, pruned
+    ones as x; None when no completed trial has the parameter."""
+    done = [r for r in rows if r["state"] == "complete"]
+    pruned = [r for r in rows if r["state"] == "pruned" and r["value"] is not None]
+    pts = [(r[key], r["value"]) for r in done if r.get(key) is not None]
+    pp = [(r[key], r["value"]) for r in pruned if r.get(key) is not None]
+    if not pts:
+        return None
+    fig = figure(6.4, 3.6)
+    ax = fig.subplots()
+    xs = sorted({x for x, _ in pts + pp})
+    rng = np.random.default_rng(0)
+    for i, x in enumerate(xs):
+        ys = [y for xx, y in pts if xx == x]
+        if not ys:
+            continue
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(ys)), ys, c="C0", alpha=0.7, zorder=3)
+        ax.plot([i - 0.3, i + 0.3], [max(ys)] * 2, c="C3", lw=2)
+        ax.plot([i - 0.3, i + 0.3], [float(np.median(ys))] * 2, c="k", lw=1)
+    ax.scatter([xs.index(x) for x, _ in pp], [y for _, y in pp], marker="x", c="grey", zorder=2)
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set(xlabel=key, ylabel=ylabel, title=f"{ylabel} against {key} (red: best, black: median, x: pruned)")
+    return png(fig)
