@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""python bench/cam_pictures.py [--models a,b] [--epochs N] [--out bench/out/cam]
+"""python bench/cam_pictures.py [--models a,b] [--epochs N] [--threads 2] [--out bench/out/cam]
 
-Grad-CAM before and after issue 26, on the same real cells, for every registered model but
-EfficientNet-B0 (``LEFT_OUT``: it did not learn from scratch here, so it has no right calls). Trains one
-small model per architecture on a seeded subset of the Kaggle set (TRAIN 500 cells per class, TEST
-50 per class, ``resize cell``, one thread, one model at a time; a finished run is reused), then, on
-the TEST images each model classifies correctly:
+Grad-CAM before and after issue 26, on the same real cells, for every registered model. Trains one
+small model per architecture from scratch on a seeded subset of the Kaggle set (TRAIN 500 cells per
+class, TEST 50 per class, ``resize cell``, one model at a time, per-model settings in ``RECIPE``; a
+finished run is reused), then, on the TEST images each model classifies correctly:
 
 - before: the old map, Grad-CAM at the raw output of the last ``nn.Conv2d`` (before its max-pool,
   batch norm and activation), kept here only as a measurement;
@@ -14,8 +13,7 @@ the TEST images each model classifies correctly:
 and prints, per model, the share with an empty map (no positive pixel) and the share whose peak
 lies in the central half of the frame (the ``cell`` crop is centred on the stained cell). Writes
 docs/cam_before_after.png (the same cells, every model, before and after) and OUT/cam.md/.json.
-The torchvision baselines whose last block has stride 32 (EfficientNet-B0, MobileNetV3-Small) are
-trained at 128 px, where that block is 4 x 4 (at 64 px it is 2 x 2, one value per quadrant).
+The maps are computed on one thread, one image at a time for the ms/map figure.
 """
 
 from __future__ import annotations
@@ -42,16 +40,23 @@ from bloodcell.train import train
 
 CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 SUBSET = {"TRAIN": 500, "TEST": 50, "TEST_SIMPLE": 0}  # per class; 0 = all
-BIG = {"efficientnet_b0": 128, "mobilenet_v3_small": 128}  # stride 32: 4 x 4 maps at 128 px
-# Not in the default list: EfficientNet-B0 from scratch stayed at chance here (train loss 1.4-3.2,
-# 25 % after 2 epochs at lr 2e-3 and at 5e-4; bench/RESULTS.md, issue 26), so it has no right calls
-# whose maps say anything. --models efficientnet_b0 still trains and measures it.
-LEFT_OUT = ("efficientnet_b0",)
-# ResNet-18 and EfficientNet-B0 take 3-4x vgg3's time per epoch on one thread here: fewer epochs.
-EPOCHS = {"resnet18": 6, "efficientnet_b0": 6}
-# torchvision's MobileNetV3 has BatchNorm momentum 0.01: at batch 64 (270 steps) its running
-# statistics are still far off and in eval mode it calls every cell one class; batch 16 takes 4x the steps.
-BATCH = {"mobilenet_v3_small": 16}
+# Per-model settings over the common ones (64 px, batch 64, --epochs, precision auto):
+# - the stride-32 baselines at 128 px, where their last block is 4 x 4 (at 64 px it is 2 x 2);
+# - ResNet-18 takes 3-4x vgg3's time per epoch: fewer epochs;
+# - torchvision's MobileNetV3 has BatchNorm momentum 0.01: at batch 64 (270 steps) its running
+#   statistics are still far off and in eval mode it calls every cell one class; batch 16 takes 4x
+#   the steps;
+# - EfficientNet-B0 from scratch needs steps: at batch 64 it stayed at chance for the two epochs
+#   tried (lr 2e-3 and 5e-4); at batch 16 and lr 1e-3 its validation accuracy rose 22 -> 59 % in
+#   4 epochs, so it gets batch 16, lr 1e-3 and 20 epochs;
+# - the two depthwise models train in fp32: bf16 autocast is slower for them on this CPU (AVX-512
+#   BF16, no AMX; one training step, 2 threads: MobileNetV3-Small 0.56x, EfficientNet-B0 0.90x of
+#   fp32, while the study's models and ResNet-18 run 1.7-2.3x faster in bf16).
+RECIPE = {
+    "resnet18": {"epochs": 6},
+    "mobilenet_v3_small": {"image_size": 128, "batch_size": 16, "precision": "fp32"},
+    "efficientnet_b0": {"image_size": 128, "batch_size": 16, "lr": 1e-3, "epochs": 20, "precision": "fp32"},
+}
 
 
 def make_subset(src: Path, dst: Path, seed: int = 0) -> Path:
@@ -70,14 +75,14 @@ def make_subset(src: Path, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-def train_one(name: str, data: Path, out: Path, epochs: int) -> Path:
+def train_one(name: str, data: Path, out: Path, epochs: int, threads: int) -> Path:
     """A finished run folder for one model (trained here unless one is there already)."""
     run = out / "runs" / name
     if (run / "DONE").exists():
         return run
-    cfg = make_config(TrainConfig, {"data": str(data), "model": name, "image_size": BIG.get(name, 64),
-                                    "resize": "cell", "epochs": EPOCHS.get(name, epochs),
-                                    "batch_size": BATCH.get(name, 64), "threads": 1, "seed": 0})
+    cfg = make_config(TrainConfig, {"data": str(data), "model": name, "image_size": 64, "resize": "cell",
+                                    "epochs": epochs, "batch_size": 64, "threads": threads, "seed": 0}
+                      | RECIPE.get(name, {}))
     t0 = time.perf_counter()
     train(cfg, run, overwrite=True, progress=False, log=lambda s: print(f"  {name}: {s}", flush=True))
     print(f"  {name}: trained in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
@@ -182,8 +187,9 @@ def main() -> None:
     """Train (or reuse) one model per architecture, measure before and after, draw the figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=default_data(), help="the Kaggle blood-cells folder")
-    ap.add_argument("--models", default=",".join(n for n in list_models() if n not in LEFT_OUT))
+    ap.add_argument("--models", default=",".join(list_models()))
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2, help="training threads (maps: always one)")
     ap.add_argument("--out", default=str(OUT / "cam"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -192,7 +198,7 @@ def main() -> None:
     names = args.models.split(",")
     results = []
     for name in names:
-        run = train_one(name, data, out, args.epochs)
+        run = train_one(name, data, out, args.epochs, args.threads)
         results.append(measure(run))
         r = results[-1]
         print(f"{name}: {r['n_correct']}/{r['n_test']} right; empty before {r['before']['empty']:.0%}, "
