@@ -6,10 +6,13 @@ import os
 import signal
 
 import pytest
+import torch
 from conftest import quiet, tiny
 
+from bloodcell import runtime
 from bloodcell.checkpoint import read_checkpoint
-from bloodcell.runtime import check_stop, stop_between_batches
+from bloodcell.models import get_model
+from bloodcell.runtime import check_stop, depthwise, resolve_precision, stop_between_batches
 from bloodcell.train import train
 
 
@@ -46,3 +49,34 @@ def test_ctrl_c_stops_at_the_next_batch_not_where_it_lands(tmp_path, terminal_si
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("name,expected", [("cnn4x32", False), ("resnet18", False),
+                                           ("mobilenet_v3_small", True), ("efficientnet_b0", True)])
+def test_depthwise_models_are_told_apart(name, expected) -> None:
+    assert depthwise(get_model(name, 4, image_size=64)) is expected
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_auto_precision_is_fp32_for_a_depthwise_model_on_a_cpu_without_amx(monkeypatch, amx) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: amx)
+    mobile, plain = get_model("mobilenet_v3_small", 4), get_model("cnn4x32", 4)
+    assert resolve_precision("auto", cpu, plain) == "bf16"
+    assert resolve_precision("auto", cpu, mobile) == ("bf16" if amx else "fp32")
+    assert resolve_precision("auto", cpu) == "bf16"  # no model given: the hardware alone
+    assert resolve_precision("bf16", cpu, mobile) == "bf16"  # asked for: given
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
+    assert resolve_precision("auto", cpu, plain) == "fp32"
+
+
+def test_a_run_records_and_says_the_precision_auto_chose(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    lines: list[str] = []
+    m = train(tiny(model="mobilenet_v3_small", epochs=1, threads=1, precision="auto"), tmp_path / "r", log=lines.append,
+              progress=False)
+    assert m["run"]["precision"] == "fp32"
+    assert any(s.startswith("model: mobilenet_v3_small") and "fp32 (auto: bf16 autocast is slower" in s
+               for s in lines)

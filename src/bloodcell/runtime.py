@@ -45,10 +45,33 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto -> bf16 where the hardware supports it natively, else fp32."""
+def cpu_has_amx() -> bool:
+    """True where the CPU has AMX tiles for bf16 (Linux's cpuinfo flag ``amx_bf16``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def depthwise(model: torch.nn.Module) -> bool:
+    """True for a model with depthwise convolutions (one filter per input channel)."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for m in model.modules())
+
+
+def resolve_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> str:
+    """auto -> bf16 where the hardware supports it natively, else fp32; given the model, also fp32
+    for a depthwise model on a CPU without AMX, where bf16 autocast is slower than fp32 (measured
+    on AVX-512 BF16 without AMX, one training step at 2 threads: MobileNetV3-Small 0.56x,
+    EfficientNet-B0 0.90x, while the study's models and ResNet-18 run 1.7-2.3x faster in bf16;
+    bench/RESULTS.md, "bf16 and depthwise models")."""
     if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
+        if not bf16_supported(device):
+            return "fp32"
+        if model is not None and device.type == "cpu" and depthwise(model) and not cpu_has_amx():
+            return "fp32"
+        return "bf16"
     if precision == "bf16" and not bf16_supported(device):
         raise BloodcellError(f"--precision bf16 is not supported on this {device.type} "
                              "(no native bf16); use --precision fp32")

@@ -228,7 +228,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
         raise (BloodcellError if world.main else Reported)(
             f"{world.local_size} processes on this machine but {torch.cuda.device_count()} GPU(s): "
             "give --nproc (or torchrun's --nproc-per-node) at most the number of GPUs, or --device cpu")
-    precision = resolve_precision(cfg.precision, device)
+    resolve_precision(cfg.precision, device)  # bf16 asked for where there is none: say so first
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     if cfg.pretrained and not cfg.weights:
@@ -247,7 +247,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     ds = distributed.node_first(world, load)
     on = f"; {world.size} processes" if world.active else ""
     log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
-        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {precision}, {threads} threads"
+        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {threads} threads"
         + on)
     if ds.extra_train:
         log(f"data: train also holds {sum(ds.extra_train['images'].values()):,} images of "
@@ -266,6 +266,10 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     # writes nothing)
     recipe = pretrained_recipe(cfg)
     model, kw = distributed.node_first(world, lambda: build_model(cfg, ds.classes), ordered=False)
+    precision = resolve_precision(cfg.precision, device, model)
+    why = (" (auto: bf16 autocast is slower than fp32 for depthwise convolutions on this CPU)"
+           if precision != resolve_precision(cfg.precision, device) else "")
+    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision}{why}")
     mean, std = (recipe["mean"], recipe["std"]) if recipe else (MEAN, STD)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
                                               "threads": threads, "processes": world.size,
