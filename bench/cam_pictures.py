@@ -49,9 +49,9 @@ SUBSET = {"TRAIN": 500, "TEST": 50, "TEST_SIMPLE": 0}  # per class; 0 = all
 # - EfficientNet-B0 from scratch needs steps: at batch 64 it stayed at chance for the two epochs
 #   tried (lr 2e-3 and 5e-4); at batch 16 and lr 1e-3 its validation accuracy rose 22 -> 59 % in
 #   4 epochs, so it gets batch 16, lr 1e-3 and 20 epochs;
-# - the two depthwise models train in fp32: bf16 autocast is slower for them on this CPU (AVX-512
-#   BF16, no AMX; one training step, 2 threads: MobileNetV3-Small 0.56x, EfficientNet-B0 0.90x of
-#   fp32, while the study's models and ResNet-18 run 1.7-2.3x faster in bf16).
+# - the two depthwise models train in fp32, as --precision auto now does on a CPU without AMX, where
+#   bf16 autocast trains them no faster (bench/precision_speed.py: MobileNetV3-Small 0.51x,
+#   EfficientNet-B0 0.90-1.04x of fp32); said here so the run is the same on any CPU.
 RECIPE = {
     "resnet18": {"epochs": 6},
     "mobilenet_v3_small": {"image_size": 128, "batch_size": 16, "precision": "fp32"},

@@ -7,7 +7,8 @@ batch 64), the two precisions interleaved in each round, each round a fresh mode
 seed, 2 untimed steps first, the median step of ``--steps`` timed ones; the best round is kept.
 
 It is the measurement behind ``runtime.resolve_precision``'s rule that ``--precision auto`` trains
-and scores a depthwise model (MobileNetV3, EfficientNet) in fp32 on a CPU without AMX. Random
+a depthwise model (MobileNetV3, EfficientNet) in fp32 on a CPU without AMX (and scores every model
+in bf16). Random
 inputs: the speed does not depend on the pixels. Writes bench/out/precision_speed.md and .json.
 """
 

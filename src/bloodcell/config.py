@@ -122,8 +122,8 @@ FIELD_HELP = {
     "monitor": "validation score that chooses the best epoch; last: the last epoch, chosen by nothing",
     "tta": "final evaluation averages 8 flips/rotations of each image (never used to choose anything)",
     "seed": "seed of the split, the initialisation, the order and the augmentation",
-    "precision": "auto = bf16 autocast where the hardware has native bf16 (but fp32 for a depthwise "
-                 "model on a CPU without AMX, where bf16 is slower), else fp32",
+    "precision": "auto = bf16 autocast where the hardware has native bf16 (but a depthwise model "
+                 "trains in fp32 on a CPU without AMX, where bf16 is no faster), else fp32",
     "channels_last": "channels-last memory format (faster convolutions on CPU)",
     "device": "auto = CUDA if available, else CPU",
     "threads": "torch threads per process (0: the physical cores, shared among the run's processes on "

@@ -58,9 +58,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
         check_out_dir(out)
     set_threads(0)
     dev = resolve_device(device)
-    resolve_precision(precision, dev)  # bf16 asked for where there is none: say so before loading
+    prec = resolve_precision(precision, dev)  # scoring: bf16 is faster for every model here
     model, meta = load_model(checkpoint, dev)
-    prec = resolve_precision(precision, dev, model)
     same_data = as_sources(data) == as_sources(meta.get("config", {}).get("data"))
     ds = checkpoint_data(meta, data, cache_dir, seed)
     for line in problem_lines(ds, data):  # files skipped (unreadable, say): the figures below leave them out

@@ -60,16 +60,16 @@ def depthwise(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
-def resolve_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None) -> str:
-    """auto -> bf16 where the hardware supports it natively, else fp32; given the model, also fp32
-    for a depthwise model on a CPU without AMX, where bf16 autocast is slower than fp32 (measured
-    on AVX-512 BF16 without AMX, one training step at 2 threads: MobileNetV3-Small 0.56x,
-    EfficientNet-B0 0.90x, while the study's models and ResNet-18 run 1.7-2.3x faster in bf16;
-    bench/RESULTS.md, "bf16 and depthwise models")."""
+def resolve_precision(precision: str, device: torch.device, train: torch.nn.Module | None = None) -> str:
+    """auto -> bf16 where the hardware supports it natively, else fp32; given the model to be
+    trained, also fp32 for a depthwise one on a CPU without AMX, where a bf16 training step is not
+    faster (measured on AVX-512 BF16 without AMX, 2 threads: MobileNetV3-Small 0.51x of fp32,
+    EfficientNet-B0 1.04x, while the study's models and ResNet-18 train 1.5-2.3x faster in bf16;
+    scoring is faster in bf16 for all of them, 1.2-2.5x; ``bench/precision_speed.py``)."""
     if precision == "auto":
         if not bf16_supported(device):
             return "fp32"
-        if model is not None and device.type == "cpu" and depthwise(model) and not cpu_has_amx():
+        if train is not None and device.type == "cpu" and depthwise(train) and not cpu_has_amx():
             return "fp32"
         return "bf16"
     if precision == "bf16" and not bf16_supported(device):
