@@ -34,8 +34,8 @@ except ImportError:
     PGC = None
 
 
-def ours(model, layer, x, idx):
-    """The paper's map, hooks and autograd: ReLU(sum_k mean(d y_c / d A_k) A_k), bilinear to the input."""
+def activation_and_grad(model, layer, x, idx):
+    """The layer's output A for batch x and d y_c / d A for the classes idx (a hook and autograd)."""
     saved = {}
     h = layer.register_forward_hook(lambda _m, _i, o: saved.setdefault("a", o))
     try:
@@ -43,8 +43,19 @@ def ours(model, layer, x, idx):
     finally:
         h.remove()
     (g,) = torch.autograd.grad(logits.gather(1, idx[:, None]).sum(), saved["a"])
-    cam = F.relu((g.mean((2, 3), keepdim=True) * saved["a"]).sum(1, keepdim=True))
+    return saved["a"].detach(), g
+
+
+def weighted_map(a, w, x):
+    """ReLU(sum_k w_k A_k), bilinear to the input size: N x H x W."""
+    cam = F.relu((w * a).sum(1, keepdim=True))
     return F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].detach().numpy()
+
+
+def ours(model, layer, x, idx):
+    """The paper's map: ReLU(sum_k mean(d y_c / d A_k) A_k), bilinear to the input."""
+    a, g = activation_and_grad(model, layer, x, idx)
+    return weighted_map(a, g.mean((2, 3), keepdim=True), x)
 
 
 def captum(lgc, x, idx):

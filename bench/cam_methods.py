@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import OUT, machine_info, machine_md, md_table, write_outputs
+from cam_libraries import activation_and_grad, weighted_map
 from cam_pictures import on_cell
 
 from bloodcell.cam import GradCAM, central_peak, has_mass
@@ -34,23 +35,13 @@ EARLIER = {"mobilenet_v3_small": "features.11", "efficientnet_b0": "features.7"}
 
 def maps(model, layer, x, idx, method: str) -> np.ndarray:
     """Raw maps (>= 0) at the input size for the classes idx."""
-    store = {}
-    hook = layer.register_forward_hook(lambda _m, _i, o: store.__setitem__("a", o))
-    try:
-        out = model(x)
-    finally:
-        hook.remove()
-    a = store["a"]
-    (g,) = torch.autograd.grad(out.gather(1, idx[:, None]).sum(), a)
-    a = a.detach()
+    a, g = activation_and_grad(model, layer, x, idx)
     if method == "Grad-CAM":
-        w = g.mean((2, 3), keepdim=True)
-    else:  # Grad-CAM++, eq. 19 with the exponential's derivatives, as its reference code does
-        denom = 2 * g**2 + a.sum((2, 3), keepdim=True) * g**3
-        alpha = g**2 / torch.where(denom != 0, denom, torch.ones_like(denom))
-        w = (alpha * F.relu(g)).sum((2, 3), keepdim=True)
-    cam = F.relu((w * a).sum(1, keepdim=True))
-    return F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+        return weighted_map(a, g.mean((2, 3), keepdim=True), x)
+    # Grad-CAM++, eq. 19 with the exponential's derivatives, as its reference code does
+    denom = 2 * g**2 + a.sum((2, 3), keepdim=True) * g**3
+    alpha = g**2 / torch.where(denom != 0, denom, torch.ones_like(denom))
+    return weighted_map(a, (alpha * F.relu(g)).sum((2, 3), keepdim=True), x)
 
 
 def main() -> int:
