@@ -207,9 +207,6 @@ def main() -> None:
               f"after {r['after']['on_cell']:.0%}", flush=True)
     cells = pick_cells(results)
     atomic_write(ROOT / "docs" / "cam_before_after.png", draw(results, cells))
-    vgg = [r for r in results if r["model"] == "vgg3"]
-    if vgg:
-        atomic_write(ROOT / "docs" / "cam_vgg3.png", draw(vgg, cells, side=96))
     headers = ["model", "px", "TEST right", "layer before", "layer after", "empty maps", "peak central",
                "peak on the cell", "ms/map"]
     table = [[r["model"], r["image_size"], f"{r['n_correct']}/{r['n_test']}", f"`{r['before']['layer']}`",
