@@ -58,7 +58,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
         check_out_dir(out)
     set_threads(0)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)  # scoring: bf16 is faster for every model here
+    prec = resolve_precision(precision, dev)  # scoring: bf16 is faster for every model (bench/precision_speed.py)
     model, meta = load_model(checkpoint, dev)
     same_data = as_sources(data) == as_sources(meta.get("config", {}).get("data"))
     ds = checkpoint_data(meta, data, cache_dir, seed)
