@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bloodcell.data.records import Item
-from bloodcell.runtime import bf16_supported, physical_cores
+from bloodcell.runtime import bf16_supported, cpuinfo, physical_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -36,13 +36,7 @@ def default_data() -> str:
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:

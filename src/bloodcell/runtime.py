@@ -45,13 +45,22 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
-def cpu_has_amx() -> bool:
-    """True where the CPU has AMX tiles for bf16 (Linux's cpuinfo flag ``amx_bf16``)."""
+def cpuinfo(key: str) -> str | None:
+    """The first value of ``key`` in Linux's /proc/cpuinfo ("model name", "flags"); None elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
     except OSError:
-        return False
+        pass
+    return None
+
+
+def cpu_has_amx() -> bool:
+    """True where the CPU has AMX tiles for bf16 (Linux's cpuinfo flag ``amx_bf16``)."""
+    return "amx_bf16" in (cpuinfo("flags") or "").split()
 
 
 def depthwise(model: torch.nn.Module) -> bool:
@@ -246,14 +255,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def environment(device: str, precision: str, threads: int) -> dict:
     """Software versions and machine, for the report's protocol section."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo("model name") or platform.processor() or platform.machine()
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": np.__version__, "bloodcell": __version__,
             "platform": platform.platform(), "cpu": cpu, "cores": physical_cores(), "threads": threads,

@@ -228,7 +228,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
         raise (BloodcellError if world.main else Reported)(
             f"{world.local_size} processes on this machine but {torch.cuda.device_count()} GPU(s): "
             "give --nproc (or torchrun's --nproc-per-node) at most the number of GPUs, or --device cpu")
-    resolve_precision(cfg.precision, device)  # bf16 asked for where there is none: say so first
+    hardware_precision = resolve_precision(cfg.precision, device)  # bf16 where there is none: said first
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     if cfg.pretrained and not cfg.weights:
@@ -268,7 +268,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     model, kw = distributed.node_first(world, lambda: build_model(cfg, ds.classes), ordered=False)
     precision = resolve_precision(cfg.precision, device, model)
     why = (" (auto: bf16 autocast trains depthwise convolutions no faster than fp32 on this CPU)"
-           if precision != resolve_precision(cfg.precision, device) else "")
+           if precision != hardware_precision else "")
     log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision}{why}")
     mean, std = (recipe["mean"], recipe["std"]) if recipe else (MEAN, STD)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
