@@ -23,6 +23,17 @@ import time
 from pathlib import Path
 
 
+def summary(latencies: list[float], errors: list[str], requests: int, concurrency: int, wall: float) -> dict:
+    """A load run's figures: counts, errors (the first 3), throughput and latency percentiles (ms)."""
+    done = len(latencies)
+    qs = statistics.quantiles(latencies, n=100) if done >= 2 else [float("nan")] * 99
+    return {"requests": requests, "concurrency": concurrency, "ok": done, "errors": len(errors),
+            "error_examples": errors[:3], "timed_out": done + len(errors) < requests,
+            "seconds": wall, "throughput_rps": done / wall if wall > 0 else 0.0,
+            "p50_ms": 1e3 * qs[49], "p95_ms": 1e3 * qs[94], "p99_ms": 1e3 * qs[98],
+            "max_ms": 1e3 * max(latencies, default=0)}
+
+
 def load(url: str, payload: bytes, requests: int = 200, concurrency: int = 8, timeout: float = 120.0,
          filename: str = "cell.jpeg", content_type: str = "image/jpeg") -> dict:
     """Send ``requests`` POST /predict from ``concurrency`` threads; latency percentiles and errors."""
@@ -57,14 +68,7 @@ def load(url: str, payload: bytes, requests: int = 200, concurrency: int = 8, ti
         t.start()
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()) + 5)
-    wall = time.perf_counter() - t0
-    done = len(latencies)
-    qs = statistics.quantiles(latencies, n=100) if done >= 2 else [float("nan")] * 99
-    return {"requests": requests, "concurrency": concurrency, "ok": done, "errors": len(errors),
-            "error_examples": errors[:3], "timed_out": done + len(errors) < requests,
-            "seconds": wall, "throughput_rps": done / wall if wall > 0 else 0.0,
-            "p50_ms": 1e3 * qs[49], "p95_ms": 1e3 * qs[94], "p99_ms": 1e3 * qs[98],
-            "max_ms": 1e3 * max(latencies, default=0)}
+    return summary(latencies, errors, requests, concurrency, time.perf_counter() - t0)
 
 
 def multipart_request(host: str, port: int, payload: bytes, filename: str = "cell.jpeg",
@@ -130,13 +134,8 @@ def fast_load(url: str, payload: bytes, requests: int = 200, concurrency: int = 
         wall = uvloop.run(main())
     except ImportError:
         wall = asyncio.run(main())
-    done = len(latencies)
-    qs = statistics.quantiles(latencies, n=100) if done >= 2 else [float("nan")] * 99
-    return {"requests": requests, "concurrency": concurrency, "ok": done, "errors": len(errors),
-            "error_examples": errors[:3], "timed_out": done + len(errors) < requests,
-            "seconds": wall, "throughput_rps": done / wall if wall > 0 else 0.0,
-            "p50_ms": 1e3 * qs[49], "p95_ms": 1e3 * qs[94], "p99_ms": 1e3 * qs[98],
-            "max_ms": 1e3 * max(latencies, default=0), "latencies_ms": [1e3 * t for t in latencies]}
+    return {**summary(latencies, errors, requests, concurrency, wall),
+            "latencies_ms": [1e3 * t for t in latencies]}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
