@@ -47,11 +47,11 @@ SUBSET = {"TRAIN": 500, "TEST": 50, "TEST_SIMPLE": 0}  # per class; 0 = all
 #   statistics are still far off and in eval mode it calls every cell one class; batch 16 takes 4x
 #   the steps;
 # - EfficientNet-B0 from scratch needs steps: at batch 64 it stayed at chance for the two epochs
-#   tried (lr 2e-3 and 5e-4); at batch 16 and lr 1e-3 its validation accuracy rose 22 -> 59 % in
-#   4 epochs, so it gets batch 16, lr 1e-3 and 20 epochs;
+#   tried (lr 2e-3 and 5e-4); at batch 16, lr 1e-3 and 20 epochs it learns (validation 23 % after
+#   epoch 1, 70 % after 4, 84 % after 9; bench/RESULTS.md);
 # - the two depthwise models train in fp32, as --precision auto now does on a CPU without AMX, where
 #   bf16 autocast trains them no faster (bench/precision_speed.py: MobileNetV3-Small 0.51x,
-#   EfficientNet-B0 0.90-1.04x of fp32); said here so the run is the same on any CPU.
+#   EfficientNet-B0 1.04x of fp32); said here so the run is the same on any CPU.
 RECIPE = {
     "resnet18": {"epochs": 6},
     "mobilenet_v3_small": {"image_size": 128, "batch_size": 16, "precision": "fp32"},

@@ -22,7 +22,7 @@ import time
 import torch
 from _common import OUT, machine_info, machine_md, md_table, write_outputs
 
-from bloodcell.models import get_model
+from bloodcell.models import get_model, list_models
 from bloodcell.runtime import autocast, bf16_supported, cpu_has_amx, depthwise, set_threads
 
 DEFAULT = "cnn2x32@64,cnn4x32@64,cnn4x64@64,vgg3@64,resnet18@64,mobilenet_v3_small@128,efficientnet_b0@128"
@@ -64,10 +64,14 @@ def main() -> int:
     if not bf16_supported(torch.device("cpu")):
         print("this CPU has no native bf16: nothing to compare", file=sys.stderr)
         return 1
+    specs = [spec.partition("@")[::2] for spec in args.models.split(",")]
+    for name, px in specs:
+        if name not in list_models() or not px.isdigit():
+            ap.error(f"--models: {name}@{px} is not MODEL@PX with a registered model "
+                     f"({', '.join(list_models())}) and a size in px")
     threads = set_threads(args.threads)
     rows, result = [], []
-    for spec in args.models.split(","):
-        name, px = spec.split("@")
+    for name, px in specs:
         best: dict[tuple[str, bool], float] = {}
         for r in range(args.rounds):
             order = ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")
