@@ -9,6 +9,7 @@ below is called by every rank in the same order: that is the contract train() ke
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -118,7 +119,17 @@ def setup() -> World:
                              f"{where} within {t:g} s ({reason}); start every process with the same "
                              "MASTER_ADDR, MASTER_PORT and WORLD_SIZE (torchrun sets them), rank 0 "
                              f"among them") from e
+    # Leave the group before the interpreter tears down: gloo's threads still running at exit
+    # end the process with "terminate called without an active exception" (SIGABRT), seen once
+    # in CI on a run that had finished its work.
+    atexit.register(leave)
     return world
+
+
+def leave() -> None:
+    """Destroy this process's group, if it has one (a local call: no peer needs to answer)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def kept_splits() -> list[str] | None:
