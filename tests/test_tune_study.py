@@ -195,3 +195,77 @@ def test_a_trial_whose_local_worker_is_gone_is_failed_at_once(tmp_path):
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {gone.number: TrialState.FAIL, alive.number: TrialState.RUNNING}
     assert len(lines) == 1 and str(dead.pid) in lines[0]
+
+
+@pytest.mark.parametrize("points", [[0.01, 0.03], [0.01, 0.03, 0.1]])
+def test_a_failed_grid_trial_reruns_its_grid_point_and_the_grid_finishes(points):
+    """A grid trial killed mid-run is retried on its own grid point, and the rerun covers the
+    whole grid once. Retried through optuna's enqueue_trial, it lost its grid point and
+    GridSampler.after_trial raised KeyError('grid_id') with one point left (a kill campaign run)."""
+    from bloodcell.config import TuneSettings
+    from bloodcell.tune.study import make_sampler, retry_interrupted
+
+    settings = TuneSettings(data=DATA, model="cnn2x32", trials=len(points), timeout_min=None, space={},
+                            grid={"lr": points}, storage=None, study=None, metric="macro_f1",
+                            pruner="none", base={}, sampler_seed=0)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(settings))
+    killed = study.ask()
+    killed.suggest_float("lr", min(points), max(points))
+    study.tell(killed, state=TrialState.FAIL)
+    lines: list[str] = []
+    retry_interrupted(study, lines.append)
+    assert len(lines) == 1
+    study.optimize(lambda t: t.suggest_float("lr", min(points), max(points)))
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["lr"] for t in done) == points
+    assert done[0].params == killed.params and done[0].user_attrs["retry_of"] == killed.number
+
+
+def test_an_untagged_trial_of_a_dead_worker_is_failed_and_a_live_ones_is_left():
+    """A worker killed between optuna creating a trial and the objective naming its worker leaves a
+    RUNNING trial with no worker and no heartbeat, which optuna would count as running for ever."""
+    import datetime
+    import socket
+
+    from bloodcell.tune.study import WORKER_ATTR, fail_dead_workers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    before = (datetime.datetime.now() - datetime.timedelta(seconds=5)).isoformat()
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr(f"{WORKER_ATTR}{host}:{dead.pid}", before)
+    orphan = study.ask()
+    study.set_user_attr(f"{WORKER_ATTR}{host}:{os.getppid()}", datetime.datetime.now().isoformat())
+    maybe_alive = study.ask()  # a live worker registered before it: it may be that worker's
+    lines: list[str] = []
+    fail_dead_workers(study, lines.append)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {orphan.number: TrialState.FAIL, maybe_alive.number: TrialState.RUNNING}
+    assert len(lines) == 1 and f"trial {orphan.number}" in lines[0]
+
+
+def test_a_study_killed_as_a_trial_was_created_reruns_to_its_end(tmp_path):
+    """End to end, the kill campaign's case: the killed worker's untagged grid trial is failed on
+    the rerun, its grid point run again, and the study ends with both grid points done."""
+    child = f"""
+import os
+from pathlib import Path
+from bloodcell.tune.run import new_settings
+from bloodcell.tune.study import open_study, register_worker, write_settings
+out = Path({str(tmp_path / 'study')!r}); out.mkdir()
+s = new_settings({DATA!r}, "cnn2x32", None, timeout_min=None, space=None, grid=["lr=0.01,0.03"],
+                 storage=None, study_name=None, metric="macro_f1", pruner="none",
+                 base={{"image_size": 32, "batch_size": 16, "threads": 1, "epochs": 1}}, sampler_seed=0)
+study = open_study(s, out)
+write_settings(s, out)
+register_worker(study)
+study.ask()
+os._exit(0)  # as a SIGKILL would: the trial exists, its objective never ran
+"""
+    subprocess.run([sys.executable, "-c", child], check=True)
+    res = tune(out=tmp_path / "study", resume=True, report=False, log=lambda m: None)
+    assert (res["complete"], res["running"], res["failed"]) == (2, 0, 1), res
+    lrs = sorted(t.params["lr"] for t in finished_trials(f"sqlite:///{tmp_path / 'study' / 'study.db'}",
+                                                        "bloodcell-cnn2x32"))
+    assert lrs == [0.01, 0.03]

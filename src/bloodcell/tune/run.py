@@ -39,6 +39,7 @@ from bloodcell.tune.study import (
     masked,
     open_study,
     read_settings,
+    register_worker,
     retry_interrupted,
     trial_rows,
     write_settings,
@@ -76,6 +77,7 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
     # the storage first: one that cannot be opened leaves no tune.yaml that a rerun would be held to
     study = open_study(settings, out, pruner=None if isinstance(pruner, str) or resume else pruner)
     write_settings(settings, out)
+    register_worker(study)
     fail_dead_workers(study, log)
     retry_interrupted(study, log)
     c = counts(study)

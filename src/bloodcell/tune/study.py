@@ -9,6 +9,7 @@ study itself, so two workers with different settings cannot share it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -210,32 +211,87 @@ def fail_own_running(study, started) -> None:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 
 
+WORKER_ATTR = "worker "  # a study user attribute per process that ran it: "worker HOST:PID" -> start
+
+
+def register_worker(study) -> None:
+    """Record this process on the study before it runs a trial, so that a trial it leaves untagged
+    (killed between optuna creating it and the objective naming its worker) can be traced to it."""
+    study.set_user_attr(WORKER_ATTR + worker_id(), datetime.datetime.now().isoformat())
+
+
+def _local_and_dead(owner: str) -> bool:
+    name, _, pid = owner.rpartition(":")
+    return (name == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid()
+            and not pid_alive(int(pid)))
+
+
 def fail_dead_workers(study, log) -> None:
     """Mark RUNNING trials whose worker was a process on this machine that no longer exists (a
     SIGKILL, a crash, a power cut) as failed now, so this run retries them at once instead of
-    counting them as running until their heartbeat goes stale (STALE_AFTER_S)."""
-    host = socket.gethostname()
+    counting them as running until their heartbeat goes stale (STALE_AFTER_S).
+
+    A trial its worker never tagged (killed within the milliseconds between optuna creating it
+    and the objective's first line) has no heartbeat either, so optuna would count it as running
+    for ever. It is failed when every worker registered before it started is a dead local process,
+    or when it has gone untagged for STALE_AFTER_S.
+    """
+    workers = {k[len(WORKER_ATTR):]: datetime.datetime.fromisoformat(v)
+               for k, v in study.user_attrs.items() if k.startswith(WORKER_ATTR)}
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("worker") or ""
-        name, _, pid = owner.rpartition(":")
-        if name == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        owner = t.user_attrs.get("worker")
+        if owner:
+            if _local_and_dead(owner):
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                log(f"trial {t.number}: its worker (process {owner.rpartition(':')[2]}) is gone; marked failed")
+            continue
+        started = t.datetime_start or now
+        makers = [w for w, at in workers.items() if at <= started]
+        if (makers and all(_local_and_dead(w) for w in makers)) or \
+                (now - started).total_seconds() > STALE_AFTER_S:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            log(f"trial {t.number}: its worker (process {pid}) is gone; marked failed")
+            log(f"trial {t.number}: its worker was killed before naming itself; marked failed")
 
 
 def retry_interrupted(study, log) -> None:
-    """Queue again the parameters of trials that failed (an interrupt, a crash) and were not rerun."""
+    """Queue again the trials that failed (an interrupt, a crash) and were not rerun: their
+    parameters, or for a grid trial killed before it had any, its grid point."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     retried_by_heartbeat = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    done = [t.params or t.system_attrs.get("fixed_params") for t in trials if t.state != TrialState.FAIL]
+    done = [point(t) for t in trials if t.state != TrialState.FAIL]
     for t in trials:
-        if (t.state == TrialState.FAIL and not t.user_attrs.get("surplus") and t.params
+        if (t.state == TrialState.FAIL and not t.user_attrs.get("surplus") and point(t)
                 and t.number not in retried and t.number not in retried_by_heartbeat
-                and t.params not in done):
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            done.append(t.params)
+                and point(t) not in done):
+            requeue(study, t)
+            done.append(point(t))
             log(f"trial {t.number} did not finish; its parameters run again first")
+
+
+def point(t) -> dict:
+    """What a trial tried: its grid point, else its parameters (or those queued for it)."""
+    if "grid_id" in t.system_attrs:
+        return {"grid_id": t.system_attrs["grid_id"]}
+    return t.params or t.system_attrs.get("fixed_params") or {}
+
+
+def requeue(study, t) -> None:
+    """Queue a failed trial's parameters once more.
+
+    A grid trial keeps its grid point (``grid_id``), as optuna's own heartbeat retry does. Optuna's
+    enqueue_trial leaves it out, and GridSampler.after_trial then raises KeyError('grid_id') when
+    one grid point is left (optuna issue 6073 and PR 6844: by design). A study killed mid-trial
+    ended that way on rerun.
+    """
+    if "grid_id" not in t.system_attrs:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        return
+    keep = {k: t.system_attrs[k] for k in ("grid_id", "search_space") if k in t.system_attrs}
+    fixed = {"fixed_params": t.params} if t.params else {}  # none: killed before its first suggest
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, user_attrs={"retry_of": t.number}, system_attrs={**keep, **fixed}))
 
 
 # --- plain data for the report ---------------------------------------------------------------------
