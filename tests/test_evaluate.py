@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 from conftest import TINY, quiet, tiny
 
 from bloodcell.cli import main
@@ -137,3 +138,18 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "e").exists()  # refused before scoring or writing anything
     code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", ","])
     assert code == 2 and "not in the data" in capsys.readouterr().err
+
+
+def test_evaluate_joined_splits_score_as_one(tmp_path, capsys):
+    """--split train+val: the two splits pooled (what tune --select lab-out scores a left-out lab on)."""
+    from bloodcell.evaluate import evaluate_checkpoint
+
+    train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
+    data = TINY["data"]
+    res = evaluate_checkpoint(tmp_path / "r", data, split="train,val,train+val,all", log=quiet)
+    joined, tr, va = res["train+val"], res["train"], res["val"]
+    assert joined["n"] == tr["n"] + va["n"] < res["all"]["n"]
+    assert joined["accuracy"] == pytest.approx((tr["accuracy"] * tr["n"] + va["accuracy"] * va["n"])
+                                               / joined["n"])
+    code = main(["evaluate", str(tmp_path / "r"), "--data", data, "--split", "train+nope"])
+    assert code == 2 and "split 'nope' not in the data" in capsys.readouterr().err

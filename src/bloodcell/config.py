@@ -363,6 +363,10 @@ def load_yaml(path: str | Path) -> dict:
 # Validation metrics a study may maximise: the config's monitor and the history.csv column.
 TUNE_METRICS = {"macro_f1": ("val_macro_f1", "val_macro_f1"), "accuracy": ("val_accuracy", "val_acc")}
 PRUNERS = ("median", "hyperband", "none")
+# What scores a trial: its validation split ("val"), or each training lab left out in turn ("lab-out":
+# one model per lab, trained on the others, scored on that lab's train and val images; DomainBed's
+# leave-one-domain-out selection, for a recipe meant for another microscope).
+SELECTIONS = ("val", "lab-out")
 # The first epoch a pruner may stop a trial after. Epoch 1 runs inside the default one-epoch
 # learning-rate warm-up, where a trial's score says little about where it ends: in the 20-trial
 # Kaggle study, 9 trials were pruned there when pruning began at epoch 1 (bench/RESULTS.md).
@@ -383,6 +387,7 @@ class TuneSettings:
     study: str | None = None  # None: bloodcell-<model>
     metric: str = "macro_f1"
     pruner: str = "median"
+    select: str = "val"
     base: dict = field(default_factory=dict)  # train config keys every trial shares
     sampler_seed: int | None = None
 
@@ -396,6 +401,10 @@ class TuneSettings:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.MUTABLE}
         d["base"] = {k: v for k, v in self.base.items() if k not in self.LOCAL}
         return d
+
+    def value_name(self) -> str:
+        """What a trial's value is: 'val macro_f1', or 'left-out-lab macro_f1'."""
+        return f"{'left-out-lab' if self.select == 'lab-out' else 'val'} {self.metric}"
 
     def study_name(self) -> str:
         """The study's name in its storage."""

@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
     """Metrics of a checkpoint on a data set's split(s); a whole class-folder set counts as one split.
 
     ``split`` names one split or several, comma-separated ("val,test,all": the model and the data
-    are loaded once); "all" is every image of the data set.
+    are loaded once); "all" is every image of the data set, "train+val" those splits as one.
 
     ``restrict`` keeps only the model's outputs for the classes the data has, renormalised: the
     fair way to test an 8-class model on a 4-class set from another lab.
@@ -73,9 +73,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
     else:
         names = [n.strip() for n in split.split(",") if n.strip()] or [split]  # "" is an unknown split
     base = list(ds.splits)  # the data's own splits; "all" is made of them
-    unknown = [n for n in names if n != "all" and n not in base]
+
+    def parts(name: str) -> list[str]:
+        return base if name == "all" else name.split("+")
+
+    unknown = [p for n in names for p in parts(n) if p not in base]
     if unknown and split is not None:  # before scoring anything or writing a file
-        raise BloodcellError(f"split {unknown[0]!r} not in the data; it has: {', '.join(base)}, all")
+        raise BloodcellError(f"split {unknown[0]!r} not in the data; it has: {', '.join(base)}, all "
+                             "(or several joined by +)")
     scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def score(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,15 +94,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | list[str], split: st
 
     results = {}
     for name in names:
-        if name == "all":  # the splits' own scores, so "val,test,all" scores val and test once
-            pieces = [score(k) for k in base]
-            labels, probs = np.concatenate([q[0] for q in pieces]), np.concatenate([q[1] for q in pieces])
-            groups = np.concatenate([ds.splits[k].groups for k in base])
-            paths = [q for k in base for q in ds.splits[k].paths]
-            sources = np.concatenate([ds.splits[k].sources for k in base]) if ds.sources else None
-        elif name in ds.splits:
+        if name in ds.splits:
             labels, probs = score(name)
             groups, paths, sources = ds.splits[name].groups, ds.splits[name].paths, ds.splits[name].sources
+        elif all(k in base for k in parts(name)):  # joined: the splits' own scores, each scored once
+            joined = parts(name)
+            pieces = [score(k) for k in joined]
+            labels, probs = np.concatenate([q[0] for q in pieces]), np.concatenate([q[1] for q in pieces])
+            groups = np.concatenate([ds.splits[k].groups for k in joined])
+            paths = [q for k in joined for q in ds.splits[k].paths]
+            sources = np.concatenate([ds.splits[k].sources for k in joined]) if ds.sources else None
         else:  # the default names where the data lacks one (no test_simple, say)
             continue
         classes = ds.classes

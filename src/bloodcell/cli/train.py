@@ -105,7 +105,8 @@ def add_parsers(sub) -> None:
                        description=cmd_evaluate.__doc__)
     p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
     p.add_argument("--data", required=True, action="append", metavar="DATA", help=DATA_HELP)
-    p.add_argument("--split", help="split(s) to evaluate, comma-separated, 'all' for every image (default: "
+    p.add_argument("--split", help="split(s) to evaluate, comma-separated, 'all' for every image, 'train+val' for "
+                                   "splits scored as one (default: "
                                    "test and test_simple of the training data; all images of another data set)")
     p.add_argument("--class-map", help="DATA=MODEL,... where class names differ beyond case")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bloodcell.config import CHOICES, PRUNE_FROM_EPOCH, PRUNERS, TUNE_METRICS, load_yaml
+from bloodcell.config import CHOICES, PRUNE_FROM_EPOCH, PRUNERS, SELECTIONS, TUNE_METRICS, load_yaml
 
 
 def cmd_tune(args) -> int:
@@ -17,6 +17,7 @@ def cmd_tune(args) -> int:
 
     More workers: run the same command elsewhere with --storage postgresql://USER@HOST/DB.
     The study's hand strategy: --grid image_size=48,64,96 batch_size=32,64,128.
+    A recipe for another microscope: --data LAB1 --data LAB2 --data LAB3 --select lab-out.
     Continue an interrupted study: bloodcell tune --resume DIR. Rebuild its report: bloodcell tune report DIR.
     """
     from bloodcell.distributed import single_process  # lazy: start-up (torch)
@@ -37,7 +38,7 @@ def cmd_tune(args) -> int:
             data = (args.data[0] if len(args.data) == 1 else args.data) if args.data else "synthetic"
             tune(data, args.model or "cnn4x32", args.trials, args.out,
                  timeout_min=args.timeout, space=args.space, grid=args.grid, storage=args.storage,
-                 study_name=args.study, metric=args.metric, pruner=args.pruner, base=base,
+                 study_name=args.study, metric=args.metric, pruner=args.pruner, select=args.select, base=base,
                  sampler_seed=args.sampler_seed, report=not args.no_report)
     except KeyboardInterrupt as e:
         out = args.out if args.resume in (None, True) else args.resume
@@ -78,6 +79,11 @@ def add_parsers(sub) -> None:
                    help="validation metric to maximise (default: macro_f1)")
     p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop poor trials early, from "
                    f"epoch {PRUNE_FROM_EPOCH} on, after the learning-rate warm-up (default: median)")
+    p.add_argument("--select", default="val", choices=SELECTIONS,
+                   help="what scores a trial: its validation split, or each lab of several --data left "
+                        "out in turn (one model per lab, trained on the others, scored on that lab's "
+                        "train and val images: for a recipe meant for another microscope; no pruning) "
+                        "(default: val)")
     p.add_argument("--config", metavar="FILE", help="YAML of train config keys every trial shares")
     p.add_argument("--cache-dir", help="decoded-image cache folder")
     p.add_argument("--seed", type=int, help="split and training seed shared by every trial (default 0)")

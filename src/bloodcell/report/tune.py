@@ -77,10 +77,13 @@ def study_line(data: TuneData) -> Block:
     trials = (f"Trials: {c['complete']} completed, {c['pruned']} pruned, {c['failed']} failed, "
               f"{c['running']} running, of {s.trials} asked for.")
     e = html.escape
-    return Block("html", f"Study `{s.study_name()}` in `{data.storage}`, maximising the **validation** "
-                         f"{s.metric} (the test split is never used here). {how} {trials}",
+    what, why = ("validation", "") if s.select != "lab-out" else (
+        "left-out-lab", " Each trial trains one model per lab on the other labs and is scored on that "
+        "lab's train and val images; its value is the mean over the labs.")
+    return Block("html", f"Study `{s.study_name()}` in `{data.storage}`, maximising the **{what}** "
+                         f"{s.metric} (the test split is never used here).{why} {how} {trials}",
                  f"<p>Study <code>{e(s.study_name())}</code> in <code>{e(data.storage)}</code>, maximising "
-                 f"the <strong>validation</strong> {e(s.metric)} (the test split is never used here). "
+                 f"the <strong>{what}</strong> {e(s.metric)} (the test split is never used here).{e(why)} "
                  f"{e(how)} {e(trials)}</p>")
 
 
@@ -89,7 +92,7 @@ def best_blocks(data: TuneData) -> list:
     b = data.best
     if b is None:
         return [Block("note", "no trial has completed yet")]
-    return [Block("p", f"Trial {b['number']}: val {data.settings.metric} **{b['value']:.4f}**."),
+    return [Block("p", f"Trial {b['number']}: {data.settings.value_name()} **{b['value']:.4f}**."),
             Table(["Parameter", "Value"], [[k, value(v)] for k, v in b["params"].items()], compact=True),
             Details("The whole configuration (`best.yaml`, for `bloodcell train --config` and "
                     "`compare --config`)", yaml.safe_dump(b["config"], sort_keys=False))]
@@ -98,7 +101,7 @@ def best_blocks(data: TuneData) -> list:
 def tune_blocks(data: TuneData) -> list:
     """The whole tuning report as a list of blocks, in reading order."""
     s = data.settings
-    ylabel = f"val {s.metric}"
+    ylabel = s.value_name()
     fixed = {k: v for k, v in s.space.items() if not isinstance(v, dict)}
     searched = s.grid or {k: v for k, v in s.space.items() if isinstance(v, dict)}
     questions = []

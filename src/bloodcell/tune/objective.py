@@ -1,6 +1,13 @@
 """The per-trial objective: train one drawn config on the train split, report the validation metric
 per epoch (so a pruner can stop it), return the final one. The test split never reaches a trial.
 
+With ``select: lab-out`` (several labs as ``data``) a trial instead trains one model per lab, on the
+other labs, and scores it on that lab's train and val images (``lab_out_value``); the mean over the
+labs is its value. Validation drawn from the training labs measures fit at home and ranked first the
+recipe that travelled worst (bench/RESULTS.md, "Any lab's cells"); a lab the model never saw
+measures the shift to another microscope (DomainBed's leave-one-domain-out selection). The labs'
+test splits stay out here too, and pruning does not apply (no one curve to stop on).
+
 A study runs exactly its number of trials over all its workers: a trial created beyond that number
 is a surplus placeholder, stopped at once and left out of every count and table.
 """
@@ -12,12 +19,15 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from bloodcell.config import TUNE_METRICS, TrainConfig, TuneSettings, make_config
+from bloodcell.crosslab import lab_name
 from bloodcell.data.cache import default_cache_dir
 from bloodcell.engine import TrainingDiverged
+from bloodcell.evaluate import evaluate_checkpoint
 from bloodcell.runtime import check_stop
 from bloodcell.train import config_dataset, dataset_key, train
 from bloodcell.tune.space import fixed_values, load_space, suggest
@@ -60,6 +70,24 @@ def short(params: dict) -> str:
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def lab_out_value(cfg: TrainConfig, metric: str, run: Path, datasets: dict, log, on_epoch) -> tuple[float, dict]:
+    """Leave each lab of cfg's data out once: train on the others (their train splits, their pooled
+    val choosing the epoch), score on the left-out lab's train and val images (never its test).
+    Returns the mean of the labs' metric and {lab name: metric}; the models are run/out-<lab>/."""
+    scores = {}
+    for lab in cfg.sources:
+        fold = make_config(TrainConfig, cfg.to_dict(), {"data": [s for s in cfg.sources if s != lab]})
+        name = lab_name(lab)
+        log(f"--- left out: {name}")
+        train(fold, run / f"out-{name}", overwrite=True, log=log, progress=False,
+              dataset=trial_dataset(fold, datasets), on_epoch=on_epoch)
+        m = evaluate_checkpoint(run / f"out-{name}", lab, split="train+val", cache_dir=fold.cache_dir,
+                                device=fold.device, log=log)["train+val"]
+        scores[name] = float(m[metric])
+        log(f"left-out {name}: {metric} {scores[name]:.4f} (n={m['n']})")
+    return float(np.mean(list(scores.values()))), scores
+
+
 def make_objective(settings: TuneSettings, out: Path, log=print):
     """The function optuna calls per trial: train on train, report val per epoch, return val metric."""
     quiet_optuna()
@@ -86,11 +114,14 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
         run = out / "trials" / f"{trial.number:04d}"
         run.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        ds = trial_dataset(cfg, datasets)
+        lab_out = settings.select == "lab-out"
+        ds = None if lab_out else trial_dataset(cfg, datasets)
         epochs: list[dict] = []
 
         def on_epoch(epoch: int, row: dict) -> None:
             epochs.append(row)
+            if lab_out:  # one training per lab: no single curve a pruner could compare
+                return
             trial.report(float(row[row_key]), epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
@@ -109,8 +140,11 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
                 f.flush()
 
             try:
-                metrics = train(cfg, run, overwrite=True, log=run_log, progress=False, dataset=ds,
-                                on_epoch=on_epoch)
+                if lab_out:
+                    value, per_lab = lab_out_value(cfg, settings.metric, run, datasets, run_log, on_epoch)
+                else:
+                    metrics = train(cfg, run, overwrite=True, log=run_log, progress=False, dataset=ds,
+                                    on_epoch=on_epoch)
             except optuna.TrialPruned:
                 finish(f"pruned after epoch {len(epochs)}")
                 log(f"trial {trial.number:3d}  pruned after epoch {len(epochs)} "
@@ -120,6 +154,13 @@ def make_objective(settings: TuneSettings, out: Path, log=print):
                 finish(f"diverged: {e}")
                 log(f"trial {trial.number:3d}  diverged in epoch {len(epochs) + 1}  {short(params)}")
                 raise optuna.TrialPruned(f"diverged: {e}") from e
+        if lab_out:
+            finish("left out: " + ", ".join(f"{k} {v:.4f}" for k, v in per_lab.items()))
+            trial.set_user_attr("lab_out", per_lab)
+            log(f"trial {trial.number:3d}  {settings.value_name()} {value:.4f}  ("
+                + ", ".join(f"{k} {v:.4f}" for k, v in per_lab.items())
+                + f"; {(time.perf_counter() - t0) / 60:.1f} min)  {short(params)}")
+            return value
         value = float(metrics["val"][settings.metric])
         finish(f"best epoch {metrics['run']['best_epoch']}")
         trial.set_user_attr("best_epoch", metrics["run"]["best_epoch"])

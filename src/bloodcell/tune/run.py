@@ -11,7 +11,15 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from bloodcell.config import PRUNERS, TUNE_METRICS, TrainConfig, TuneSettings, make_config
+from bloodcell.config import (
+    PRUNERS,
+    SELECTIONS,
+    TUNE_METRICS,
+    TrainConfig,
+    TuneSettings,
+    make_config,
+)
+from bloodcell.crosslab import shared_classes
 from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.models import model_info
@@ -50,13 +58,14 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
          out: str | Path = "runs/tune", *, timeout_min: float | None = None,
          space: str | Path | dict | None = None, grid: list[str] | dict | None = None,
          storage: str | None = None, study_name: str | None = None, metric: str = "macro_f1",
-         pruner: str | object = "median", base: dict | None = None, sampler_seed: int | None = None,
-         resume: bool = False, report: bool = True, log=print) -> dict:
+         pruner: str | object = "median", select: str = "val", base: dict | None = None,
+         sampler_seed: int | None = None, resume: bool = False, report: bool = True, log=print) -> dict:
     """Run (or join, or resume) a study maximising a validation metric; returns its summary.
 
     ``trials`` counts the study's finished trials (completed or pruned) across all workers and
     runs: a resumed or joined study stops when it has that many. ``pruner`` may also be an optuna
-    pruner object. ``resume=True`` reads everything but trials/timeout from ``out/tune.yaml``.
+    pruner object. ``select="lab-out"`` scores each trial on every lab of ``data`` left out in turn
+    (objective.lab_out_value). ``resume=True`` reads everything but trials/timeout from ``out/tune.yaml``.
     """
     out = check_out_dir(out, "--resume" if resume else "--out")
     if resume:
@@ -66,7 +75,7 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
     else:
         settings = new_settings(data, model, trials, timeout_min=timeout_min, space=space, grid=grid,
                                 storage=storage, study_name=study_name, metric=metric, pruner=pruner,
-                                base=base, sampler_seed=sampler_seed)
+                                select=select, base=base, sampler_seed=sampler_seed, log=log)
         if (out / SETTINGS_FILE).is_file():  # the same command again (or a second worker): join
             old = read_settings(out)
             diff = differences(settings.identity(), old.identity())
@@ -83,8 +92,8 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
     c = counts(study)
     finished = c[TrialState.COMPLETE] + c[TrialState.PRUNED]
     log(f"study {settings.study_name()!r} in {masked(settings.storage_url(out))}: {finished} of "
-        f"{settings.trials} trials finished, {c[TrialState.RUNNING]} running; maximising val "
-        f"{settings.metric} of {settings.model} on {settings.data}")
+        f"{settings.trials} trials finished, {c[TrialState.RUNNING]} running; maximising "
+        f"{settings.value_name()} of {settings.model} on {settings.data}")
     if finished + c[TrialState.RUNNING] < settings.trials:
         started = datetime.datetime.now()
         try:
@@ -102,13 +111,16 @@ def tune(data: str = "synthetic", model: str = "cnn4x32", trials: int | None = N
 
 
 def new_settings(data: str, model: str, trials: int | None, *, timeout_min, space, grid, storage,
-                 study_name, metric: str, pruner, base: dict | None, sampler_seed) -> TuneSettings:
+                 study_name, metric: str, pruner, select: str = "val", base: dict | None, sampler_seed,
+                 log=print) -> TuneSettings:
     """A new study's settings, every argument checked (and the data path) before any trial."""
     if metric not in TUNE_METRICS:
         raise ConfigError(f"metric must be one of {', '.join(TUNE_METRICS)}; got {metric!r}")
     pname = pruner if isinstance(pruner, str) else "custom"
     if pname not in (*PRUNERS, "custom"):
         raise ConfigError(f"pruner must be one of {', '.join(PRUNERS)}; got {pruner!r}")
+    if select not in SELECTIONS:
+        raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}; got {select!r}")
     base = dict(base or {})
     for k in NOT_IN_SPACE:
         if k in base:
@@ -116,6 +128,19 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
     if base.get("folds") or base.get("fold") is not None:
         raise ConfigError("tune trains each trial on one train/val split; --folds is for train and compare")
     cfg = make_config(TrainConfig, base, {"data": data, "model": model})
+    if select == "lab-out":
+        if len(cfg.sources) < 2:
+            raise ConfigError("--select lab-out leaves each lab out in turn: give --data once for each of "
+                              "two or more labs")
+        if pname != "none":
+            log(f"--select lab-out: one training per lab left out, so no {pname} pruning")
+            pname = "none"
+        if not cfg.classes:  # a model trained on some labs is scored on another: their shared classes
+            base["classes"] = shared_classes(cfg.sources)
+            if len(base["classes"]) < 2:
+                raise ConfigError(f"the labs share fewer than two classes ({', '.join(base['classes']) or 'none'});"
+                                  " name the classes to use with --classes")
+            log(f"--select lab-out: the classes every lab has: {', '.join(base['classes'])}")
     if cfg.cache_dir:  # now, not in the first trial (a failed trial and optuna's traceback)
         check_out_dir(cfg.cache_dir, "--cache-dir")
     data = cfg.data
@@ -135,7 +160,7 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
         raise ConfigError(f"trials must be at least 1, got {trials}")
     return TuneSettings(data=data if isinstance(data, str) else list(data), model=model, trials=trials or 20, timeout_min=timeout_min,
                         space=space_to_yaml(resolved), grid=grid_d, storage=storage, study=study_name,
-                        metric=metric, pruner=pname, base=base, sampler_seed=sampler_seed)
+                        metric=metric, pruner=pname, select=select, base=base, sampler_seed=sampler_seed)
 
 
 def best_config(study, settings: TuneSettings) -> dict:
@@ -158,7 +183,7 @@ def summarise(study, settings: TuneSettings, out: Path, report: bool = True, log
         write_yaml(out / "best.yaml", best_config(study, settings))
         summary.update(best_value=best.value, best_trial=best.number, best_params=best.params,
                        best_config=str(out / "best.yaml"))
-        log(f"best: trial {best.number}, val {settings.metric} {best.value:.4f}  {short(best.params)}")
+        log(f"best: trial {best.number}, {settings.value_name()} {best.value:.4f}  {short(best.params)}")
         log(f"best config: {out / 'best.yaml'} (bloodcell train --config {out / 'best.yaml'})")
     else:
         log("no trial has completed yet: no best config")
