@@ -88,12 +88,13 @@ def test_lab_out_scores_each_lab_on_a_model_that_never_saw_it(tmp_path):
     assert "left-out-lab</strong> macro_f1" in page and "left out: lab_a" in page
 
 
-def test_lab_out_needs_two_labs(tmp_path):
+def test_lab_out_needs_two_labs(tmp_path, capsys):
+    from bloodcell.cli import main
     from bloodcell.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="two or more labs"):
-        tune("synthetic:64", "cnn2x32", 1, tmp_path / "t", select="lab-out", report=False,
-             log=lambda m: None)
+    code = main(["tune", "--data", "synthetic:64", "--select", "lab-out", "--out", str(tmp_path / "t")])
+    assert code == 2 and "give --data once for each of two or more labs" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()  # refused before anything is written
     with pytest.raises(ConfigError, match="select must be one of"):
         tune("synthetic:64", "cnn2x32", 1, tmp_path / "t", select="test", report=False,
              log=lambda m: None)

@@ -88,6 +88,12 @@ def test_same_folder_other_settings_is_refused(tmp_path):
     with pytest.raises(BloodcellError, match="other settings.*space"):
         tune(DATA, "cnn4x32", 1, out, space={**TINY, "epochs": 2}, base={"threads": 1}, log=lambda m: None)
     assert read_settings(out).space["epochs"] == 1
+    # a base key given at its default is the same study (a second worker with --seed 0 joins it)
+    tune(DATA, "cnn4x32", 1, out, space={**TINY, "epochs": 1}, base={"threads": 1, "seed": 0},
+         log=lambda m: None)
+    with pytest.raises(BloodcellError, match="other settings.*seed"):
+        tune(DATA, "cnn4x32", 1, out, space={**TINY, "epochs": 1}, base={"threads": 1, "seed": 1},
+             log=lambda m: None)
 
 
 def test_tune_report_command_rebuilds_the_report(tmp_path, capsys):

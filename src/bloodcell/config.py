@@ -399,7 +399,9 @@ class TuneSettings:
     def identity(self) -> dict:
         """The settings two workers of one study must agree on."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.MUTABLE}
-        d["base"] = {k: v for k, v in self.base.items() if k not in self.LOCAL}
+        # a key given at its default (--seed 0) is the same study as one left out
+        d["base"] = {k: v for k, v in self.base.items() if k not in self.LOCAL and (
+            k not in FIELD_DEFAULTS or v != FIELD_DEFAULTS[k])}
         return d
 
     def value_name(self) -> str:
