@@ -185,9 +185,9 @@ def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle", models: l
     """Each model alone and the mean of all their probabilities (compare's own ensemble row, which
     writes ensemble_dir/<task>-seedN/runs/ensemble), per split, mean ± sd over seeds; ``models``
     keeps only those architectures from each folder."""
+    from bloodcell.build import config_dataset
     from bloodcell.compare import ensemble_row
     from bloodcell.config import TrainConfig, load_yaml, make_config
-    from bloodcell.train import config_dataset
 
     scores: dict[str, list[dict]] = {}
     for seed in seeds:

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from bloodcell.build import config_dataset
 from bloodcell.cam import GradCAM
 from bloodcell.checkpoint import load_model
 from bloodcell.config import TrainConfig, make_config
 from bloodcell.data.loader import BatchLoader
 from bloodcell.engine import evaluate
 from bloodcell.predict import Predictor
-from bloodcell.train import config_dataset, train
+from bloodcell.train import train
 from bloodcell.transforms import augment
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")

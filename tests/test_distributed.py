@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from bloodcell import distributed
+from bloodcell.build import config_dataset
 from bloodcell.checkpoint import load_model
 from bloodcell.config import TrainConfig, make_config
 from bloodcell.data import BatchLoader
@@ -26,7 +27,7 @@ from bloodcell.distributed import World
 from bloodcell.engine import predict_probs
 from bloodcell.errors import BloodcellError
 from bloodcell.runfiles import read_predictions
-from bloodcell.train import config_dataset, train
+from bloodcell.train import train
 
 
 def fake_split(n: int) -> Split:

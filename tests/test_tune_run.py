@@ -25,16 +25,16 @@ class PruneOddTrials(optuna.pruners.BasePruner):
 
 
 def test_four_trial_study_with_pruning(tmp_path, monkeypatch):
-    import bloodcell.train as train_module
+    import bloodcell.build as build_module
 
     loads = collections.Counter()
-    real = train_module.load_sources
+    real = build_module.load_sources
 
     def counting(path, image_size=64, **kw):
         loads[image_size] += 1
         return real(path, image_size=image_size, **kw)
 
-    monkeypatch.setattr(train_module, "load_sources", counting)  # where config_dataset looks it up
+    monkeypatch.setattr(build_module, "load_sources", counting)  # where config_dataset looks it up
     out = tmp_path / "study"
     space = {**TINY, "image_size": {"choices": [32, 40]}, "epochs": 2}
     s = tune(DATA, "cnn4x32", 4, out, space=space, pruner=PruneOddTrials(), base={"threads": 1},

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from bloodcell import __version__
+from bloodcell.build import config_dataset, dataset_key, model_kwargs, source_dataset
 from bloodcell.config import (
     DEFAULT_MODELS,
     FIELD_DEFAULTS,
@@ -39,7 +40,7 @@ from bloodcell.runfiles import (
 )
 from bloodcell.runtime import environment
 from bloodcell.tracking import check_trackers, flat_metrics, record
-from bloodcell.train import config_dataset, dataset_key, model_kwargs, source_dataset, train
+from bloodcell.train import train
 
 PRESETS_DIR = Path(__file__).parent / "presets" / "compare"
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from bloodcell import __version__
 from bloodcell.adapt import adapt
+from bloodcell.build import config_dataset
 from bloodcell.config import FIELD_DEFAULTS, RECORD_KEYS, TrainConfig, load_yaml, make_config
 from bloodcell.data import discover
 from bloodcell.errors import BloodcellError, ConfigError
@@ -46,7 +47,7 @@ from bloodcell.runfiles import (
     write_json,
     write_yaml,
 )
-from bloodcell.train import config_dataset, train
+from bloodcell.train import train
 
 PROTOCOL_FILE = "crosslab.yaml"
 # Fine-tuning on K labelled cells per class: few images, so many short epochs at a lower rate, and

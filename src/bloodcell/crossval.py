@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bloodcell.build import config_dataset, source_dataset
 from bloodcell.config import RECORD_KEYS, TrainConfig, load_yaml, make_config
 from bloodcell.data import Dataset
 from bloodcell.engine import better
@@ -32,7 +33,7 @@ from bloodcell.errors import BloodcellError
 from bloodcell.metrics import split_metrics
 from bloodcell.runfiles import mark_done, read_json, read_predictions, write_json, write_yaml
 from bloodcell.tracking import check_trackers, record
-from bloodcell.train import config_dataset, source_dataset, train
+from bloodcell.train import train
 
 SUMMARY_FILE = "folds.json"
 # The figures summarised over folds (those a split's metrics hold: binary ones only on two classes).
@@ -76,7 +77,7 @@ def cross_validate(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False
     """Train every fold of ``cfg`` (``cfg.folds`` of them) under ``out``; write folds.json and
     metrics.json; return the metrics: the chosen fold's splits, ``run`` and ``cv`` (the summary).
 
-    ``dataset`` is ``train.source_dataset(cfg)`` already loaded (compare passes it)."""
+    ``dataset`` is ``build.source_dataset(cfg)`` already loaded (compare passes it)."""
     out = Path(out)
     if not cfg.folds or cfg.fold is not None:
         raise BloodcellError("cross_validate needs folds (and no fold): one fold is a plain train run")
