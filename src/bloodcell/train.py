@@ -35,6 +35,7 @@ from bloodcell.engine import (
 )
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.info import MEAN, STD
+from bloodcell.launch import launch
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.pretrained import new_parameters, preflight
 from bloodcell.runfiles import (
@@ -59,7 +60,7 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     ``on_epoch(epoch, history_row)`` is called after each epoch's validation (a tuner reports and
     prunes there); ``dataset`` reuses an already loaded Dataset. Under torchrun every process calls
     this; rank 0 alone writes the run folder and logs. With ``cfg.nproc`` > 1 (and no torchrun)
-    the run is launched on that many processes here (distributed.launch) and this one waits. One
+    the run is launched on that many processes here (bloodcell.launch) and this one waits. One
     run at a time trains in ``out`` (runfiles.run_lock, held by rank 0): a second one is refused.
     """
     out = Path(out)
@@ -90,13 +91,13 @@ def launch_train(cfg: TrainConfig, out: Path, *, overwrite: bool, resume: bool, 
     on_row = (lambda row: on_epoch(row["epoch"], row)) if on_epoch is not None else None
     forward = None if log is print else log  # rank 0's lines to a caller's own log (a tuner's trial log)
     if resume:
-        distributed.launch(["train", "--resume", str(out), *quiet], cfg.nproc, out, on_row, resume=True,
+        launch(["train", "--resume", str(out), *quiet], cfg.nproc, out, on_row, resume=True,
                            log=forward, splits=splits)
     else:
         with tempfile.TemporaryDirectory(prefix="bloodcell-nproc-") as tmp:
             given = Path(tmp) / "config.yaml"
             write_yaml(given, cfg.to_dict())
-            distributed.launch(["train", "--config", str(given), "--out", str(out), "--overwrite", *quiet],
+            launch(["train", "--config", str(given), "--out", str(out), "--overwrite", *quiet],
                                cfg.nproc, out, on_row, log=forward, splits=splits)
     return json.loads((out / "metrics.json").read_text())
 
