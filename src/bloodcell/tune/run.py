@@ -19,7 +19,7 @@ from bloodcell.config import (
     TuneSettings,
     make_config,
 )
-from bloodcell.crosslab import shared_classes
+from bloodcell.crosslab import lab_name, shared_classes
 from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.models import model_info
@@ -132,6 +132,10 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
         if len(cfg.sources) < 2:
             raise ConfigError("--select lab-out leaves each lab out in turn: give --data once for each of "
                               "two or more labs")
+        names = [lab_name(s) for s in cfg.sources]
+        if len(set(names)) < len(names):  # each lab's model is trials/<NNNN>/out-<name>/
+            raise ConfigError(f"--select lab-out names each lab by its folder, and two are the same "
+                              f"({', '.join(names)})")
         if pname != "none":
             log(f"--select lab-out: one training per lab left out, so no {pname} pruning")
             pname = "none"
