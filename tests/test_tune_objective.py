@@ -86,6 +86,7 @@ def test_lab_out_scores_each_lab_on_a_model_that_never_saw_it(tmp_path):
     assert "left-out-lab macro_f1" in " ".join(logs)
     page = (out / "report.html").read_text()
     assert "left-out-lab</strong> macro_f1" in page and "left out: lab_a" in page
+    assert "No curve per epoch: with --select lab-out" in page  # not an empty figure
 
 
 def test_lab_out_needs_two_labs(tmp_path, capsys):

@@ -113,7 +113,11 @@ def tune_blocks(data: TuneData) -> list:
                     Block("h2", "The study's questions"), Columns(questions),
                     Block("h2", "Optimisation"),
                     Columns([Figure("history", fig_tune_history(data.rows, ylabel), alt="history"),
-                             Figure("curves", fig_tune_curves(data.rows, ylabel), alt="curves")]),
+                             Figure("curves", fig_tune_curves(data.rows, f"val {s.metric}"), alt="curves")
+                             if any(r["_curve"] for r in data.rows) else Block(
+                                 "note", "No curve per epoch: with --select lab-out each trial trains "
+                                 "one model per lab and reports only its value."
+                                 if s.select == "lab-out" else "No trial has reported an epoch yet.")]),
                     Block("h2", "Parameter importances")]
     blocks.append(Figure("importances", fig_importances(data.importances), alt="importances")
                   if data.importances else Block("note", "Importances " + data.why))
