@@ -94,10 +94,10 @@ def test_lab_out_needs_two_labs(tmp_path, capsys):
     from bloodcell.errors import ConfigError
 
     code = main(["tune", "--data", "synthetic:64", "--select", "lab-out", "--out", str(tmp_path / "t")])
-    assert code == 2 and "give --data once for each of two or more labs" in capsys.readouterr().err
+    assert code == 2 and "--select lab-out needs two or more labs: give --data once for each" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()  # refused before anything is written
     twins = [lab(tmp_path / side / "lab", ("alpha", "beta"), 0, n=2) for side in ("x", "y")]
-    with pytest.raises(ConfigError, match="two are the same"):
+    with pytest.raises(ConfigError, match="two labs have the same folder name"):
         tune(twins, "cnn2x32", 1, tmp_path / "t", select="lab-out", report=False, log=lambda m: None)
     with pytest.raises(ConfigError, match="select must be one of"):
         tune("synthetic:64", "cnn2x32", 1, tmp_path / "t", select="test", report=False,

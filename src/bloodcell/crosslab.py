@@ -68,6 +68,22 @@ def shared_classes(sources: tuple[str, ...]) -> list[str]:
     return sorted((c for c in found[0] if c.lower() in common), key=str.lower)
 
 
+def check_labs(labs: tuple[str, ...], classes, who: str, runs: str) -> tuple[list[str], list[str]]:
+    """The labs' names and the classes to use (those given, else the ones every lab has), checked
+    for a run that leaves each lab out: ``who`` needs two or more labs, and names its ``runs`` by
+    each lab's folder, so two alike are refused. One line (a BloodcellError) where they fail."""
+    if len(labs) < 2:
+        raise ConfigError(f"{who} needs two or more labs: give --data once for each")
+    names = [lab_name(s) for s in labs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two labs have the same folder name ({', '.join(names)}); {who} names {runs} by it")
+    classes = list(classes) or shared_classes(labs)
+    if len(classes) < 2:
+        raise BloodcellError(f"the labs share fewer than two classes ({', '.join(classes) or 'none'}); "
+                             "name the classes to use with --classes")
+    return names, classes
+
+
 def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, progress: bool = True,
              report: bool = True, command: str | None = None, label_curve: tuple[int, ...] = ()) -> dict:
     """Leave each lab out once; write DIR/crosslab.json (the matrix, and with ``label_curve`` the
@@ -77,15 +93,7 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
     labs = base.sources
     if base.folds or base.fold is not None:
         raise ConfigError("crosslab's folds are its labs; --folds is for train and compare")
-    if len(labs) < 2:
-        raise ConfigError("crosslab needs two or more labs: give --data once for each")
-    names = [lab_name(s) for s in labs]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"two labs have the same folder name ({', '.join(names)}); crosslab names folds by it")
-    classes = list(base.classes) or shared_classes(labs)
-    if len(classes) < 2:
-        raise BloodcellError(f"the labs share fewer than two classes ({', '.join(classes) or 'none'}); "
-                             "name the classes to use with --classes")
+    names, classes = check_labs(labs, base.classes, "crosslab", "folds")
     base = make_config(TrainConfig, base.to_dict(), {"classes": classes})
     protocol = {**base.to_dict(), "labs": list(labs)}
     saved = out / PROTOCOL_FILE

@@ -19,7 +19,7 @@ from bloodcell.config import (
     TuneSettings,
     make_config,
 )
-from bloodcell.crosslab import lab_name, shared_classes
+from bloodcell.crosslab import check_labs
 from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.models import model_info
@@ -129,22 +129,15 @@ def new_settings(data: str, model: str, trials: int | None, *, timeout_min, spac
         raise ConfigError("tune trains each trial on one train/val split; --folds is for train and compare")
     cfg = make_config(TrainConfig, base, {"data": data, "model": model})
     if select == "lab-out":
-        if len(cfg.sources) < 2:
-            raise ConfigError("--select lab-out leaves each lab out in turn: give --data once for each of "
-                              "two or more labs")
-        names = [lab_name(s) for s in cfg.sources]
-        if len(set(names)) < len(names):  # each lab's model is trials/<NNNN>/out-<name>/
-            raise ConfigError(f"--select lab-out names each lab by its folder, and two are the same "
-                              f"({', '.join(names)})")
+        # a model trained on some labs is scored on another: their shared classes unless given
+        _, classes = check_labs(cfg.sources, cfg.classes, "--select lab-out",
+                                "each lab's models (trials/<NNNN>/out-<lab>/)")
         if pname != "none":
             log(f"--select lab-out: one training per lab left out, so no {pname} pruning")
             pname = "none"
-        if not cfg.classes:  # a model trained on some labs is scored on another: their shared classes
-            base["classes"] = shared_classes(cfg.sources)
-            if len(base["classes"]) < 2:
-                raise ConfigError(f"the labs share fewer than two classes ({', '.join(base['classes']) or 'none'});"
-                                  " name the classes to use with --classes")
-            log(f"--select lab-out: the classes every lab has: {', '.join(base['classes'])}")
+        if not cfg.classes:
+            base["classes"] = classes
+            log(f"--select lab-out: the classes every lab has: {', '.join(classes)}")
     if cfg.cache_dir:  # now, not in the first trial (a failed trial and optuna's traceback)
         check_out_dir(cfg.cache_dir, "--cache-dir")
     data = cfg.data
