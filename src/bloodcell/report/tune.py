@@ -98,6 +98,16 @@ def best_blocks(data: TuneData) -> list:
                     "`compare --config`)", yaml.safe_dump(b["config"], sort_keys=False))]
 
 
+def curves_block(data: TuneData):
+    """The validation curve of every trial, or a note why there is none."""
+    if any(r["_curve"] for r in data.rows):
+        return Figure("curves", fig_tune_curves(data.rows, f"val {data.settings.metric}"), alt="curves")
+    if data.settings.select == "lab-out":
+        return Block("note", "No curve per epoch: with --select lab-out each trial trains one model per "
+                             "lab and reports only its value.")
+    return Block("note", "No trial has reported an epoch yet.")
+
+
 def tune_blocks(data: TuneData) -> list:
     """The whole tuning report as a list of blocks, in reading order."""
     s = data.settings
@@ -113,11 +123,7 @@ def tune_blocks(data: TuneData) -> list:
                     Block("h2", "The study's questions"), Columns(questions),
                     Block("h2", "Optimisation"),
                     Columns([Figure("history", fig_tune_history(data.rows, ylabel), alt="history"),
-                             Figure("curves", fig_tune_curves(data.rows, f"val {s.metric}"), alt="curves")
-                             if any(r["_curve"] for r in data.rows) else Block(
-                                 "note", "No curve per epoch: with --select lab-out each trial trains "
-                                 "one model per lab and reports only its value."
-                                 if s.select == "lab-out" else "No trial has reported an epoch yet.")]),
+                             curves_block(data)]),
                     Block("h2", "Parameter importances")]
     blocks.append(Figure("importances", fig_importances(data.importances), alt="importances")
                   if data.importances else Block("note", "Importances " + data.why))
