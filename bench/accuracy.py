@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bloodcell.compare import compare, load_protocol
+from bloodcell.studies.compare import compare, load_protocol
 
 ROOT = Path(os.environ.get("BLOODCELL_TEST_DATA", "../shared/data"))
 DATA = {"kaggle": ROOT / "blood-cells", "pbc": ROOT / "pbc" / "PBC_dataset_normal_DIB",
@@ -152,7 +152,7 @@ def cross(out: Path, seeds: list[int]) -> str:
     older figure) is shown too, for comparison with earlier tables; it includes the test split, so
     it chooses nothing either.
     """
-    from bloodcell.evaluate import evaluate_checkpoint
+    from bloodcell.training.evaluate import evaluate_checkpoint
 
     lines = ["### cross-lab (four shared classes of the other set; the PBC models' outputs restricted to "
              "those four; the other set split with seed 0)", "",
@@ -185,9 +185,9 @@ def ensemble(outs: list[Path], seeds: list[int], task: str = "kaggle", models: l
     """Each model alone and the mean of all their probabilities (compare's own ensemble row, which
     writes ensemble_dir/<task>-seedN/runs/ensemble), per split, mean ± sd over seeds; ``models``
     keeps only those architectures from each folder."""
-    from bloodcell.build import config_dataset
-    from bloodcell.compare import ensemble_row
     from bloodcell.config import TrainConfig, load_yaml, make_config
+    from bloodcell.data.build import config_dataset
+    from bloodcell.studies.compare import ensemble_row
 
     scores: dict[str, list[dict]] = {}
     for seed in seeds:

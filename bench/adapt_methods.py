@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bloodcell.adapt import adapt
+from bloodcell.studies.adapt import adapt
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 Which Grad-CAM to use (issue 26): our own hook code (the paper's formula written out), captum's
 ``LayerGradCam`` and, where it is importable, pytorch-grad-cam's ``GradCAM`` (not a bloodcell
 dependency: ``pip install --no-deps --target /tmp/gc grad-cam ttach opencv-python-headless`` and
-run with ``PYTHONPATH=/tmp/gc``), all at the same layer (``bloodcell.cam.target_layer``). Prints
+run with ``PYTHONPATH=/tmp/gc``), all at the same layer (``bloodcell.inference.cam.target_layer``). Prints
 the time of one map (batch 1, one thread, the target class given, median over 20 calls, per round)
 and the largest difference between their maps, each scaled to [0, 1] by its maximum, over 16
 images: for an untrained cnn4x32 and ResNet-18 at 64 px and for every trained run in --runs.
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from _common import OUT
 from captum.attr import LayerGradCam
 
-from bloodcell.cam import target_layer
-from bloodcell.checkpoint import load_model
+from bloodcell.inference.cam import target_layer
 from bloodcell.models import get_model
+from bloodcell.models.checkpoint import load_model
 
 try:
     from pytorch_grad_cam import GradCAM as PGC

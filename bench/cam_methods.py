@@ -7,8 +7,8 @@ each model classifies right, the share of empty maps, of peaks in the central ha
 the stained cell (``cam_pictures.on_cell``). Both methods are written out here from the two papers
 (one hook, one gradient), so they differ in the channel weights alone: Grad-CAM's mean gradient,
 Grad-CAM++'s alpha-weighted positive gradients. Our Grad-CAM here reproduces
-``bloodcell.cam.GradCAM``'s figures (captum) to the percent. It is the measurement behind
-``bloodcell.cam`` offering Grad-CAM alone. Writes bench/out/cam_methods.md and .json.
+``bloodcell.inference.cam.GradCAM``'s figures (captum) to the percent. It is the measurement behind
+``bloodcell.inference.cam`` offering Grad-CAM alone. Writes bench/out/cam_methods.md and .json.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from _common import OUT, machine_info, machine_md, md_table, write_outputs
 from cam_libraries import activation_and_grad, weighted_map
 from cam_pictures import on_cell
 
-from bloodcell.cam import GradCAM, central_peak, has_mass
+from bloodcell.inference.cam import GradCAM, central_peak, has_mass
+from bloodcell.inference.predict import Predictor, decode_image
 from bloodcell.models import list_models
-from bloodcell.predict import Predictor, decode_image
 from bloodcell.runfiles import read_csv
 
 # The block before the head's, where it still has a larger map (stride 16 against 32).

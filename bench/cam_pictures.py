@@ -8,7 +8,7 @@ finished run is reused), then, on the TEST images each model classifies correctl
 
 - before: the old map, Grad-CAM at the raw output of the last ``nn.Conv2d`` (before its max-pool,
   batch norm and activation), kept here only as a measurement;
-- after: ``bloodcell.cam.GradCAM``, at the output of the last feature block (what the head reads);
+- after: ``bloodcell.inference.cam.GradCAM``, at the output of the last feature block (what the head reads);
 
 and prints, per model, the share with an empty map (no positive pixel) and the share whose peak
 lies in the central half of the frame (the ``cell`` crop is centred on the stained cell). Writes
@@ -31,12 +31,12 @@ from _common import OUT, ROOT, default_data, machine_info, machine_md, md_table,
 from PIL import Image, ImageDraw
 from torch import nn
 
-from bloodcell.cam import GradCAM, central_peak, has_mass, overlay
 from bloodcell.config import TrainConfig, make_config
+from bloodcell.inference.cam import GradCAM, central_peak, has_mass, overlay
+from bloodcell.inference.predict import Predictor, decode_image
 from bloodcell.models import list_models
-from bloodcell.predict import Predictor, decode_image
 from bloodcell.runfiles import atomic_write, read_csv
-from bloodcell.train import train
+from bloodcell.training.train import train
 
 CLASSES = ("EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL")
 SUBSET = {"TRAIN": 500, "TEST": 50, "TEST_SIMPLE": 0}  # per class; 0 = all

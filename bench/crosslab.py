@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from bloodcell.compare import load_protocol
-from bloodcell.crosslab import crosslab
+from bloodcell.studies.compare import load_protocol
+from bloodcell.studies.lab_out import crosslab
 
 ROOT = Path(os.environ.get("BLOODCELL_TEST_DATA", "../shared/data"))
 LABS = [ROOT / "blood-cells", ROOT / "pbc" / "PBC_dataset_normal_DIB", ROOT / "other-labs" / "tecom",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from bloodcell.compare import compare
+from bloodcell.studies.compare import compare
 
 ROOT = Path(os.environ.get("BLOODCELL_TEST_DATA", "../shared/data"))
 STUDY_MODELS = "cnn2x32,cnn4x64,cnn4x32,vgg3"

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from _common import OUT, machine_info, machine_md, md_table, write_outputs
 
-from bloodcell.build import config_dataset
 from bloodcell.config import TrainConfig, make_config
+from bloodcell.data.build import config_dataset
 from bloodcell.runfiles import read_history
-from bloodcell.train import train
+from bloodcell.training.train import train
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bloodcell.checkpoint import save_checkpoint
+from bloodcell.inference.predict import Predictor
 from bloodcell.models import get_model
-from bloodcell.predict import Predictor
+from bloodcell.models.checkpoint import save_checkpoint
 from bloodcell.runtime import physical_cores
 
 BACKENDS = ("torch", "torchscript", "onnx")

@@ -24,9 +24,9 @@ from pathlib import Path
 import optuna
 import yaml
 
-from bloodcell.compare import load_protocol
-from bloodcell.crosslab import lab_name, shared_classes
-from bloodcell.evaluate import evaluate_checkpoint
+from bloodcell.studies.compare import load_protocol
+from bloodcell.studies.lab_out import lab_name, shared_classes
+from bloodcell.training.evaluate import evaluate_checkpoint
 from bloodcell.tune import tune
 
 ROOT = Path(os.environ.get("BLOODCELL_TEST_DATA", "../shared/data"))

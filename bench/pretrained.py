@@ -185,7 +185,7 @@ def fill_cache(hf_home: Path) -> None:
 def finetune(args, log) -> list[dict]:
     """Each data set x seed: pretrained and scratch, side by side; metrics.json of each run."""
     from bloodcell.config import TrainConfig
-    from bloodcell.train import train
+    from bloodcell.training.train import train
 
     rows = []
     for name, data in SETS.items():

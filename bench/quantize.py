@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import default_data  # noqa: E402
 
 from bloodcell.data.images import decode_image  # noqa: E402
-from bloodcell.export import export_model  # noqa: E402
-from bloodcell.predict_onnx import OnnxPredictor  # noqa: E402
+from bloodcell.inference.export import export_model  # noqa: E402
+from bloodcell.inference.onnx import OnnxPredictor  # noqa: E402
 
 
 def per_image_ms(p: OnnxPredictor, x: np.ndarray, seconds: float) -> float:

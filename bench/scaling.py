@@ -52,9 +52,9 @@ from _common import (
 from bloodcell.config import TrainConfig
 from bloodcell.data import BatchLoader, Split, discover_grouped
 from bloodcell.data.cache import build_cache
-from bloodcell.engine import Step, make_optimizer, train_one_epoch
 from bloodcell.models import get_model
 from bloodcell.runtime import resolve_precision, set_threads
+from bloodcell.training.engine import Step, make_optimizer, train_one_epoch
 
 FULL = {"sizes": "32,64,96,128,160,224", "subset": 2000, "data_sizes": "1000,10000,50000",
         "steps": 0, "warmup": 3}

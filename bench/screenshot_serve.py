@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from bloodcell.serve import create_app, serving
+from bloodcell.serve.app import create_app, serving
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the sibling bench scripts, not
 from load_test import fast_load, free_port, wait_healthy  # noqa: E402
 
 from bloodcell.data.images import decode_image  # noqa: E402
-from bloodcell.predict_onnx import OnnxPredictor  # noqa: E402
+from bloodcell.inference.onnx import OnnxPredictor  # noqa: E402
 
 
 def in_process_rate(onnx: str, payload: bytes, seconds: float, threads: int = 0) -> float:
@@ -55,7 +55,7 @@ def default_model(folder: Path) -> tuple[str, bytes]:
     """An untrained cnn4x32 at 64 px exported to ONNX, and a generated 320 x 240 JPEG."""
     from infer_speed import jpeg_bytes, make_checkpoint
 
-    from bloodcell.export import export_model
+    from bloodcell.inference.export import export_model
 
     out = folder / "bench.onnx"
     export_model(make_checkpoint(folder, "cnn4x32", 64), "onnx", out)

@@ -66,12 +66,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 from torchvision import transforms as T
 
+from bloodcell.catalog import MEAN, STD
 from bloodcell.config import TrainConfig
 from bloodcell.data import BatchLoader, discover_grouped, load_dataset
-from bloodcell.engine import Step, make_optimizer, train_one_epoch
-from bloodcell.info import MEAN, STD
 from bloodcell.models import get_model, model_info
 from bloodcell.runtime import resolve_precision, set_threads
+from bloodcell.training.engine import Step, make_optimizer, train_one_epoch
 
 DEFAULT_CONFIGS = "cnn4x32@64,vgg3@64,resnet18@64,resnet18@128"
 QUICK_CONFIGS = "cnn4x32@32,vgg3@32"  # resnet18 alone takes ~20 s of CPU per round

@@ -25,7 +25,7 @@ from pathlib import Path
 from bloodcell.config import TrainConfig, load_yaml, make_config
 from bloodcell.data import load_dataset
 from bloodcell.runtime import physical_cores
-from bloodcell.train import train
+from bloodcell.training.train import train
 from bloodcell.tune import tune
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -237,7 +237,7 @@ def fill_torch_cache(name: str) -> dict:
     import torch
     import torchvision
 
-    from bloodcell import pretrained as pre
+    from bloodcell.models import pretrained as pre
 
     torch.manual_seed(1)
     builder = {"resnet18": torchvision.models.resnet18, "efficientnet_b0": torchvision.models.efficientnet_b0,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import quiet, tiny
 
-from bloodcell.adapt import adapt, reestimate_bn
-from bloodcell.checkpoint import load_model, read_checkpoint
 from bloodcell.cli import main
 from bloodcell.data import BatchLoader, load_dataset
 from bloodcell.errors import BloodcellError
-from bloodcell.train import train
+from bloodcell.models.checkpoint import load_model, read_checkpoint
+from bloodcell.studies.adapt import adapt, reestimate_bn
+from bloodcell.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from bloodcell.batching import MicroBatcher
+from bloodcell.serve.batching import MicroBatcher
 
 
 def slow_probs(images: np.ndarray, tta: bool) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 from test_predict import CLASSES, make_checkpoint, png_bytes
 from test_serve import example_run
 
-from bloodcell.predict import Predictor
-from bloodcell.serve import create_app, serving
+from bloodcell.inference.predict import Predictor
+from bloodcell.serve.app import create_app, serving
 
 CHROMIUM = os.environ.get("BLOODCELL_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -88,7 +88,7 @@ def test_page_shows_right_and_wrong_test_cells_with_their_maps(browser, tmp_path
 
 
 def test_page_asks_for_the_key_and_works_with_an_onnx_file(browser, tmp_path) -> None:
-    from bloodcell.export import export_model
+    from bloodcell.inference.export import export_model
 
     key = "page-key-0123456789abcdef"
     export_model(make_checkpoint(tmp_path / "tiny.pt"), "onnx", tmp_path / "tiny.onnx")

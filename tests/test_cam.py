@@ -15,7 +15,9 @@ from conftest import KAGGLE_CLASSES, quiet
 from PIL import Image
 from torch import nn
 
-from bloodcell.cam import (
+from bloodcell.config import TrainConfig, make_config
+from bloodcell.data.images import load_image
+from bloodcell.inference.cam import (
     GradCAM,
     central_peak,
     grad_cam,
@@ -26,12 +28,10 @@ from bloodcell.cam import (
     showcase,
     target_layer,
 )
-from bloodcell.config import TrainConfig, make_config
-from bloodcell.data.images import load_image
+from bloodcell.inference.predict import Predictor, decode_image
 from bloodcell.models import get_model, list_models
-from bloodcell.predict import Predictor, decode_image
 from bloodcell.runfiles import read_csv
-from bloodcell.train import train
+from bloodcell.training.train import train
 
 FAST = ("cnn2x32", "cnn4x32", "cnn4x64", "vgg3")
 # The output of each registered model's last feature block: what its head pools and reads. A newly

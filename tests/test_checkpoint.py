@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import quiet, tiny
 
-from bloodcell.checkpoint import load_model, read_checkpoint
 from bloodcell.errors import BloodcellError
 from bloodcell.models import get_model
-from bloodcell.train import train
+from bloodcell.models.checkpoint import load_model, read_checkpoint
+from bloodcell.training.train import train
 
 
 def test_checkpoint_rebuilds_model_alone(tmp_path):

@@ -17,7 +17,7 @@ from bloodcell.cli import main
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A finished tiny run folder (best.pt and all)."""
-    from bloodcell.train import train
+    from bloodcell.training.train import train
 
     run = tmp_path_factory.mktemp("trained") / "run"
     train(tiny(epochs=1), run, log=quiet, progress=False)

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from bloodcell.cli import main
-from bloodcell.compare import compare, load_protocol
 from bloodcell.config import load_yaml
+from bloodcell.studies.compare import compare, load_protocol
 
 FAST = {"image_size": 32, "epochs": 2, "batch_size": 16, "threads": 1}
 
@@ -122,8 +122,8 @@ def test_protocol_yaml_models_overrides_and_errors(tmp_path):
 
 
 def test_every_shipped_preset_is_a_valid_protocol(capsys):
-    from bloodcell.compare import list_presets
     from bloodcell.config import TrainConfig, make_config
+    from bloodcell.studies.compare import list_presets
 
     names = list_presets()
     assert {"demo", "best", "pbc"} <= set(names)

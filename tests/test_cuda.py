@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from bloodcell.build import config_dataset
-from bloodcell.cam import GradCAM
-from bloodcell.checkpoint import load_model
 from bloodcell.config import TrainConfig, make_config
+from bloodcell.data.build import config_dataset
 from bloodcell.data.loader import BatchLoader
-from bloodcell.engine import evaluate
-from bloodcell.predict import Predictor
-from bloodcell.train import train
-from bloodcell.transforms import augment
+from bloodcell.data.transforms import augment
+from bloodcell.inference.cam import GradCAM
+from bloodcell.inference.predict import Predictor
+from bloodcell.models.checkpoint import load_model
+from bloodcell.training.engine import evaluate
+from bloodcell.training.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

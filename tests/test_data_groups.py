@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import KAGGLE_CLASSES
 
+from bloodcell.catalog import INFO
 from bloodcell.data.dataset import discover_grouped
 from bloodcell.data.layouts import discover
 from bloodcell.data.splits import make_splits
-from bloodcell.info import INFO
 
 
 @pytest.mark.realdata

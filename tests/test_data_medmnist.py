@@ -11,12 +11,12 @@ import threading
 import numpy as np
 import pytest
 
+from bloodcell.catalog import MEDMNIST
 from bloodcell.cli import main
 from bloodcell.data import discover, load_dataset
 from bloodcell.data.check import check_data
 from bloodcell.data.medmnist import is_medmnist, medmnist_info, parse_name, to_square
 from bloodcell.errors import DataError
-from bloodcell.info import MEDMNIST
 
 SPLITS = {"train": 48, "val": 16, "test": 16}
 

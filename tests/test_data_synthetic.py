@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
+from bloodcell.catalog import SYNTHETIC_CLASSES
 from bloodcell.data.synthetic import CLASSES, generate, render
-from bloodcell.info import SYNTHETIC_CLASSES
 
 
 def test_classes_come_from_info():

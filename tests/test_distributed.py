@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from bloodcell import distributed
-from bloodcell.build import config_dataset
-from bloodcell.checkpoint import load_model
 from bloodcell.config import TrainConfig, make_config
 from bloodcell.data import BatchLoader
+from bloodcell.data.build import config_dataset
 from bloodcell.data.records import Split
-from bloodcell.distributed import World
-from bloodcell.engine import predict_probs
 from bloodcell.errors import BloodcellError
+from bloodcell.models.checkpoint import load_model
 from bloodcell.runfiles import read_predictions
-from bloodcell.train import train
+from bloodcell.training import distributed
+from bloodcell.training.distributed import World
+from bloodcell.training.engine import predict_probs
+from bloodcell.training.train import train
 
 
 def fake_split(n: int) -> Split:
@@ -107,7 +107,7 @@ ARGS = ["--data", "synthetic:320", "--image-size", "32", "--batch-size", "16", "
 def env(tmp_path: Path) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     return {**e, "PYTHONUNBUFFERED": "1", "BLOODCELL_CACHE": str(tmp_path / "cache"),
-            "PYTHONPATH": os.pathsep.join([str(Path(distributed.__file__).parents[1]), e.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(Path(distributed.__file__).parents[2]), e.get("PYTHONPATH", "")])}
 
 
 def bloodcell(*args, tmp_path, **kw) -> subprocess.CompletedProcess:

@@ -9,8 +9,16 @@ import pytest
 import torch
 from conftest import quiet
 
-from bloodcell.engine import EMA, FitState, Step, fit, make_optimizer, make_scheduler, progress_bar
 from bloodcell.models import get_model
+from bloodcell.training.engine import (
+    EMA,
+    FitState,
+    Step,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    progress_bar,
+)
 
 
 def _hand_ema(start: dict, steps: list[dict], decay: float) -> dict:

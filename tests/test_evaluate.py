@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY, quiet, tiny
 
 from bloodcell.cli import main
-from bloodcell.train import train
+from bloodcell.training.train import train
 
 
 def test_evaluate_other_class_set_is_an_error(tmp_path, class_folders, capsys):
@@ -64,8 +64,8 @@ def test_evaluate_leaving_classes_out_reads_kept_images_from_the_memory_map(tmp_
     """A class map that leaves a class out keeps a memory-mapped split's other images as a view: each
     kept image is read from the map once, by the batch that scores it (the old code copied them into
     RAM first); a split already in RAM is copied, so its left-out images can be freed."""
-    from bloodcell import evaluate as ev
     from bloodcell.data.dataset import _Rows
+    from bloodcell.training import evaluate as ev
 
     train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
     cmap = "alpha=eosinophil,beta=lymphocyte"
@@ -99,7 +99,7 @@ def test_evaluate_leaving_classes_out_reads_kept_images_from_the_memory_map(tmp_
 
 def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
     """--split val,test,all: one load, each image scored once, the same figures as one split per call."""
-    from bloodcell import evaluate as ev
+    from bloodcell.training import evaluate as ev
 
     evaluate_checkpoint = ev.evaluate_checkpoint
     train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
@@ -142,7 +142,7 @@ def test_evaluate_several_splits_in_one_call(tmp_path, capsys, monkeypatch):
 
 def test_evaluate_joined_splits_score_as_one(tmp_path, capsys):
     """--split train+val: the two splits pooled (what tune --select lab-out scores a left-out lab on)."""
-    from bloodcell.evaluate import evaluate_checkpoint
+    from bloodcell.training.evaluate import evaluate_checkpoint
 
     train(tiny(epochs=1), tmp_path / "r", log=quiet, progress=False)
     data = TINY["data"]

@@ -7,13 +7,18 @@ import pytest
 import torch
 from test_predict import CLASSES, make_checkpoint, png_bytes, real_test_images
 
-from bloodcell.checkpoint import load_model
 from bloodcell.cli import main
 from bloodcell.data.images import load_image
+from bloodcell.data.transforms import normalize, to_float
 from bloodcell.errors import BloodcellError
-from bloodcell.export import FixedAdaptiveAvgPool2d, export_model, read_metadata, run_exported
-from bloodcell.predict import decode_image
-from bloodcell.transforms import normalize, to_float
+from bloodcell.inference.export import (
+    FixedAdaptiveAvgPool2d,
+    export_model,
+    read_metadata,
+    run_exported,
+)
+from bloodcell.inference.predict import decode_image
+from bloodcell.models.checkpoint import load_model
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 
@@ -97,7 +102,7 @@ def calibration_run(run):
 
 
 def test_int8_export_is_smaller_keeps_metadata_and_agrees_with_pytorch(tmp_path) -> None:
-    from bloodcell.predict_onnx import OnnxPredictor
+    from bloodcell.inference.onnx import OnnxPredictor
 
     run = calibration_run(tmp_path / "run")
     fp32 = export_model(run / "best.pt", "onnx", tmp_path / "fp32.onnx")
@@ -123,8 +128,8 @@ def test_int8_needs_onnx_and_validation_images(tmp_path, ckpt) -> None:
 
 
 def test_export_metadata_carries_the_checkpoints_normalisation(tmp_path) -> None:
-    from bloodcell.checkpoint import save_checkpoint
     from bloodcell.models import get_model
+    from bloodcell.models.checkpoint import save_checkpoint
 
     net = get_model("cnn2x32", num_classes=len(CLASSES), image_size=32)
     save_checkpoint(tmp_path / "m.pt", net, model_name="cnn2x32",

@@ -81,7 +81,7 @@ def png_header(w: int, h: int) -> bytes:
 @given(data=st.one_of(st.binary(max_size=512), mangled_images()), size=st.sampled_from([32, 64]),
        resize=st.sampled_from(["squash", "crop", "pad", "cell", "cellfit"]))
 def test_decoding_any_bytes_gives_an_image_or_an_image_error(data, size, resize):
-    from bloodcell.predict import ImageError, decode_image
+    from bloodcell.inference.predict import ImageError, decode_image
 
     try:
         arr = decode_image(data, size, resize)
@@ -95,7 +95,7 @@ def test_decoding_any_bytes_gives_an_image_or_an_image_error(data, size, resize)
 @settings(deadline=2000)  # refused from the header: no time (or memory) spent on the pixels
 def test_a_huge_declared_size_is_refused_before_decoding(w, h):
     from bloodcell.data.images import MAX_PIXELS
-    from bloodcell.predict import ImageError, decode_image
+    from bloodcell.inference.predict import ImageError, decode_image
 
     if w * h <= MAX_PIXELS:
         w = MAX_PIXELS // h + 1
@@ -107,7 +107,7 @@ def test_a_huge_declared_size_is_refused_before_decoding(w, h):
 
 @given(data=mangled_images())
 def test_a_file_on_disk_decodes_as_its_bytes_do(data):
-    from bloodcell.predict import ImageError, decode_image
+    from bloodcell.inference.predict import ImageError, decode_image
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "cell é.png"
@@ -261,11 +261,11 @@ class Reached(Exception):
     """The CLI handed a checked config to the library: argument handling ended well."""
 
 
-LIBRARY = [("bloodcell.train", "train"), ("bloodcell.evaluate", "evaluate_checkpoint"),
-           ("bloodcell.compare", "compare"), ("bloodcell.crosslab", "crosslab"), ("bloodcell.tune", "tune"),
+LIBRARY = [("bloodcell.training.train", "train"), ("bloodcell.training.evaluate", "evaluate_checkpoint"),
+           ("bloodcell.studies.compare", "compare"), ("bloodcell.studies.lab_out", "crosslab"), ("bloodcell.tune", "tune"),
            ("bloodcell.tune", "tune_report"), ("bloodcell.report", "build_report"),
-           ("bloodcell.predict", "Predictor"), ("bloodcell.export", "export_model"),
-           ("bloodcell.serve", "create_app"), ("bloodcell.data.check", "check_data")]
+           ("bloodcell.inference.predict", "Predictor"), ("bloodcell.inference.export", "export_model"),
+           ("bloodcell.serve.app", "create_app"), ("bloodcell.data.check", "check_data")]
 
 
 @pytest.fixture
@@ -345,8 +345,8 @@ schemathesis = pytest.importorskip("schemathesis")
 def api_schema(tmp_path_factory):
     from conftest import quiet, tiny
 
-    from bloodcell.serve import create_app
-    from bloodcell.train import train
+    from bloodcell.serve.app import create_app
+    from bloodcell.training.train import train
 
     run = tmp_path_factory.mktemp("served") / "run"
     train(tiny(epochs=1), run, log=quiet, progress=False)

@@ -53,3 +53,58 @@ def test_help_answers_without_loading_torch() -> None:
 def test_python_m_bloodcell_is_the_command() -> None:
     r = subprocess.run([sys.executable, "-m", "bloodcell", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == f"bloodcell {bloodcell.__version__}"
+
+
+# The floors of the package, lowest first: a module imports only its own room or a lower floor, so
+# every arrow runs down (docs/design.md draws them). The top-level modules are the ground floor.
+FLOORS = (("ground",), ("data",), ("models",), ("training",), ("inference",), ("report",),
+          ("studies", "serve"), ("tune",), ("cli",))
+FLOOR = {room: k for k, rooms in enumerate(FLOORS) for room in rooms}
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module -> the bloodcell modules it imports (at the top or inside a function)."""
+    out: dict[str, set[str]] = {}
+    known = set(_modules())
+    for p in SRC.rglob("*.py"):
+        if p.name == "__main__.py":
+            continue
+        mod = "bloodcell." + ".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                         for a in node.names}
+        out[mod] = {d for d in deps if d in known and d != mod and d != "bloodcell"}
+    return out
+
+
+def _room(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 2 or (SRC / parts[1]).is_dir() else "ground"
+
+
+def test_every_import_runs_down_the_floors() -> None:
+    assert {_room(m) for m in _modules() if m != "bloodcell"} == set(FLOOR)
+    up = [f"{m} -> {d}" for m, deps in _imports().items() for d in deps
+          if _room(d) != _room(m) and FLOOR[_room(d)] >= FLOOR[_room(m)]]
+    assert up == []
+
+
+def test_no_import_circle() -> None:
+    graph = _imports()
+    done: set[str] = set()
+
+    def visit(mod: str, path: tuple[str, ...]) -> list[str]:
+        if mod in path:
+            return [" -> ".join(path[path.index(mod):] + (mod,))]
+        if mod in done:
+            return []
+        found = [c for d in sorted(graph.get(mod, ())) for c in visit(d, path + (mod,))]
+        done.add(mod)
+        return found
+
+    circles = [c for m in sorted(graph) for c in visit(m, ())]
+    assert circles == []

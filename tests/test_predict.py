@@ -12,13 +12,13 @@ from conftest import png_bytes
 from PIL import Image
 from torch import nn
 
-from bloodcell.cam import overlay_png
-from bloodcell.checkpoint import save_checkpoint
 from bloodcell.cli import main
 from bloodcell.data.images import load_image
+from bloodcell.data.transforms import normalize, to_float, tta_view
+from bloodcell.inference.cam import overlay_png
+from bloodcell.inference.predict import ImageError, Predictor, decode_image, expand_inputs
 from bloodcell.models import get_model
-from bloodcell.predict import ImageError, Predictor, decode_image, expand_inputs
-from bloodcell.transforms import normalize, to_float, tta_view
+from bloodcell.models.checkpoint import save_checkpoint
 
 CLASSES = ["EOSINOPHIL", "LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
 

@@ -14,9 +14,9 @@ import torch
 import torchvision
 from conftest import fill_hf_cache, fill_torch_cache
 
-from bloodcell import pretrained as pre
 from bloodcell.errors import BloodcellError
 from bloodcell.models import get_model, model_info
+from bloodcell.models import pretrained as pre
 
 timm = pytest.importorskip("timm")
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bloodcell.catalog import STUDY
 from bloodcell.cli import main
-from bloodcell.info import STUDY
 from bloodcell.metrics import compute_metrics
 from bloodcell.report import build_report, pct_ci
 

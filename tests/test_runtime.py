@@ -10,10 +10,10 @@ import torch
 from conftest import quiet, tiny
 
 from bloodcell import runtime
-from bloodcell.checkpoint import read_checkpoint
 from bloodcell.models import get_model
+from bloodcell.models.checkpoint import read_checkpoint
 from bloodcell.runtime import check_stop, depthwise, resolve_precision, stop_between_batches
-from bloodcell.train import train
+from bloodcell.training.train import train
 
 
 def test_ctrl_c_stops_at_the_next_batch_not_where_it_lands(tmp_path, terminal_sigint):

@@ -247,8 +247,8 @@ def _free_port() -> int:
 
 
 def test_serve_sigterm_finishes_the_request_in_flight_and_exits_0(tmp_path) -> None:
-    from bloodcell.checkpoint import save_checkpoint
     from bloodcell.models import get_model
+    from bloodcell.models.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, get_model("cnn2x32", num_classes=2, image_size=32), model_name="cnn2x32",

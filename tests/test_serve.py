@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from test_predict import CLASSES, make_checkpoint, png_bytes, real_test_images
 
-from bloodcell.predict import Predictor
+from bloodcell.inference.predict import Predictor
 from bloodcell.runfiles import write_csv
-from bloodcell.serve import create_app, is_loopback, serving
+from bloodcell.serve.app import create_app, is_loopback, serving
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's notice about httpx2
@@ -249,7 +249,7 @@ def giant_png(w: int = 12_000, h: int = 12_000) -> bytes:
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory) -> Path:
-    from bloodcell.export import export_model
+    from bloodcell.inference.export import export_model
 
     d = tmp_path_factory.mktemp("onnx")
     export_model(make_checkpoint(d / "tiny.pt"), "onnx", d / "tiny.onnx")
@@ -281,7 +281,7 @@ def test_onnx_server_loads_no_torch_after_serving_a_request(onnx_file) -> None:
 import sys, json, warnings
 warnings.simplefilter("ignore")
 from bloodcell.cli import build_parser
-from bloodcell.serve import create_app
+from bloodcell.serve.app import create_app
 from fastapi.testclient import TestClient
 from PIL import Image
 import io
@@ -404,7 +404,7 @@ def test_serve_refuses_a_network_bind_without_a_key(onnx_file, monkeypatch, caps
     assert "shorter than 16" in capsys.readouterr().err
     args = __import__("bloodcell.cli", fromlist=["build_parser"]).build_parser().parse_args(
         ["serve", str(onnx_file), "--host", "0.0.0.0", "--insecure"])
-    from bloodcell.cli.predict import serve_key
+    from bloodcell.cli.serve import serve_key
 
     assert serve_key(args) is None and "no API key (--insecure)" in capsys.readouterr().err
     monkeypatch.setenv("BLOODCELL_API_KEY", KEY)
@@ -480,7 +480,7 @@ def test_lean_server_idles_small_and_16_giant_pngs_cost_it_little(onnx_file) -> 
 
 def _fast_path(app):
     """The app's FastPredict middleware instance (built on the first request)."""
-    from bloodcell.fastpath import FastPredict
+    from bloodcell.serve.middleware import FastPredict
 
     layer = app.middleware_stack
     while layer is not None and not isinstance(layer, FastPredict):

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY, quiet, tiny
 
-from bloodcell import tracking
 from bloodcell.cli import main
 from bloodcell.errors import BloodcellError
-from bloodcell.train import train
+from bloodcell.training import tracking
+from bloodcell.training.train import train
 
 
 def _mlflow_store(tmp_path: Path, monkeypatch) -> str:
@@ -60,7 +60,7 @@ def test_compare_with_folds_logs_the_report_and_the_summary_to_mlflow(tmp_path, 
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from bloodcell.compare import compare
+    from bloodcell.studies.compare import compare
 
     uri = _mlflow_store(tmp_path, monkeypatch)
     out = tmp_path / "cmp"

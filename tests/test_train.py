@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import other_lab, quiet, tiny
 
-from bloodcell.checkpoint import load_model, read_checkpoint
 from bloodcell.config import TrainConfig
 from bloodcell.errors import BloodcellError, ConfigError, DataError
 from bloodcell.models import StainNormed
-from bloodcell.train import train
+from bloodcell.models.checkpoint import load_model, read_checkpoint
+from bloodcell.training.train import train
 
 
 def test_run_folder_files_and_metrics(tmp_path):
@@ -74,7 +74,7 @@ def test_best_checkpoint_is_a_true_copy(tmp_path):
 
 
 def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
-    import bloodcell.engine as engine
+    import bloodcell.training.engine as engine
 
     broken = {"on": False}
     real = engine.F.cross_entropy
@@ -285,7 +285,7 @@ def test_a_pretrained_timm_run_fine_tunes_and_keeps_the_weights_normalisation(tm
     import yaml
     from conftest import fill_hf_cache
 
-    from bloodcell.predict import Predictor
+    from bloodcell.inference.predict import Predictor
 
     state = fill_hf_cache(hf_cache)
     cfg = tiny(model="timm/tf_efficientnet_lite0", pretrained=True, epochs=1, freeze_epochs=1, backbone_lr=0.5)

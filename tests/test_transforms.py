@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bloodcell.transforms import augment, flips_rot90, gaussian_blur, mix_batch, to_float
+from bloodcell.data.transforms import augment, flips_rot90, gaussian_blur, mix_batch, to_float
 
 
 def strong_step_by_step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -136,7 +136,7 @@ def test_hed_jitter_is_the_stain_space_scaled_and_shifted():
     recomposed, is what hed_jitter returns for the a and b it draws."""
     from skimage.color import hed_from_rgb, rgb_from_hed
 
-    from bloodcell.transforms import hed_jitter
+    from bloodcell.data.transforms import hed_jitter
 
     x = torch.rand(3, 3, 12, 12) * 0.8 + 0.1
     assert torch.allclose(hed_jitter(x, torch.Generator().manual_seed(0), 0.0), x, atol=1e-5)
@@ -153,7 +153,7 @@ def test_hed_jitter_is_the_stain_space_scaled_and_shifted():
 
 
 def test_random_gray_turns_the_drawn_share_grey_and_joins_augment():
-    from bloodcell.transforms import random_gray
+    from bloodcell.data.transforms import random_gray
 
     x = torch.rand(400, 3, 4, 4)
     y = random_gray(x, torch.Generator().manual_seed(0), 0.3)

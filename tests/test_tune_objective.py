@@ -52,7 +52,7 @@ def test_lab_out_scores_each_lab_on_a_model_that_never_saw_it(tmp_path):
     images (never its test split); the trial's value is their mean; the classes are the shared ones."""
     import json
 
-    from bloodcell.evaluate import evaluate_checkpoint
+    from bloodcell.training.evaluate import evaluate_checkpoint
     from bloodcell.tune.study import read_settings
 
     labs = [lab(tmp_path / "lab_a", ("alpha", "beta", "gamma"), 0),

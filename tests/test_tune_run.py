@@ -25,7 +25,7 @@ class PruneOddTrials(optuna.pruners.BasePruner):
 
 
 def test_four_trial_study_with_pruning(tmp_path, monkeypatch):
-    import bloodcell.build as build_module
+    import bloodcell.data.build as build_module
 
     loads = collections.Counter()
     real = build_module.load_sources

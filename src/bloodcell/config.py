@@ -145,7 +145,7 @@ FIELD_HELP = {
              "machines) leave it at 1: torchrun starts the processes",
 }
 
-# Experiment trackers --log takes (bloodcell.tracking).
+# Experiment trackers --log takes (bloodcell.training.tracking).
 TRACKERS = ("tensorboard", "mlflow")
 # TrainConfig keys that say where a run is recorded, not what it does: a compare or crosslab
 # folder resumed with other values is the same protocol.
@@ -205,7 +205,7 @@ class TrainConfig:
     channels_last: bool = True
     device: str = "auto"
     threads: int = 0
-    # cross-validation (bloodcell.crossval), experiment logs (bloodcell.tracking), processes
+    # cross-validation (bloodcell.studies.kfold), experiment logs (bloodcell.training.tracking), processes
     folds: int = 0
     fold: int | None = None
     log: tuple[str, ...] = ()

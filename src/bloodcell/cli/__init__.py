@@ -16,11 +16,24 @@ import os
 import sys
 
 from bloodcell import __version__
-from bloodcell.cli import compare, data, predict, train, tune
+from bloodcell.cli import (
+    adapt,
+    compare,
+    crosslab,
+    data,
+    evaluate,
+    export,
+    models,
+    predict,
+    report,
+    serve,
+    train,
+    tune,
+)
 from bloodcell.errors import BloodcellError
 
 # The order of the commands in `bloodcell --help`.
-COMMANDS = (train, data, compare, tune, predict)
+COMMANDS = (train, evaluate, adapt, data, models, compare, crosslab, report, tune, predict, export, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if "WORLD_SIZE" in os.environ:  # one process of several: c10d's C++ log would repeat, per process and
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # at length, what the one line below says
     # lazy: start-up (runtime loads torch); `--help` and a bad flag have returned by now
-    from bloodcell.distributed import env_world, speaks
     from bloodcell.runtime import exit_code, stop_between_batches, stopped_by
+    from bloodcell.training.distributed import env_world, speaks
 
     try:
         # SIGINT and SIGTERM alike stop at the next batch (a second one at once)
@@ -89,7 +102,7 @@ def _world(env_world):
     try:
         return env_world()
     except BloodcellError:
-        from bloodcell.distributed import ONE  # lazy, as the caller's imports
+        from bloodcell.training.distributed import ONE  # lazy, as the caller's imports
 
         return ONE
 

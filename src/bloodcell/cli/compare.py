@@ -1,4 +1,4 @@
-"""``bloodcell compare`` and ``bloodcell report``: several models under one protocol, and their report.
+"""``bloodcell compare``: several models under one protocol, and their report.
 
 The library is imported inside the handlers (lazy imports, marked): ``bloodcell --help`` and a bad
 flag answer at once, without loading torch.
@@ -13,7 +13,6 @@ from pathlib import Path
 
 from bloodcell.cli.flags import add_config_flags, given
 from bloodcell.config import DEFAULT_MODELS, TrainConfig
-from bloodcell.errors import BloodcellError
 
 PROTOCOL = """\
 Every model gets the same split, seed, image size, augmentation and epoch budget (per-model
@@ -26,8 +25,8 @@ def cmd_compare(args) -> int:
 
     With --folds K each model is cross-validated (runs/<model>/folds/<k>/); results and report give
     the mean and spread over the folds, the other tables the fold chosen on validation."""
-    from bloodcell.compare import compare, load_protocol, model_list  # lazy: start-up
-    from bloodcell.distributed import single_process  # lazy: start-up
+    from bloodcell.studies.compare import compare, load_protocol, model_list  # lazy: start-up
+    from bloodcell.training.distributed import single_process  # lazy: start-up
 
     single_process("compare")
 
@@ -48,51 +47,8 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_crosslab(args) -> int:
-    """bloodcell crosslab --data LAB_A --data LAB_B [--data LAB_C ...] --model cnn4x32 --out DIR
-
-    Leave one lab out: for each lab, a model trained on the others (validation from them only) is
-    tested on every image of that lab; DIR/crosslab.json and DIR/report.html hold the lab-by-lab
-    matrix. Rerun the same command to continue an interrupted run: finished folds are kept.
-
-    How many cells must a new lab label? --label-curve 5,10,25,50 also scores each fold's model on
-    its held-out lab's test split as trained, adapted without labels (bloodcell adapt), and
-    fine-tuned on K labelled cells per class of that lab's train split, for each K."""
-    from bloodcell.compare import load_protocol  # lazy: start-up
-    from bloodcell.crosslab import crosslab  # lazy: start-up
-    from bloodcell.distributed import single_process  # lazy: start-up
-
-    single_process("crosslab")
-
-    shared, _, overrides = load_protocol(args.config, args.preset)
-    if overrides:
-        print("bloodcell: warning: the preset's per-model overrides do not apply to crosslab", file=sys.stderr)
-    shared.pop("ensemble", None)
-    shared.update(given(args, TrainConfig))
-    try:
-        ks = tuple(int(k) for k in filter(None, (args.label_curve or "").split(",")))
-    except ValueError:
-        raise BloodcellError(f"--label-curve takes whole numbers, comma-separated; got {args.label_curve!r}") from None
-    if any(k < 1 for k in ks):
-        raise BloodcellError(f"--label-curve: each K must be 1 or more; got {args.label_curve!r}")
-    crosslab(shared, args.out, overwrite=args.overwrite, progress=not args.quiet, report=not args.no_report,
-             command="bloodcell " + shlex.join(sys.argv[1:]), label_curve=ks)
-    print(f"results: {Path(args.out) / 'crosslab.json'}")
-    return 0
-
-
-def cmd_report(args) -> int:
-    """bloodcell report runs/compare   (rebuilds report.html and report.md from saved results)"""
-    from bloodcell.report import build_report  # lazy: start-up (matplotlib)
-
-    html_path, md_path = build_report(args.dir)
-    print(html_path)
-    print(md_path)
-    return 0
-
-
 def add_parsers(sub) -> None:
-    """Register `bloodcell compare` and `bloodcell report`."""
+    """Register `bloodcell compare`."""
     p = sub.add_parser("compare", help="train several models under one protocol and write a report",
                        description=cmd_compare.__doc__ + "\n\n" + PROTOCOL,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,22 +68,3 @@ def add_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p, TrainConfig, skip=("model",))
     p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("crosslab", help="leave one lab out: train on the other labs, test on the one left out",
-                       description=cmd_crosslab.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/crosslab", help="crosslab folder (default: runs/crosslab)")
-    p.add_argument("--config", help="YAML of shared config keys")
-    p.add_argument("--preset", help="a compare preset's settings (e.g. crosslab); its model list is not used")
-    p.add_argument("--overwrite", action="store_true", help="start again, replacing DIR's folds and results")
-    p.add_argument("--label-curve", metavar="K,K,...",
-                   help="also adapt each fold's model to its held-out lab without labels and fine-tune it "
-                        "on K labelled cells per class (e.g. 5,10,25,50): accuracy against K")
-    p.add_argument("--no-report", action="store_true", help="skip report.html/report.md")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_flags(p, TrainConfig, skip=("folds", "fold"))  # its folds are the labs
-    p.set_defaults(func=cmd_crosslab)
-
-    p = sub.add_parser("report", help="rebuild a compare folder's report.html and report.md",
-                       description=cmd_report.__doc__)
-    p.add_argument("dir", metavar="DIR", help="compare folder (holds results.json)")
-    p.set_defaults(func=cmd_report)

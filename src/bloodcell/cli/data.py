@@ -1,4 +1,8 @@
-"""``bloodcell data check`` and ``bloodcell models``: what is in a data set, and which models there are."""
+"""``bloodcell data check``: what is in a data set, and what is wrong with it.
+
+The library is imported inside the handlers (lazy imports, marked): ``bloodcell --help`` and a bad
+flag answer at once, without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -26,26 +30,8 @@ def cmd_data_check(args) -> int:
     return 0
 
 
-def cmd_models(args) -> int:
-    """bloodcell models"""
-    from bloodcell.models import (  # lazy: start-up
-        count_parameters,
-        get_model,
-        list_models,
-        model_info,
-    )
-
-    print(f"{'name':20s} {'params':>12s}  description (parameters at {args.image_size} px, 4 classes)")
-    for name in list_models():
-        n = count_parameters(get_model(name, num_classes=4, image_size=args.image_size))
-        print(f"{name:20s} {n:>12,}  {model_info(name)['description']}")
-    print(f"{'timm/<name>':20s} {'':>12s}  any timm model (pip install 'bloodcell[timm]'); --pretrained for "
-          "its weights, and for resnet18, efficientnet_b0, mobilenet_v3_small")
-    return 0
-
-
 def add_parsers(sub) -> None:
-    """Register `bloodcell data check` and `bloodcell models`."""
+    """Register `bloodcell data`."""
     p = sub.add_parser("data", help="data set tools", description="bloodcell data check PATH")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     q = dsub.add_parser("check", help="tables of classes x splits, sizes, modes and problems",
@@ -57,7 +43,3 @@ def add_parsers(sub) -> None:
     q.add_argument("--group-by", default="auto", choices=CHOICES["group_by"], help=FIELD_HELP["group_by"]
                    + " (default: auto)")
     q.set_defaults(func=cmd_data_check)
-
-    p = sub.add_parser("models", help="list the registered models", description=cmd_models.__doc__)
-    p.add_argument("--image-size", type=int, default=64)
-    p.set_defaults(func=cmd_models)

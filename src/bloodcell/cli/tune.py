@@ -20,8 +20,8 @@ def cmd_tune(args) -> int:
     A recipe for another microscope: --data LAB1 --data LAB2 --data LAB3 --select lab-out.
     Continue an interrupted study: bloodcell tune --resume DIR. Rebuild its report: bloodcell tune report DIR.
     """
-    from bloodcell.distributed import single_process  # lazy: start-up (torch)
     from bloodcell.runtime import exit_code, stopped_by  # lazy: start-up (torch)
+    from bloodcell.training.distributed import single_process  # lazy: start-up (torch)
     from bloodcell.tune import tune  # lazy: start-up (optuna, torch)
 
     single_process("tune")

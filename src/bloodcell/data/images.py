@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bloodcell.config import CHOICES
+from bloodcell.data.synthetic import generate
 from bloodcell.errors import BloodcellError
 
 RESIZE_MODES = CHOICES["resize"]
@@ -196,3 +199,19 @@ def describe_error(e: Exception) -> str:
     if isinstance(e, OSError) and "truncated" in str(e).lower():
         return "truncated or corrupt image data"
     return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+# A synthetic image's path in a predictions file: synthetic://<seed>/<index>
+SYNTHETIC_PATH = re.compile(r"^synthetic://(\d+)/(\d+)$")
+
+
+def saved_image(path: str, size: int, resize: str, bases: tuple[Path, ...] = ()) -> np.ndarray:
+    """An image named in a predictions file, as training decoded it: a synthetic one regenerated, a
+    file as written or relative to one of ``bases``; raises ImageError when it cannot be had."""
+    m = SYNTHETIC_PATH.match(path)
+    if m:
+        return generate(1, size, int(m.group(1)), start=int(m.group(2)))[0][0]
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute():
+        p = next((b / p for b in bases if (b / p).is_file()), p)
+    return decode_image(p, size, resize)

@@ -20,12 +20,12 @@ import os
 import re
 from pathlib import Path
 
+from bloodcell.catalog import IMAGE_EXTENSIONS, INFO, SYNTHETIC_CLASSES
 from bloodcell.config import CHOICES
 from bloodcell.data.medmnist import is_medmnist, locate, read_npz
 from bloodcell.data.records import Item, Problem, Source
 from bloodcell.data.tables import TABLE_SUFFIXES, is_file_group, read_table
 from bloodcell.errors import DataError
-from bloodcell.info import IMAGE_EXTENSIONS, INFO, SYNTHETIC_CLASSES
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",

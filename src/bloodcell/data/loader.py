@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bloodcell.info import MEAN, STD
-from bloodcell.transforms import augment, mix_batch, normalize, to_float
+from bloodcell.catalog import MEAN, STD
+from bloodcell.data.transforms import augment, mix_batch, normalize, to_float
 
 
 class BatchLoader:

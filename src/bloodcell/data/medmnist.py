@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bloodcell.catalog import MEDMNIST, MEDMNIST_SIZES
 from bloodcell.data.cache import cache_folder, write_array
 from bloodcell.data.images import resize_array
 from bloodcell.data.records import Dataset, Problem, Split
 from bloodcell.errors import DataError
-from bloodcell.info import MEDMNIST, MEDMNIST_SIZES
 
 SPLITS = ("train", "val", "test")
 NAME = re.compile(r"^([a-z]+mnist)(?:_(\d+))?$")

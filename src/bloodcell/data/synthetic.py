@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from bloodcell.info import SYNTHETIC_CLASSES
+from bloodcell.catalog import SYNTHETIC_CLASSES
 
 CLASSES = SYNTHETIC_CLASSES
 EOSINOPHIL, LYMPHOCYTE, MONOCYTE, NEUTROPHIL = (CLASSES.index(c) for c in (

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from bloodcell.cam import overlay, showcase, upscale
-from bloodcell.predict import Predictor
+from bloodcell.inference.cam import overlay, showcase, upscale
+from bloodcell.inference.predict import Predictor
 from bloodcell.report.document import Block, Figure
 from bloodcell.report.figures import THUMB, font, load_thumbnail
 from bloodcell.report.format import fixed, num, short

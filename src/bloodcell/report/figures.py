@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from pathlib import Path
 
 import matplotlib
@@ -24,15 +23,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, PercentFormatter
 from PIL import Image, ImageDraw, ImageFont
 
-from bloodcell.data.images import load_image
-from bloodcell.data.synthetic import generate
+from bloodcell.data.images import saved_image
 from bloodcell.report.format import fixed, metric, num, short
 
 # Okabe & Ito (2008), ordered so the first five are far apart; yellow last (faint on white).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
 THUMB = 96
 DPI = 110
-SYNTHETIC_RE = re.compile(r"^synthetic://(\d+)/(\d+)$")
 
 
 # --- shared: style, canvas, PNG ----------------------------------------------------------------
@@ -264,14 +261,8 @@ def fig_cost(models: list[dict], colors: dict) -> bytes | None:
 def load_thumbnail(path: str, base: Path) -> np.ndarray | None:
     """The test image at THUMB px: a file (absolute, or relative to cwd or the compare folder) or a
     regenerated synthetic image; None when it cannot be had."""
-    m = SYNTHETIC_RE.match(path)
     try:
-        if m:
-            return generate(1, THUMB, int(m.group(1)), start=int(m.group(2)))[0][0]
-        p = Path(path)
-        if not p.is_file() and not p.is_absolute() and (base / p).is_file():
-            p = base / p
-        return load_image(str(p), THUMB, "squash")
+        return saved_image(path, THUMB, "squash", (base,))
     except Exception:  # a moved file or a bad file: show a placeholder
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from bloodcell.info import STUDY
+from bloodcell.catalog import STUDY
 from bloodcell.report.document import Block, Cell, Table
 from bloodcell.report.format import (
     MISSING,

@@ -5,7 +5,7 @@
 >>> summary["best_value"], summary["best_config"]          # best.yaml is a `train --config` file
 
 A study lives in a storage (by default ``DIR/study.db``, SQLite); every process that opens the same
-storage and study name is one more worker. Trials run `bloodcell.train.train` on the train and val
+storage and study name is one more worker. Trials run `bloodcell.training.train.train` on the train and val
 splits only: the test split is dropped before a trial starts, so it cannot choose anything.
 
 Modules: ``space`` (what a study searches), ``study`` (Optuna: storage, sampler, pruner, recovery,

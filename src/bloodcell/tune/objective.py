@@ -23,14 +23,14 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from bloodcell.build import config_dataset, dataset_key
 from bloodcell.config import TUNE_METRICS, TrainConfig, TuneSettings, make_config
-from bloodcell.crosslab import lab_name
+from bloodcell.data.build import config_dataset, dataset_key
 from bloodcell.data.cache import default_cache_dir
-from bloodcell.engine import TrainingDiverged
-from bloodcell.evaluate import evaluate_checkpoint
 from bloodcell.runtime import check_stop
-from bloodcell.train import train
+from bloodcell.studies.lab_out import lab_name
+from bloodcell.training.engine import TrainingDiverged
+from bloodcell.training.evaluate import evaluate_checkpoint
+from bloodcell.training.train import train
 from bloodcell.tune.space import fixed_values, load_space, suggest
 from bloodcell.tune.study import SurplusTrial, counts, quiet_optuna, worker_id
 

@@ -19,13 +19,13 @@ from bloodcell.config import (
     TuneSettings,
     make_config,
 )
-from bloodcell.crosslab import check_labs
 from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.models import model_info
 from bloodcell.report.tune import TuneData, columns, write_tune_report
 from bloodcell.runfiles import check_out_dir, write_csv, write_json, write_yaml
 from bloodcell.runtime import stop_between_batches
+from bloodcell.studies.lab_out import check_labs
 from bloodcell.tune.objective import make_objective, short, stop_when_full
 from bloodcell.tune.space import (
     NOT_IN_SPACE,

@@ -27,10 +27,11 @@ import onnxruntime as ort
 import torch
 
 from bloodcell import __version__
-from bloodcell.checkpoint import load_model
 from bloodcell.config import EXPORT_FORMATS
+from bloodcell.data.images import ImageError, saved_image
 from bloodcell.errors import BloodcellError
-from bloodcell.predict_onnx import _value
+from bloodcell.inference.onnx import _value
+from bloodcell.models.checkpoint import load_model
 from bloodcell.runfiles import atomic_write, check_out_file
 
 OPSET = 17
@@ -158,7 +159,6 @@ def run_exported(path: str | os.PathLike, x: np.ndarray, fmt: str | None = None)
 def calibration_images(meta: dict, n: int = CALIBRATION_IMAGES) -> np.ndarray:
     """Up to ``n`` validation images of the checkpoint's run folder (predictions_val.csv), decoded
     as training decodes them; uint8 N x S x S x 3. No such file, or none readable: an error."""
-    from bloodcell.predict import ImageError, saved_image
     from bloodcell.runfiles import read_csv
 
     run = Path(meta["path"]).parent
@@ -234,7 +234,7 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
     out.parent.mkdir(parents=True, exist_ok=True)
     calib = None
     if quantize == "int8":
-        from bloodcell.transforms import normalize, to_float
+        from bloodcell.data.transforms import normalize, to_float
 
         calib = normalize(to_float(torch.from_numpy(calibration_images(meta))), meta["mean"], meta["std"]).contiguous()
         meta = {**meta, "quantize": "int8"}

@@ -26,9 +26,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from bloodcell.catalog import MEAN, STD
 from bloodcell.config import PRETRAINED_BASELINES
 from bloodcell.errors import BloodcellError
-from bloodcell.info import MEAN, STD
 
 TIMM_PREFIX = "timm/"
 # torchvision baseline -> the weights enum member its --pretrained loads (ImageNet-1k)

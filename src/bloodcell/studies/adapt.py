@@ -1,6 +1,6 @@
 """bloodcell adapt: fit a trained model to a new lab's images without reading one label.
 
->>> from bloodcell.adapt import adapt
+>>> from bloodcell.studies.adapt import adapt
 >>> adapt("runs/kaggle", "lab_b/", "runs/kaggle-lab_b")          # re-estimate the BN statistics
 >>> adapt("runs/kaggle", "lab_b/", "runs/kaggle-lab_b", entropy_steps=20, overwrite=True)
 
@@ -30,13 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from bloodcell.checkpoint import load_model, model_kwargs_of, read_checkpoint, save_checkpoint
 from bloodcell.data import BatchLoader, Split, discover, problem_lines
 from bloodcell.data.dataset import JoinedRows
 from bloodcell.data.images import ImageError, decode_image
 from bloodcell.data.layouts import IMAGE_EXTENSIONS, is_synthetic
 from bloodcell.errors import BloodcellError
-from bloodcell.evaluate import checkpoint_data, evaluate_checkpoint
+from bloodcell.models.checkpoint import (
+    load_model,
+    model_kwargs_of,
+    read_checkpoint,
+    save_checkpoint,
+)
 from bloodcell.runfiles import (
     check_out_dir,
     clear_run_dir,
@@ -47,6 +51,7 @@ from bloodcell.runfiles import (
     write_yaml,
 )
 from bloodcell.runtime import resolve_device, set_threads
+from bloodcell.training.evaluate import checkpoint_data, evaluate_checkpoint
 
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 

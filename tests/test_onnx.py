@@ -14,9 +14,9 @@ from test_predict import CLASSES, make_checkpoint, png_bytes
 
 from bloodcell.data.images import decode_image
 from bloodcell.errors import BloodcellError
-from bloodcell.export import export_model
-from bloodcell.predict import Predictor
-from bloodcell.predict_onnx import OnnxPredictor
+from bloodcell.inference.export import export_model
+from bloodcell.inference.onnx import OnnxPredictor
+from bloodcell.inference.predict import Predictor
 
 SRC = Path(__file__).parents[1] / "src"
 
@@ -64,7 +64,7 @@ def test_predicting_loads_no_torch(files) -> None:
     _, path = files
     code = f"""
 import sys, json
-from bloodcell.predict_onnx import OnnxPredictor
+from bloodcell.inference.onnx import OnnxPredictor
 from bloodcell.data.images import decode_image
 p = OnnxPredictor({str(path)!r})
 import io

@@ -8,13 +8,13 @@ import statistics
 import pytest
 from conftest import TINY, quiet, tiny
 
-from bloodcell.build import config_dataset
 from bloodcell.cli import main
 from bloodcell.config import TrainConfig, make_config
-from bloodcell.crossval import cross_validate
+from bloodcell.data.build import config_dataset
 from bloodcell.errors import ConfigError
-from bloodcell.evaluate import evaluate_checkpoint
-from bloodcell.train import train
+from bloodcell.studies.kfold import cross_validate
+from bloodcell.training.evaluate import evaluate_checkpoint
+from bloodcell.training.train import train
 
 
 def test_three_folds_disjoint_validation_same_test_mean_and_sd(tmp_path):

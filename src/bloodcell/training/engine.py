@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from bloodcell import distributed
-from bloodcell.distributed import World
+from bloodcell.data.transforms import TTA_VIEWS, tta_view
 from bloodcell.errors import BloodcellError
 from bloodcell.runtime import autocast, check_stop
-from bloodcell.transforms import TTA_VIEWS, tta_view
+from bloodcell.training import distributed
+from bloodcell.training.distributed import World
 
 
 class TrainingDiverged(BloodcellError):

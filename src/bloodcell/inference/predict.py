@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import threading
 import warnings
 from pathlib import Path
@@ -22,32 +21,17 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bloodcell.cam import GradCAM, npy_bytes, overlay_png, showcase
-from bloodcell.checkpoint import load_model
+from bloodcell.catalog import IMAGE_EXTENSIONS
 from bloodcell.config import BACKENDS
-from bloodcell.data.images import ImageError, decode_image  # noqa: F401 - re-exported
-from bloodcell.data.synthetic import generate
+from bloodcell.data.images import ImageError, decode_image, saved_image  # noqa: F401 - re-exported
+from bloodcell.data.transforms import TTA_VIEWS, normalize, to_float, tta_view
 from bloodcell.errors import BloodcellError
-from bloodcell.export import onnx_bytes
-from bloodcell.info import IMAGE_EXTENSIONS
-from bloodcell.predict_onnx import result_rows
+from bloodcell.inference.cam import GradCAM, npy_bytes, overlay_png, showcase
+from bloodcell.inference.export import onnx_bytes
+from bloodcell.inference.onnx import result_rows
+from bloodcell.models.checkpoint import load_model
 from bloodcell.runfiles import atomic_write, check_out_dir, read_csv
 from bloodcell.runtime import physical_cores
-from bloodcell.transforms import TTA_VIEWS, normalize, to_float, tta_view
-
-SYNTHETIC_PATH = re.compile(r"^synthetic://(\d+)/(\d+)$")
-
-
-def saved_image(path: str, size: int, resize: str, bases: tuple[Path, ...] = ()) -> np.ndarray:
-    """An image named in a predictions file, as training decoded it: a synthetic one regenerated, a
-    file as written or relative to one of ``bases``; raises ImageError when it cannot be had."""
-    m = SYNTHETIC_PATH.match(path)
-    if m:
-        return generate(1, size, int(m.group(1)), start=int(m.group(2)))[0][0]
-    p = Path(path)
-    if not p.is_file() and not p.is_absolute():
-        p = next((b / p for b in bases if (b / p).is_file()), p)
-    return decode_image(p, size, resize)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:

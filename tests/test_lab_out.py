@@ -10,10 +10,10 @@ import pytest
 from conftest import TINY, quiet, write_image
 
 from bloodcell.cli import main
-from bloodcell.crosslab import crosslab, format_matrix, shared_classes
 from bloodcell.errors import BloodcellError, ConfigError
-from bloodcell.evaluate import evaluate_checkpoint
 from bloodcell.report.format import pct
+from bloodcell.studies.lab_out import crosslab, format_matrix, shared_classes
+from bloodcell.training.evaluate import evaluate_checkpoint
 
 
 def lab(root: Path, classes: tuple[str, ...], shift: int, n: int = 8) -> Path:

@@ -1,6 +1,6 @@
 """Experiment logs beyond the run folder's own files: TensorBoard event files and MLflow runs.
 
->>> from bloodcell.tracking import Tracker
+>>> from bloodcell.training.tracking import Tracker
 >>> t = Tracker(("tensorboard",), "runs/a", name="runs/a", config=cfg.to_dict())
 >>> t.epoch(1, {"train_loss": 0.9, "val_acc": 0.61}); t.final({"test/accuracy": 0.7}); t.close()
 

@@ -1,6 +1,6 @@
 """Cross-validation: K models of one config, each validated on its own fold of the non-test images.
 
->>> from bloodcell.crossval import cross_validate
+>>> from bloodcell.studies.kfold import cross_validate
 >>> res = cross_validate(make_config(TrainConfig, {"data": "labs/tecom", "folds": 5}), "runs/cv")
 >>> res["cv"]["test"]["accuracy"]      # {"mean", "sd", "min", "max", "values"} over the 5 folds
 
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bloodcell.build import config_dataset, source_dataset
 from bloodcell.config import RECORD_KEYS, TrainConfig, load_yaml, make_config
 from bloodcell.data import Dataset
-from bloodcell.engine import better
+from bloodcell.data.build import config_dataset, source_dataset
 from bloodcell.errors import BloodcellError
 from bloodcell.metrics import split_metrics
 from bloodcell.runfiles import mark_done, read_json, read_predictions, write_json, write_yaml
-from bloodcell.tracking import check_trackers, record
-from bloodcell.train import train
+from bloodcell.training.engine import better
+from bloodcell.training.tracking import check_trackers, record
+from bloodcell.training.train import train
 
 SUMMARY_FILE = "folds.json"
 # The figures summarised over folds (those a split's metrics hold: binary ones only on two classes).

@@ -1,8 +1,8 @@
 """``--nproc N``: a run on N processes of this machine through torch's own elastic launcher, as
 ``torchrun --standalone --nproc-per-node N`` runs it; the parent's side (the workers' side is
-``bloodcell.distributed``).
+``bloodcell.training.distributed``).
 
->>> from bloodcell.launch import launch
+>>> from bloodcell.training.launch import launch
 >>> launch(["train", "--config", "cfg.yaml", "--out", "runs/r"], 2, Path("runs/r"))
 """
 
@@ -19,9 +19,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from bloodcell.distributed import PARENT_ENV, SPLITS_ENV, Reported
 from bloodcell.errors import BloodcellError
 from bloodcell.runtime import Interrupted
+from bloodcell.training.distributed import PARENT_ENV, SPLITS_ENV, Reported
 
 
 def launch(argv: list[str], nproc: int, out: Path, on_row: Callable[[dict], None] | None = None,

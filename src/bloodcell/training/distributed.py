@@ -1,6 +1,6 @@
 """Training on several processes with torch.distributed: the world torchrun describes, each rank's
 shard, whole-split predictions gathered without duplicates, batch-norm statistics averaged, stop
-requests agreed (``--nproc N``, torch's own elastic launcher, is ``bloodcell.launch``).
+requests agreed (``--nproc N``, torch's own elastic launcher, is ``bloodcell.training.launch``).
 
 torchrun (or a scheduler) sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT; without them a run is one process and nothing here does anything. Every collective

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bloodcell.catalog import MEAN, STD
 from bloodcell.config import CHOICES
-from bloodcell.info import MEAN, STD
 
 AUGMENT_PRESETS = CHOICES["augment"]
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodcell.checkpoint import load_model
 from bloodcell.data import (
     BatchLoader,
     load_sources,
@@ -16,11 +15,12 @@ from bloodcell.data import (
     select_classes,
     source_names,
 )
-from bloodcell.engine import evaluate
 from bloodcell.errors import BloodcellError
 from bloodcell.metrics import per_source_metrics, split_metrics
+from bloodcell.models.checkpoint import load_model
 from bloodcell.runfiles import check_out_dir, write_json, write_predictions
 from bloodcell.runtime import resolve_device, resolve_precision, set_threads
+from bloodcell.training.engine import evaluate
 
 
 def as_sources(data) -> list[str]:

@@ -1,6 +1,6 @@
 """bloodcell crosslab: leave one lab out, the honest test of a model meant for another microscope.
 
->>> from bloodcell.crosslab import crosslab
+>>> from bloodcell.studies.lab_out import crosslab
 >>> res = crosslab({"data": ["labs/a", "labs/b", "labs/c"], "model": "cnn4x32"}, "runs/crosslab")
 >>> res["matrix"]            # held-out lab -> {lab: accuracy}; the diagonal is the unseen lab
 
@@ -32,12 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from bloodcell import __version__
-from bloodcell.adapt import adapt
-from bloodcell.build import config_dataset
 from bloodcell.config import FIELD_DEFAULTS, RECORD_KEYS, TrainConfig, load_yaml, make_config
 from bloodcell.data import discover
+from bloodcell.data.build import config_dataset
 from bloodcell.errors import BloodcellError, ConfigError
-from bloodcell.evaluate import evaluate_checkpoint
 from bloodcell.runfiles import (
     atomic_write,
     check_out_dir,
@@ -47,7 +45,9 @@ from bloodcell.runfiles import (
     write_json,
     write_yaml,
 )
-from bloodcell.train import train
+from bloodcell.studies.adapt import adapt
+from bloodcell.training.evaluate import evaluate_checkpoint
+from bloodcell.training.train import train
 
 PROTOCOL_FILE = "crosslab.yaml"
 # Fine-tuning on K labelled cells per class: few images, so many short epochs at a lower rate, and
@@ -144,14 +144,14 @@ def crosslab(shared: dict, out: str | Path, overwrite: bool = False, log=print, 
                                              progress=progress) for f in folds} if label_curve else {}
         write_crops(out / "crops.npz", labs, base)
         res = {"bloodcell_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "command": command or "bloodcell.crosslab.crosslab(...)", "protocol": protocol, "classes": classes,
+               "command": command or "bloodcell.studies.lab_out.crosslab(...)", "protocol": protocol, "classes": classes,
                "labs": [{"root": s, "name": n} for s, n in zip(labs, names, strict=True)], "folds": folds,
                "matrix": matrix, "label_curve": curve, "wall_minutes_this_session": (time.perf_counter() - t0) / 60}
         write_json(out / "crosslab.json", res)
         log(format_matrix(res))
         if report:
             # lazy: matplotlib only where a report is asked for (training code never imports it)
-            from bloodcell.report.crosslab import build_crosslab_report
+            from bloodcell.report.lab_out import build_crosslab_report
 
             log(f"report: {build_crosslab_report(out)}")
         return res

@@ -45,18 +45,18 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
-from bloodcell.batching import MicroBatcher
 from bloodcell.config import MAX_BATCH, MAX_UPLOAD_MB, MICRO_BATCH, SERVE_MAX_PIXELS
 from bloodcell.data.images import ImageError, decode_image
 from bloodcell.errors import BloodcellError
-from bloodcell.fastpath import FastPredict, UploadLimit, too_large
-from bloodcell.predict_onnx import OnnxPredictor, result_rows
+from bloodcell.inference.onnx import OnnxPredictor, result_rows
+from bloodcell.serve.batching import MicroBatcher
+from bloodcell.serve.middleware import FastPredict, UploadLimit, too_large
 
 _MULTIPART_SLACK = 64 * 1024  # headers and boundaries of a multipart body
 EXAMPLE_PX = 128  # side of the example cells' pictures on the page
 KEY_HEADER = "X-API-Key"
 CONFIG_ENV = "BLOODCELL_SERVE_CONFIG"  # create_app's arguments (JSON) for each uvicorn worker
-log = logging.getLogger("bloodcell.serve")
+log = logging.getLogger("bloodcell.serve.app")
 
 
 def load_predictor(model, backend: str = "auto", threads: int = 0):
@@ -68,7 +68,7 @@ def load_predictor(model, backend: str = "auto", threads: int = 0):
         if backend not in ("auto", "onnx"):
             raise BloodcellError(f"an .onnx file runs on ONNX Runtime only, not --backend {backend}")
         return OnnxPredictor(model, threads=threads)
-    from bloodcell.predict import Predictor  # lazy: torch, only for checkpoints
+    from bloodcell.inference.predict import Predictor  # lazy: torch, only for checkpoints
 
     return Predictor(model, backend=backend, threads=threads)
 
@@ -82,7 +82,7 @@ def examples_card(predictor, n_correct: int = 2, n_wrong: int = 2) -> dict:
     """What GET /examples returns: per class a few right and wrong test calls with their overlays."""
     if not getattr(predictor, "has_cam", True):
         return {"examples": [], "missing": 0}  # an ONNX file: no run folder, no Grad-CAM
-    from bloodcell.cam import overlay, png, upscale  # lazy: torch
+    from bloodcell.inference.cam import overlay, png, upscale  # lazy: torch
 
     rows, missing = predictor.examples("test", n_correct, n_wrong)
     out = []
@@ -209,7 +209,7 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
-        return resources.files("bloodcell").joinpath("static/index.html").read_text()
+        return resources.files("bloodcell.serve").joinpath("static/index.html").read_text()
 
     @app.get("/health")
     async def health() -> dict:

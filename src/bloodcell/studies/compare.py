@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bloodcell import __version__
-from bloodcell.build import config_dataset, dataset_key, model_kwargs, source_dataset
+from bloodcell.catalog import STUDY
 from bloodcell.config import (
     DEFAULT_MODELS,
     FIELD_DEFAULTS,
@@ -23,11 +23,11 @@ from bloodcell.config import (
     load_yaml,
     make_config,
 )
-from bloodcell.crossval import cross_validate
+from bloodcell.data.build import config_dataset, dataset_key, source_dataset
 from bloodcell.errors import BloodcellError, ConfigError
-from bloodcell.info import STUDY
 from bloodcell.metrics import split_metrics
 from bloodcell.models import count_parameters, get_model, list_models, model_info
+from bloodcell.models.build import model_kwargs
 from bloodcell.runfiles import (
     check_out_dir,
     has_files,
@@ -39,10 +39,11 @@ from bloodcell.runfiles import (
     write_yaml,
 )
 from bloodcell.runtime import environment
-from bloodcell.tracking import check_trackers, flat_metrics, record
-from bloodcell.train import train
+from bloodcell.studies.kfold import cross_validate
+from bloodcell.training.tracking import check_trackers, flat_metrics, record
+from bloodcell.training.train import train
 
-PRESETS_DIR = Path(__file__).parent / "presets" / "compare"
+PRESETS_DIR = Path(__file__).parents[1] / "presets" / "compare"
 
 
 def list_presets() -> list[str]:
@@ -214,7 +215,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
         results = {
             "bloodcell_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "command": command or "bloodcell.compare.compare(...)",
+            "command": command or "bloodcell.studies.compare.compare(...)",
             "protocol": {**protocol, "ensemble": ensemble},
             "dataset": {"root": ds0.root, "layout": ds0.layout, "synthetic": ds0.layout == "synthetic",
                         "group_by": ds0.group_by, "classes": ds0.classes, "image_size": ds0.image_size,
@@ -238,7 +239,7 @@ def compare(models: list[str] | None, shared: dict, out: str | Path, overrides: 
                values={f"{r['model']}/{k}": v for r in rows for k, v in flat_metrics(
                    {s: r[s] for s in ("val", "test", "test_simple") if isinstance(r.get(s), dict)}).items()},
                files=[out / n for n in ("results.json", "results.csv", "report.md", "report.html")],
-               tags={"bloodcell.compare": ",".join(models)}, log=log)
+               tags={"bloodcell.studies.compare": ",".join(models)}, log=log)
         return results
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from bloodcell import __version__
+from bloodcell.catalog import MEAN, STD
 from bloodcell.errors import BloodcellError
-from bloodcell.info import MEAN, STD
-from bloodcell.models import get_model, model_info
+from bloodcell.models.registry import get_model, model_info
 from bloodcell.runfiles import atomic_write
 
 FORMAT = "bloodcell-checkpoint/1"
@@ -46,7 +46,7 @@ _SAID: set[str] = set()  # the cross-validation folders already named on stderr
 
 def resolve(path: str | os.PathLike) -> Path:
     """A run folder means its best.pt; a file means itself; a cross-validation folder (folds.json,
-    bloodcell.crossval) means the best.pt of its fold chosen on validation, said once on stderr.
+    bloodcell.studies.kfold) means the best.pt of its fold chosen on validation, said once on stderr.
     Raise a clear error if none exists."""
     p = Path(path)
     if p.is_dir() and (p / "folds.json").is_file() and not (p / "best.pt").is_file():

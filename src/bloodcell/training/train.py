@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bloodcell import distributed
-from bloodcell.build import build_model, config_dataset, pretrained_recipe
-from bloodcell.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
+from bloodcell.catalog import MEAN, STD
 from bloodcell.config import TrainConfig, load_yaml, make_config
 from bloodcell.data import (
     BatchLoader,
@@ -22,22 +20,12 @@ from bloodcell.data import (
     problem_lines,
     source_names,
 )
-from bloodcell.distributed import Reported, World
-from bloodcell.engine import (
-    EMA,
-    FitState,
-    Step,
-    TrainingDiverged,
-    evaluate,
-    fit,
-    make_optimizer,
-    make_scheduler,
-)
+from bloodcell.data.build import config_dataset
 from bloodcell.errors import BloodcellError, ConfigError
-from bloodcell.info import MEAN, STD
-from bloodcell.launch import launch
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
-from bloodcell.pretrained import new_parameters, preflight
+from bloodcell.models.build import build_model, pretrained_recipe
+from bloodcell.models.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
+from bloodcell.models.pretrained import new_parameters, preflight
 from bloodcell.runfiles import (
     check_out_dir,
     clear_run_dir,
@@ -50,7 +38,20 @@ from bloodcell.runfiles import (
     write_yaml,
 )
 from bloodcell.runtime import resolve_device, resolve_precision, set_threads
-from bloodcell.tracking import Tracker, check_trackers, flat_metrics
+from bloodcell.training import distributed
+from bloodcell.training.distributed import Reported, World
+from bloodcell.training.engine import (
+    EMA,
+    FitState,
+    Step,
+    TrainingDiverged,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_scheduler,
+)
+from bloodcell.training.launch import launch
+from bloodcell.training.tracking import Tracker, check_trackers, flat_metrics
 
 
 def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume: bool = False,
@@ -60,12 +61,12 @@ def train(cfg: TrainConfig, out: str | Path, *, overwrite: bool = False, resume:
     ``on_epoch(epoch, history_row)`` is called after each epoch's validation (a tuner reports and
     prunes there); ``dataset`` reuses an already loaded Dataset. Under torchrun every process calls
     this; rank 0 alone writes the run folder and logs. With ``cfg.nproc`` > 1 (and no torchrun)
-    the run is launched on that many processes here (bloodcell.launch) and this one waits. One
+    the run is launched on that many processes here (bloodcell.training.launch) and this one waits. One
     run at a time trains in ``out`` (runfiles.run_lock, held by rank 0): a second one is refused.
     """
     out = Path(out)
     if cfg.folds and cfg.fold is None:
-        raise ConfigError("folds: train() runs one model (give fold too); bloodcell.crossval.cross_validate "
+        raise ConfigError("folds: train() runs one model (give fold too); bloodcell.studies.kfold.cross_validate "
                           "runs every fold (bloodcell train --folds K)")
     check_trackers(cfg.log)  # a tracker that is not installed: refused before anything is written
     if not resume:

@@ -1,0 +1,32 @@
+"""``bloodcell models``: the registered models.
+
+The library is imported inside the handlers (lazy imports, marked): ``bloodcell --help`` and a bad
+flag answer at once, without loading torch.
+"""
+
+from __future__ import annotations
+
+
+def cmd_models(args) -> int:
+    """bloodcell models"""
+    from bloodcell.models import (  # lazy: start-up
+        count_parameters,
+        get_model,
+        list_models,
+        model_info,
+    )
+
+    print(f"{'name':20s} {'params':>12s}  description (parameters at {args.image_size} px, 4 classes)")
+    for name in list_models():
+        n = count_parameters(get_model(name, num_classes=4, image_size=args.image_size))
+        print(f"{name:20s} {n:>12,}  {model_info(name)['description']}")
+    print(f"{'timm/<name>':20s} {'':>12s}  any timm model (pip install 'bloodcell[timm]'); --pretrained for "
+          "its weights, and for resnet18, efficientnet_b0, mobilenet_v3_small")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register `bloodcell models`."""
+    p = sub.add_parser("models", help="list the registered models", description=cmd_models.__doc__)
+    p.add_argument("--image-size", type=int, default=64)
+    p.set_defaults(func=cmd_models)

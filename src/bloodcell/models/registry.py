@@ -1,0 +1,191 @@
+"""Model registry: ``@register_model`` fills one dict, ``get_model(name, ...)`` builds from it.
+
+The registered architectures live in ``study`` (the study's four) and ``baselines`` (torchvision's);
+``bloodcell.models`` imports both, so the registry is full whichever module is imported first.
+Also here: the ``StainNorm`` input layer, the ``norm`` choice's layers, ``load_weights``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bloodcell.config import CHOICES
+from bloodcell.models import pretrained as pre
+
+Builder = Callable[..., nn.Module]
+
+_MODELS: dict[str, Builder] = {}
+_INFO: dict[str, dict] = {}
+
+
+def register_model(
+    fn: Builder | None = None, *, family: str = "other", min_image_size: int = 32
+) -> Builder | Callable[[Builder], Builder]:
+    """Register a builder ``fn(num_classes, image_size, **kwargs)`` under its function name."""
+
+    def add(builder: Builder) -> Builder:
+        name = builder.__name__
+        if name in _MODELS:
+            raise ValueError(f"model '{name}' is already registered")
+        doc = (builder.__doc__ or "").strip().splitlines()
+        _MODELS[name] = builder
+        _INFO[name] = {
+            "name": name,
+            "description": doc[0] if doc else "",
+            "min_image_size": min_image_size,
+            "family": family,
+            "options": tuple(
+                k for k in inspect.signature(builder).parameters if k not in ("num_classes", "image_size")
+            ),
+        }
+        return builder
+
+    return add(fn) if fn is not None else add
+
+
+STAIN_NORMS = CHOICES["stain_norm"]
+
+
+class StainNorm(nn.Module):
+    """Per-image standardisation of the input: each colour channel (``image``) or the grey level,
+    the channels' mean, repeated on all three (``gray``), shifted to mean 0 and scaled to spread 1.
+
+    Invariant to any per-channel gain and offset of the input (a stain's or a lamp's cast, and the
+    dataset-wide mean/std normalisation before it). Computed in float32 whatever the autocast.
+    """
+
+    def __init__(self, mode: str = "image", eps: float = 1e-3):
+        super().__init__()
+        if mode not in STAIN_NORMS[1:]:
+            raise ValueError(f"stain_norm must be one of {', '.join(STAIN_NORMS)}, got '{mode}'")
+        self.mode, self.eps = mode, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.mode == "gray":
+            x = x.mean(1, keepdim=True)
+        mean = x.mean((2, 3), keepdim=True)
+        std = (x - mean).pow(2).mean((2, 3), keepdim=True).sqrt()
+        x = (x - mean) / (std + self.eps)
+        return x.expand(-1, 3, -1, -1) if self.mode == "gray" else x
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+class StainNormed(nn.Module):
+    """A model behind a ``StainNorm`` layer; its weights keep their own names under ``net.``."""
+
+    def __init__(self, net: nn.Module, mode: str):
+        super().__init__()
+        self.stain = StainNorm(mode)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.stain(x))
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def _check_name(name: str) -> None:
+    if name not in _MODELS and not pre.is_timm(name):
+        raise ValueError(f"unknown model '{name}'; known: {', '.join(list_models())}")
+
+
+def model_info(name: str) -> dict:
+    """Name, one-line description, minimum image size and family of a registered model (or of
+    ``timm/<name>``: any timm model, built by timm)."""
+    _check_name(name)
+    if pre.is_timm(name):
+        return {"name": name, "description": f"timm {name.removeprefix(pre.TIMM_PREFIX)} (the timm extra)",
+                "min_image_size": 32, "family": "timm", "options": ()}
+    return dict(_INFO[name])
+
+
+def get_model(
+    name: str, num_classes: int, image_size: int = 64, weights: str | Path | None = None,
+    stain_norm: str = "none", pretrained: bool = False, **kwargs
+) -> nn.Module:
+    """Build a registered model or ``timm/<name>``; ``weights`` is an optional local state_dict file;
+    ``pretrained`` starts from the weights' own pretrained weights (bloodcell.models.pretrained: the torch or
+    Hugging Face cache, downloaded once; with ``weights``, that file holds them) and a zero classifier;
+    ``stain_norm`` other than ``none`` puts a ``StainNorm`` layer in front (``StainNormed``)."""
+    _check_name(name)
+    min_size = model_info(name)["min_image_size"]
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if image_size < min_size:
+        raise ValueError(f"model '{name}' needs image_size >= {min_size}, got {image_size}")
+    if pre.is_timm(name):
+        model = pre.timm_model(name, num_classes, pretrained, weights if pretrained else None)
+        if pretrained:
+            weights = None  # timm loaded them
+            pre.zero_head(model)
+    elif pretrained:
+        pre.weights_info(name)  # refuses a model without pretrained weights, in one line
+        model = _MODELS[name](num_classes=num_classes, image_size=image_size, pretrained=True, **kwargs)
+        state = pre.read_state(weights) if weights else pre.torchvision_state(name)
+        pre.zero_head(pre.load_backbone(model, state, str(weights or pre.cache_file(name))))
+        weights = None
+    else:
+        model = _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model if stain_norm == "none" else StainNormed(model, stain_norm)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a local state_dict non-strictly, dropping shape-mismatched keys; warn about what differs."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a checkpoint dict rather than a bare state_dict
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in mismatched]
+    for what, keys in (
+        ("shape differs, left at random init", mismatched),
+        ("missing from the file, left at random init", missing),
+        ("in the file but not in the model, ignored", result.unexpected_keys),
+    ):
+        if keys:
+            warnings.warn(f"{Path(path).name}: {what}: {', '.join(keys)}", stacklevel=2)
+    return model
+
+
+# --- normalisation layers (the study's four and the baselines alike) ---------------------
+
+
+
+NORMS = CHOICES["norm"]
+GROUPS = 8  # channels per GroupNorm group: out_ch / GROUPS (32 channels: 8 groups of 4)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm of ``GROUPS`` groups (fewer where the channels do not divide)."""
+    return nn.GroupNorm(math.gcd(GROUPS, channels), channels)
+
+
+def norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    """The layer a ``norm`` choice builds for a number of channels (torchvision's ``norm_layer``)."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got '{norm}'")
+    if norm == "none":
+        raise ValueError("norm 'none' is for the study's four models; the baselines need batch or group")
+    return nn.BatchNorm2d if norm == "batch" else group_norm
