@@ -31,6 +31,7 @@ def browser():
         b.close()
 
 
+@pytest.mark.slow
 def test_upload_shows_class_probabilities_and_overlay(browser, tmp_path) -> None:
     predictor = Predictor(make_checkpoint(tmp_path / "tiny.pt"))
     image = tmp_path / "cell.png"
@@ -64,6 +65,7 @@ def test_upload_shows_class_probabilities_and_overlay(browser, tmp_path) -> None
         page.close()
 
 
+@pytest.mark.slow
 def test_page_shows_right_and_wrong_test_cells_with_their_maps(browser, tmp_path) -> None:
     run, _ = example_run(tmp_path / "run")
     predictor = Predictor(run, backend="torch")
@@ -87,6 +89,7 @@ def test_page_shows_right_and_wrong_test_cells_with_their_maps(browser, tmp_path
         assert not errors
 
 
+@pytest.mark.slow
 def test_page_asks_for_the_key_and_works_with_an_onnx_file(browser, tmp_path) -> None:
     from bloodcell.inference.export import export_model
 

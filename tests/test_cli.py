@@ -26,9 +26,11 @@ def test_bad_train_flags_are_one_line(tmp_path, capsys, args, needle):
 def test_every_train_flag_says_what_it_does(capsys):
     from dataclasses import fields
 
-    from bloodcell.config import CHOICES, FIELD_HELP
+    from bloodcell.config import CHOICES, FIELD_GROUPS
 
-    assert {f.name for f in fields(TrainConfig)} - {"data"} == set(FIELD_HELP)
+    for f in fields(TrainConfig):  # each field carries its help and its group
+        assert f.metadata["group"] in FIELD_GROUPS, f.name
+        assert f.name == "data" or len(f.metadata["help"]) > 5, f.name
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -37,6 +39,11 @@ def test_every_train_flag_says_what_it_does(capsys):
         for value in allowed:
             make_config(TrainConfig, {name: value})
     assert "cellfit: that square sized to the cell" in text
+    # the flags are shown in their groups, in the groups' order
+    at = [text.index(f"{g} options:") for g in FIELD_GROUPS]
+    assert at == sorted(at)
+    assert at[0] < text.index("--image-size IMAGE_SIZE") < at[1] < text.index("--stain-norm {") < at[2] \
+        < text.index("--lr LR") < at[3] < text.index("--blur BLUR") < at[4] < text.index("--tta") < at[5]
 
 
 @pytest.mark.realdata

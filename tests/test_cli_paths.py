@@ -129,6 +129,7 @@ def snapshot(*roots: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("argv, needle", ROWS, ids=[" ".join(a[:1] + [x for x in a if "{" in x]) + f" #{i}"
                                                     for i, (a, _) in enumerate(ROWS)])
+@pytest.mark.slow
 def test_a_bad_path_is_one_line_and_changes_nothing(argv, needle, places, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # rows without --out use the default (runs/...): not the checkout's own
     before = snapshot(places["file"], places["dir"], places["run"])
@@ -172,6 +173,7 @@ def test_a_full_disk_keeps_what_was_written(small_disk, capsys, places):
     assert [r["model"] for r in rows] == ["cnn2x32", "cnn2x32@b"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_cache_build_is_one_line(small_disk, tmp_path, class_folders):
     """The decoded cache is a memory map: without its blocks reserved, a full disk is a SIGBUS that
     kills the process (on a tmpfs); with them, one line. Run in a child process for that reason."""

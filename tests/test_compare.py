@@ -141,6 +141,7 @@ def test_every_shipped_preset_is_a_valid_protocol(capsys):
         assert f"{name} (" in help_text, f"compare --help does not name preset {name}"
 
 
+@pytest.mark.slow
 def test_ensemble_row_averages_saved_probabilities(tmp_path):
     import numpy as np
 
@@ -160,6 +161,7 @@ def test_ensemble_row_averages_saved_probabilities(tmp_path):
     assert "ensemble" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_one_architecture_twice_under_labels(tmp_path, capsys):
     """NAME@LABEL: the same architecture again, with its own overrides, run folder and row."""
     out = tmp_path / "cmp"
@@ -184,6 +186,7 @@ def test_one_architecture_twice_under_labels(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_compare_with_folds_reports_mean_and_sd_per_model(tmp_path):
     out = tmp_path / "cmp"
     res = compare(["cnn2x32"], {**FAST, "data": "synthetic:96", "epochs": 1, "precision": "fp32", "folds": 3},
@@ -211,7 +214,7 @@ def test_compare_with_folds_reports_mean_and_sd_per_model(tmp_path):
 def test_anylab_preset_trains_on_every_lab_given(tmp_path):
     """compare --preset anylab --data A --data B: one model on both labs, validation reported per lab;
     its run is what adapt starts from."""
-    from test_crosslab import lab
+    from test_lab_out import lab
 
     labs = [str(lab(tmp_path / "lab_a", ("alpha", "beta"), 0)), str(lab(tmp_path / "lab_b", ("alpha", "beta"), 20))]
     out = tmp_path / "c"

@@ -14,6 +14,7 @@ from bloodcell.data import load_dataset
 from bloodcell.errors import DataError
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_data_check_cli_real(pbc_root, capsys):
     assert main(["data", "check", str(pbc_root), "--json"]) == 0
@@ -58,6 +59,7 @@ def test_one_class_only(tmp_path, capsys):
         load_dataset(tmp_path, image_size=16)
 
 
+@pytest.mark.slow
 def test_bad_files_are_listed_and_skipped_odd_modes_converted(class_folders, capsys):
     a = class_folders / "alpha"
     (a / "empty.jpg").write_bytes(b"")

@@ -10,6 +10,7 @@ from bloodcell.data import join_train, load_dataset, problem_lines
 from bloodcell.errors import DataError
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_join_train_kaggle_with_pbc_cells(kaggle_subset, pbc_root, tmp_path):
     """What it was built for: PBC's cells of Kaggle's four classes (named in lower case there) join

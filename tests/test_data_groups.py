@@ -15,6 +15,7 @@ from bloodcell.data.layouts import discover
 from bloodcell.data.splits import make_splits
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_kaggle_counts_groups_and_no_leak(kaggle_root):
     src = discover_grouped(kaggle_root)
@@ -43,6 +44,7 @@ def test_kaggle_counts_groups_and_no_leak(kaggle_root):
     assert make_splits(src.items, seed=1)["val"] != splits["val"]
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_kaggle_groups_are_cells_not_names(kaggle_root):
     """The _K_N names do not say which cell an image copies; look-alike groups do (data.groups)."""

@@ -20,6 +20,7 @@ from bloodcell.errors import DataError
 from bloodcell.runfiles import read_csv
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("sub", ["dataset2-master", "dataset2-master/images"])
 def test_kaggle_found_from_any_level(kaggle_root, sub):
@@ -151,6 +152,7 @@ def test_idc_edge_patches_are_decoded_to_the_size_asked(tmp_path):
     assert {s.images.shape[1:] for s in ds.splits.values()} == {(50, 50, 3)} and not ds.problems
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_idc_real_subset(idc_root):
     src = discover_grouped(idc_root)

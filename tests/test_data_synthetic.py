@@ -83,6 +83,7 @@ def test_speed_on_one_core():
     assert _rate(50, 128) >= 95
 
 
+@pytest.mark.slow
 def test_mean_colour_does_not_separate_classes():
     # nearest centroid on per-image mean RGB: fitted on one seed, scored on another
     x, y = generate(400, 48, 10)

@@ -187,6 +187,7 @@ KEYS = st.one_of(st.sampled_from(field_names()), st.sampled_from([n.replace("_",
                  st.text(max_size=12))
 
 
+@pytest.mark.slow
 @given(d=st.dictionaries(KEYS, VALUES, max_size=6))
 def test_make_config_takes_any_mapping_or_says_why_not(d):
     from bloodcell.config import TrainConfig, make_config
@@ -224,6 +225,7 @@ SPEC = st.one_of(VALUES, st.fixed_dictionaries({}, optional={
     "choices": st.lists(VALUES, max_size=4), "low": VALUES, "high": VALUES, "log": VALUES, "step": VALUES}))
 
 
+@pytest.mark.slow
 @given(space=st.dictionaries(KEYS, SPEC, max_size=4), model=st.sampled_from(["cnn4x32", "resnet18", "vgg3"]))
 @example(space={1: 2}, model="cnn4x32")  # a YAML space file may have a non-string key
 def test_load_space_takes_any_space_or_says_why_not(space, model):
@@ -358,6 +360,7 @@ def api_schema(tmp_path_factory):
 # the schema lists is tested, so a new endpoint is covered without a change here.
 
 
+@pytest.mark.slow
 def test_the_api_answers_every_request_its_schema_allows(api_schema):
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 

@@ -81,6 +81,7 @@ def test_cli_crosslab_report_shows_the_matrix(tmp_path, labs, capsys) -> None:
     assert "two or more labs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_crosslab_on_two_real_labs(other_labs, tmp_path) -> None:
     res = crosslab({"data": [str(other_labs / "tecom"), str(other_labs / "cellavision")], "model": "cnn2x32",
@@ -94,6 +95,7 @@ def test_crosslab_on_two_real_labs(other_labs, tmp_path) -> None:
         assert c["k"]["5"]["cells"]["neutrophil"] == 5 and 0 <= c["adapted"]["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_label_curve_adapts_and_fine_tunes_on_the_held_out_labs_own_splits(tmp_path, labs) -> None:
     """--label-curve: per fold, the held-out lab's test split scored as trained, adapted (no label)
     and fine-tuned on K cells per class of its train split; the report shows it and the crops."""

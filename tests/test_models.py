@@ -27,6 +27,7 @@ def test_registry_lists_the_expected_models() -> None:
     assert {model_info(n)["family"] for n in STUDY} == {"study"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [4, 8])
 @pytest.mark.parametrize("image_size", [32, 64, 128])
 @pytest.mark.parametrize("name", list_models())

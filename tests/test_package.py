@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bloodcell
 
 SRC = Path(bloodcell.__file__).parent
@@ -17,6 +19,7 @@ def _modules() -> list[str]:
                   for p in SRC.rglob("*.py") if p.name != "__main__.py")
 
 
+@pytest.mark.slow
 def test_no_library_module_imports_the_cli() -> None:
     offenders = []
     for p in SRC.rglob("*.py"):
@@ -30,6 +33,7 @@ def test_no_library_module_imports_the_cli() -> None:
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_importing_every_module_changes_no_global_state() -> None:
     # A fresh interpreter: Pillow's pixel limit and matplotlib's backend as a caller set them.
     code = (

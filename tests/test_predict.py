@@ -184,6 +184,7 @@ def test_cli_predict_formats_and_exit_codes(ckpt, images, tmp_path, capsys) -> N
 # --- real data -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_predict_real_images_with_a_corrupt_one_in_the_batch(kaggle_root, ckpt, predictor, tmp_path) -> None:
     real = real_test_images(kaggle_root)

@@ -136,6 +136,7 @@ def real_report(tmp_path_factory):
     return d, html_path, md_path
 
 
+@pytest.mark.slow
 def test_files_are_written(real_report):
     d, html_path, md_path = real_report
     assert html_path == d / "report.html" and html_path.stat().st_size > 10_000
@@ -194,6 +195,7 @@ def test_study_figures_and_no_banner(real_report):
     assert "3 identical files" in text and "adamw" in text and "bloodcell compare --out X" in text
 
 
+@pytest.mark.slow
 def test_synthetic_with_missing_results_via_cli(tmp_path, capsys):
     d = make_compare(tmp_path / "syn", {"cnn4x32": (0.8, 0.8), "tiny": (0.6, 0.6)}, synthetic=True)
     res = json.loads((d / "results.json").read_text())
@@ -211,6 +213,7 @@ def test_synthetic_with_missing_results_via_cli(tmp_path, capsys):
     assert "could not be read" not in text  # synthetic images are regenerated, not read
 
 
+@pytest.mark.slow
 def test_report_says_what_the_train_split_took_from_another_set(tmp_path, capsys):
     d = make_compare(tmp_path / "x", {"cnn4x32": (0.8, 0.8)}, synthetic=True)
     res = json.loads((d / "results.json").read_text())
@@ -231,6 +234,7 @@ def test_report_without_results_is_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_grad_cam_gallery_of_right_and_wrong_cells_from_the_saved_model(tmp_path):
     from test_predict import make_checkpoint  # the untrained checkpoint the predict tests use
 

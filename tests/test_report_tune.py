@@ -29,6 +29,7 @@ def study_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tune_report_leaves_the_matplotlib_backend_alone(study_dir):
     import matplotlib
 
@@ -42,6 +43,7 @@ def test_tune_report_leaves_the_matplotlib_backend_alone(study_dir):
     assert (study_dir / "report.html").read_text().count("data:image/png;base64,") >= 4
 
 
+@pytest.mark.slow
 def test_tune_report_shows_what_the_study_holds(study_dir):
     tune_report(study_dir, log=lambda m: None)
     summary = json.loads((study_dir / "summary.json").read_text())
@@ -85,6 +87,7 @@ def test_tune_report_before_any_trial_says_so(tmp_path):
     assert "http://" not in page and "https://" not in page
 
 
+@pytest.mark.slow
 def test_the_report_package_does_not_import_optuna():
     code = "import sys, bloodcell.report; print('optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -117,6 +117,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_workers_end_when_their_parent_is_killed_with_sigkill(tmp_path) -> None:
     env, mark = marked_env()
     script = tmp_path / "workers.py"
@@ -145,6 +146,7 @@ def many_images(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_train_sigterm_during_the_cache_build(many_images, tmp_path) -> None:
     env, mark = marked_env()
     env["BLOODCELL_CACHE"] = str(tmp_path / "cache")
@@ -168,6 +170,7 @@ def test_train_sigterm_during_the_cache_build(many_images, tmp_path) -> None:
     same_metrics(tmp_path / "full", tmp_path / "cut")
 
 
+@pytest.mark.slow
 def test_train_sigterm_during_an_epoch_then_resume(tmp_path) -> None:
     env, mark = marked_env()
     args = ["train", "--data", "synthetic:160", "--epochs", "4", *FAST]
@@ -188,6 +191,7 @@ def test_train_sigterm_during_an_epoch_then_resume(tmp_path) -> None:
     same_metrics(tmp_path / "full", cut)
 
 
+@pytest.mark.slow
 def test_compare_sigterm_then_the_same_command(tmp_path) -> None:
     env, mark = marked_env()
     args = ["compare", "--data", "synthetic:160", "--models", "cnn2x32,cnn4x32", "--epochs", "3",
@@ -210,6 +214,7 @@ def test_compare_sigterm_then_the_same_command(tmp_path) -> None:
         [(m["model"], m["val"]["accuracy"], m["test"]["accuracy"]) for m in b]
 
 
+@pytest.mark.slow
 def test_tune_sigterm_then_resume(tmp_path) -> None:
     env, mark = marked_env()
     args = ["tune", "--data", "synthetic:120", "--grid", "lr=0.001,0.003", "batch_size=16,32", "--threads", "1",
@@ -246,6 +251,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_serve_sigterm_finishes_the_request_in_flight_and_exits_0(tmp_path) -> None:
     from bloodcell.models import get_model
     from bloodcell.models.checkpoint import save_checkpoint

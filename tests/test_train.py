@@ -118,6 +118,7 @@ def test_blur_reaches_the_training_batches(tmp_path):
             tiny(blur=bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
 def test_a_mixed_run_learns_from_soft_targets(tmp_path, mix):
     """--mix trains on soft targets (the loader yields N x C), learns the synthetic classes, and

@@ -24,6 +24,7 @@ class PruneOddTrials(optuna.pruners.BasePruner):
         return trial.number % 2 == 1
 
 
+@pytest.mark.slow
 def test_four_trial_study_with_pruning(tmp_path, monkeypatch):
     import bloodcell.data.build as build_module
 
@@ -69,6 +70,7 @@ def test_four_trial_study_with_pruning(tmp_path, monkeypatch):
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + 4
 
 
+@pytest.mark.slow
 def test_grid_runs_every_point_once(tmp_path):
     out = tmp_path / "grid"
     s = tune(DATA, "cnn4x32", None, out, space={"epochs": 1}, grid=["image_size=32,40", "batch_size=16,32"],
@@ -82,6 +84,7 @@ def test_grid_runs_every_point_once(tmp_path):
     assert cfg.lr == TrainConfig.lr and cfg.epochs == 1
 
 
+@pytest.mark.slow
 def test_same_folder_other_settings_is_refused(tmp_path):
     out = tmp_path / "t"
     tune(DATA, "cnn4x32", 1, out, space={**TINY, "epochs": 1}, base={"threads": 1}, log=lambda m: None)
@@ -96,6 +99,7 @@ def test_same_folder_other_settings_is_refused(tmp_path):
              log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_tune_report_command_rebuilds_the_report(tmp_path, capsys):
     out = tmp_path / "t"
     tune(DATA, "cnn4x32", 2, out, space={**TINY, "epochs": 1}, base={"threads": 1}, log=lambda m: None)

@@ -53,6 +53,7 @@ def run_numbers(log: str) -> list[int]:
     return [int(n) for n in re.findall(r"^trial +(\d+) +(?:val|pruned|diverged)", log, re.M)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_storage_write_lets_the_write_finish(tmp_path, monkeypatch, terminal_sigint, caplog):
     """A SIGINT landing inside a database write (here, the report of a trial's epoch) waits for the
     write to end; training stops at its next batch and the trial is marked failed for a resume."""
@@ -245,6 +246,7 @@ def test_an_untagged_trial_of_a_dead_worker_is_failed_and_a_live_ones_is_left():
     assert len(lines) == 1 and f"trial {orphan.number}" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_study_killed_as_a_trial_was_created_reruns_to_its_end(tmp_path):
     """End to end, the kill campaign's case: the killed worker's untagged grid trial is failed on
     the rerun, its grid point run again, and the study ends with both grid points done."""

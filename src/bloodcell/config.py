@@ -45,105 +45,22 @@ MICRO_BATCH = 16
 API_KEY_ENV = "BLOODCELL_API_KEY"  # serve: where the API key may come from instead of --api-key
 SHUTDOWN_TIMEOUT_S = 10.0  # serve: how long a SIGTERM waits for the requests in flight
 
-# What each TrainConfig field does: the --help text of its flag.
-FIELD_HELP = {
-    "image_size": "side of the square images the model sees, in pixels",
-    "resize": "how a frame becomes a square: squash the whole frame; crop its centre; pad it "
-              "(letterbox); cell: a square of 0.8 x the short side centred on the stained white cell; "
-              "cellfit: that square sized to the cell, so every cell fills the frame alike at any zoom",
-    "val_fraction": "share of the training images (by group) held out for validation when the data "
-                    "has no val split",
-    "fractions": "train,val,test shares for a data set with no split folders",
-    "group_regex": "regular expression on file names whose first group names an image's group (its "
-                   "source cell), for --group-by name",
-    "group_by": "what makes images one group, never split apart: similar = look-alike images (augmented "
-                "copies of one cell); name = --group-regex (the Kaggle _K_N K without one); file = each "
-                "file alone; auto = name with --group-regex, similar for the Kaggle layout, else file. "
-                "Byte-identical files always share a group",
-    "extra_train": "another data set (another lab's images, say) whose train split joins this one's: "
-                   "its images of this data's classes, matched by name in any case, at the same size "
-                   "and resize; its val and test are never used, and validation and test stay this data's",
-    "classes": "train on these classes only (names matched in any case, comma-separated; the others' "
-               "images are left out after the split); empty: every class of the data",
-    "labels_per_class": "use only this many labelled cells per class (0: all): drawn, seeded, from "
-                        "the train split's groups (a group is one cell with its copies), and as many "
-                        "from the val split, so a few-label fine-tuning (with --init-from) reads no "
-                        "other label; the test split is untouched. With --monitor last the val labels "
-                        "choose nothing",
-    "cache_dir": "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell",
-    "model": "registered model name (bloodcell models lists them), or timm/<name> for any timm model "
-             "(pip install 'bloodcell[timm]')",
-    "pretrained": "start from the model's ImageNet weights: torchvision's weights API for resnet18, "
-                  "efficientnet_b0, mobilenet_v3_small (the torch cache, $TORCH_HOME), timm's for "
-                  "timm/<name> (the Hugging Face cache, $HF_HOME); downloaded once, never with "
-                  "HF_HUB_OFFLINE=1; with --weights FILE, that file holds them. The images are "
-                  "normalised as the weights were trained, and the checkpoint keeps that normalisation",
-    "backbone_lr": "with --pretrained: the pretrained layers' learning rate, as a fraction of --lr (the "
-                   "new classifier gets --lr)",
-    "freeze_epochs": "with --pretrained: epochs at the start that train the new classifier only, the "
-                     "pretrained layers frozen (learning rate 0; their batch-norm statistics still "
-                     "adapt), then they warm up over --warmup-epochs",
-    "norm": "normalisation layers (the study's four and the torchvision baselines): batch norm; group "
-            "norm (each image's own statistics, the same at training and test time, whatever the lab); "
-            "none (the study's four only)",
-    "stain_norm": "stain normalisation, a first layer of the model (so evaluate, predict, serve and "
-                  "export apply it too): image = each image's colour channels shifted and scaled to "
-                  "mean 0 and spread 1, removing a lab's stain and lighting cast; gray = the same on "
-                  "the grey level, colour dropped; none = off",
-    "weights": "a local state_dict file to start the model from (never downloaded); with --pretrained, "
-               "the pretrained weights themselves, instead of the cache",
-    "init_from": "a bloodcell checkpoint to start from: every weight whose shape fits is taken (a "
-                 "classifier for other classes is not)",
-    "epochs": "passes over the training images",
-    "batch_size": "images per training step",
-    "optimizer": "optimiser",
-    "lr": "peak learning rate",
-    "weight_decay": "decoupled weight decay (not on biases or normalisation weights)",
-    "momentum": "SGD momentum (Nesterov)",
-    "schedule": "learning-rate schedule after the linear warm-up",
-    "warmup_epochs": "epochs of linear learning-rate warm-up",
-    "label_smoothing": "label smoothing of the cross-entropy",
-    "class_weights": "weight the loss by inverse class frequency",
-    "clip_grad": "clip the gradient norm to this (0: off)",
-    "augment": "augmentation preset: none; light = flips and 90-degree rotations; strong = light + "
-               "affine + colour and stain jitter",
-    "blur": "also blur each training image by a Gaussian whose standard deviation is drawn from 0 to "
-            "this many pixels of the model's input (0: off), as another microscope's focus and "
-            "resolution would",
-    "stain_jitter": "stain augmentation in the haematoxylin-eosin(-DAB) space of colour deconvolution: "
-                    "each stain's optical density scaled by 1 +- this and shifted by +- this, drawn per "
-                    "image (0: off; 0.05 light, 0.2 strong)",
-    "gray": "share of the training images turned grey, drawn per image (0: off)",
-    "mix": "blend pairs of training images and their labels: mixup = a weighted average of two images; "
-           "cutmix = a box of one pasted into the other; none = off",
-    "mix_alpha": "the mix's Beta(alpha, alpha) draw of how much of each image is kept",
-    "ema": "decay of an exponential moving average of the weights, evaluated instead of them (0: off)",
-    "patience": "stop after this many epochs without a better validation score (0: never)",
-    "monitor": "validation score that chooses the best epoch; last: the last epoch, chosen by nothing",
-    "tta": "final evaluation averages 8 flips/rotations of each image (never used to choose anything)",
-    "seed": "seed of the split, the initialisation, the order and the augmentation",
-    "precision": "auto = bf16 autocast where the hardware has native bf16 (but a depthwise model "
-                 "trains in fp32 on a CPU without AMX, where bf16 is no faster), else fp32",
-    "channels_last": "channels-last memory format (faster convolutions on CPU)",
-    "device": "auto = CUDA if available, else CPU",
-    "threads": "torch threads per process (0: the physical cores, shared among the run's processes on "
-               "this machine)",
-    "folds": "cross-validate: K grouped, stratified folds of the non-test images (train and val pooled), "
-             "each trained with one fold as validation, into RUN/folds/<k>/; the test split stays as "
-             "it is and chooses nothing; results give the mean and spread over folds (0: one "
-             "train/val split)",
-    "fold": "with --folds: train only this fold (0 to K-1) into --out, a plain run folder; None: "
-            "every fold",
-    "log": "also record the run in these experiment trackers (comma-separated, or --log again): tensorboard = "
-           "event files in RUN/tensorboard/ (pip install 'bloodcell[tensorboard]'); mlflow = an MLflow "
-           "run (pip install 'bloodcell[mlflow]'); history.csv is always written",
-    "mlflow_uri": "MLflow tracking URI for --log mlflow; None: $MLFLOW_TRACKING_URI, else MLflow's "
-                  "local store (./mlflow.db, artifacts in ./mlruns)",
-    "nproc": "train on this many processes on this machine (torch.distributed: gloo on the CPU, NCCL "
-             "on GPUs, one GPU each), as 'torchrun --standalone --nproc-per-node N' would; --batch-size "
-             "stays the images per optimiser step, shared among them. Under torchrun (several "
-             "machines) leave it at 1: torchrun starts the processes",
-}
+# The groups of TrainConfig's fields, in the order `--help` shows them.
+FIELD_GROUPS = ("data", "model", "optimisation", "augmentation", "evaluation", "runtime")
+
+
+def opt(default, group: str, help: str):
+    """A config field with its --help text and its group beside it (``field(metadata=...)``)."""
+    if group not in FIELD_GROUPS:
+        raise ValueError(f"unknown field group {group!r}")
+    return field(default=default, metadata={"group": group, "help": help})
+
+
+def field_help(name: str, cls=None) -> str:
+    """The --help text of a config field (TrainConfig's by default)."""
+    return next(f.metadata["help"] for f in fields(cls or TrainConfig) if f.name == name)
+
+
 
 # Experiment trackers --log takes (bloodcell.training.tracking).
 TRACKERS = ("tensorboard", "mlflow")
@@ -156,61 +73,136 @@ RECORD_KEYS = ("log", "mlflow_uri", "nproc")
 class TrainConfig:
     """Everything that decides what one training run does (data, model, optimisation, runtime)."""
 
-    # data: one source (a path or synthetic[:N]), or several as one data set (labs, say)
-    data: str | tuple[str, ...] = "synthetic"
-    image_size: int = 64
-    resize: str = "squash"
-    val_fraction: float = 0.15
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    group_regex: str | None = None
-    group_by: str = "auto"
-    cache_dir: str | None = None
-    extra_train: str | None = None
-    classes: tuple[str, ...] = ()
-    labels_per_class: int = 0
-    # model
-    model: str = "cnn4x32"
-    norm: str = "batch"
-    stain_norm: str = "none"
-    weights: str | None = None
-    init_from: str | None = None
-    pretrained: bool = False
-    backbone_lr: float = 0.1
-    freeze_epochs: float = 0.0
-    # optimisation
-    epochs: int = 12
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    class_weights: bool = False
-    clip_grad: float = 5.0
-    augment: str = "strong"
-    blur: float = 0.0
-    stain_jitter: float = 0.0
-    gray: float = 0.0
-    mix: str = "none"
-    mix_alpha: float = 1.0
-    ema: float = 0.0
-    patience: int = 0
-    monitor: str = "val_macro_f1"
-    tta: bool = False
-    # runtime
-    seed: int = 0
-    precision: str = "auto"
-    channels_last: bool = True
-    device: str = "auto"
-    threads: int = 0
-    # cross-validation (bloodcell.studies.kfold), experiment logs (bloodcell.training.tracking), processes
-    folds: int = 0
-    fold: int | None = None
-    log: tuple[str, ...] = ()
-    mlflow_uri: str | None = None
-    nproc: int = 1
+    data: str | tuple[str, ...] = opt("synthetic", "data", "")  # its help: cli/flags.py DATA_HELP
+    image_size: int = opt(64, "data", "side of the square images the model sees, in pixels")
+    resize: str = opt("squash", "data",
+        "how a frame becomes a square: squash the whole frame; crop its centre; pad it (letterbox); "
+        "cell: a square of 0.8 x the short side centred on the stained white cell; cellfit: that "
+        "square sized to the cell, so every cell fills the frame alike at any zoom")
+    val_fraction: float = opt(0.15, "data",
+        "share of the training images (by group) held out for validation when the data has no val "
+        "split")
+    fractions: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "data",
+        "train,val,test shares for a data set with no split folders")
+    group_regex: str | None = opt(None, "data",
+        "regular expression on file names whose first group names an image's group (its source cell), "
+        "for --group-by name")
+    group_by: str = opt("auto", "data",
+        "what makes images one group, never split apart: similar = look-alike images (augmented "
+        "copies of one cell); name = --group-regex (the Kaggle _K_N K without one); file = each file "
+        "alone; auto = name with --group-regex, similar for the Kaggle layout, else file. "
+        "Byte-identical files always share a group")
+    cache_dir: str | None = opt(None, "data",
+        "folder of the decoded-image cache; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell")
+    extra_train: str | None = opt(None, "data",
+        "another data set (another lab's images, say) whose train split joins this one's: its images "
+        "of this data's classes, matched by name in any case, at the same size and resize; its val "
+        "and test are never used, and validation and test stay this data's")
+    classes: tuple[str, ...] = opt((), "data",
+        "train on these classes only (names matched in any case, comma-separated; the others' images "
+        "are left out after the split); empty: every class of the data")
+    labels_per_class: int = opt(0, "data",
+        "use only this many labelled cells per class (0: all): drawn, seeded, from the train split's "
+        "groups (a group is one cell with its copies), and as many from the val split, so a few-label "
+        "fine-tuning (with --init-from) reads no other label; the test split is untouched. With "
+        "--monitor last the val labels choose nothing")
+    model: str = opt("cnn4x32", "model",
+        "registered model name (bloodcell models lists them), or timm/<name> for any timm model (pip "
+        "install 'bloodcell[timm]')")
+    norm: str = opt("batch", "model",
+        "normalisation layers (the study's four and the torchvision baselines): batch norm; group "
+        "norm (each image's own statistics, the same at training and test time, whatever the lab); "
+        "none (the study's four only)")
+    stain_norm: str = opt("none", "model",
+        "stain normalisation, a first layer of the model (so evaluate, predict, serve and export "
+        "apply it too): image = each image's colour channels shifted and scaled to mean 0 and spread "
+        "1, removing a lab's stain and lighting cast; gray = the same on the grey level, colour "
+        "dropped; none = off")
+    weights: str | None = opt(None, "model",
+        "a local state_dict file to start the model from (never downloaded); with --pretrained, the "
+        "pretrained weights themselves, instead of the cache")
+    init_from: str | None = opt(None, "model",
+        "a bloodcell checkpoint to start from: every weight whose shape fits is taken (a classifier "
+        "for other classes is not)")
+    pretrained: bool = opt(False, "model",
+        "start from the model's ImageNet weights: torchvision's weights API for resnet18, "
+        "efficientnet_b0, mobilenet_v3_small (the torch cache, $TORCH_HOME), timm's for timm/<name> "
+        "(the Hugging Face cache, $HF_HOME); downloaded once, never with HF_HUB_OFFLINE=1; with "
+        "--weights FILE, that file holds them. The images are normalised as the weights were trained, "
+        "and the checkpoint keeps that normalisation")
+    backbone_lr: float = opt(0.1, "model",
+        "with --pretrained: the pretrained layers' learning rate, as a fraction of --lr (the new "
+        "classifier gets --lr)")
+    freeze_epochs: float = opt(0.0, "model",
+        "with --pretrained: epochs at the start that train the new classifier only, the pretrained "
+        "layers frozen (learning rate 0; their batch-norm statistics still adapt), then they warm up "
+        "over --warmup-epochs")
+    epochs: int = opt(12, "optimisation", "passes over the training images")
+    batch_size: int = opt(64, "optimisation", "images per training step")
+    optimizer: str = opt("adamw", "optimisation", "optimiser")
+    lr: float = opt(2e-3, "optimisation", "peak learning rate")
+    weight_decay: float = opt(0.05, "optimisation",
+        "decoupled weight decay (not on biases or normalisation weights)")
+    momentum: float = opt(0.9, "optimisation", "SGD momentum (Nesterov)")
+    schedule: str = opt("cosine", "optimisation", "learning-rate schedule after the linear warm-up")
+    warmup_epochs: float = opt(1.0, "optimisation", "epochs of linear learning-rate warm-up")
+    label_smoothing: float = opt(0.1, "optimisation", "label smoothing of the cross-entropy")
+    class_weights: bool = opt(False, "optimisation", "weight the loss by inverse class frequency")
+    clip_grad: float = opt(5.0, "optimisation", "clip the gradient norm to this (0: off)")
+    augment: str = opt("strong", "augmentation",
+        "augmentation preset: none; light = flips and 90-degree rotations; strong = light + affine + "
+        "colour and stain jitter")
+    blur: float = opt(0.0, "augmentation",
+        "also blur each training image by a Gaussian whose standard deviation is drawn from 0 to this "
+        "many pixels of the model's input (0: off), as another microscope's focus and resolution "
+        "would")
+    stain_jitter: float = opt(0.0, "augmentation",
+        "stain augmentation in the haematoxylin-eosin(-DAB) space of colour deconvolution: each "
+        "stain's optical density scaled by 1 +- this and shifted by +- this, drawn per image (0: off; "
+        "0.05 light, 0.2 strong)")
+    gray: float = opt(0.0, "augmentation",
+        "share of the training images turned grey, drawn per image (0: off)")
+    mix: str = opt("none", "augmentation",
+        "blend pairs of training images and their labels: mixup = a weighted average of two images; "
+        "cutmix = a box of one pasted into the other; none = off")
+    mix_alpha: float = opt(1.0, "augmentation",
+        "the mix's Beta(alpha, alpha) draw of how much of each image is kept")
+    ema: float = opt(0.0, "optimisation",
+        "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
+    patience: int = opt(0, "evaluation",
+        "stop after this many epochs without a better validation score (0: never)")
+    monitor: str = opt("val_macro_f1", "evaluation",
+        "validation score that chooses the best epoch; last: the last epoch, chosen by nothing")
+    tta: bool = opt(False, "evaluation",
+        "final evaluation averages 8 flips/rotations of each image (never used to choose anything)")
+    seed: int = opt(0, "runtime", "seed of the split, the initialisation, the order and the augmentation")
+    precision: str = opt("auto", "runtime",
+        "auto = bf16 autocast where the hardware has native bf16 (but a depthwise model trains in "
+        "fp32 on a CPU without AMX, where bf16 is no faster), else fp32")
+    channels_last: bool = opt(True, "runtime", "channels-last memory format (faster convolutions on CPU)")
+    device: str = opt("auto", "runtime", "auto = CUDA if available, else CPU")
+    threads: int = opt(0, "runtime",
+        "torch threads per process (0: the physical cores, shared among the run's processes on this "
+        "machine)")
+    folds: int = opt(0, "evaluation",
+        "cross-validate: K grouped, stratified folds of the non-test images (train and val pooled), "
+        "each trained with one fold as validation, into RUN/folds/<k>/; the test split stays as it is "
+        "and chooses nothing; results give the mean and spread over folds (0: one train/val split)")
+    fold: int | None = opt(None, "evaluation",
+        "with --folds: train only this fold (0 to K-1) into --out, a plain run folder; None: every "
+        "fold")
+    log: tuple[str, ...] = opt((), "runtime",
+        "also record the run in these experiment trackers (comma-separated, or --log again): "
+        "tensorboard = event files in RUN/tensorboard/ (pip install 'bloodcell[tensorboard]'); mlflow "
+        "= an MLflow run (pip install 'bloodcell[mlflow]'); history.csv is always written")
+    mlflow_uri: str | None = opt(None, "runtime",
+        "MLflow tracking URI for --log mlflow; None: $MLFLOW_TRACKING_URI, else MLflow's local store "
+        "(./mlflow.db, artifacts in ./mlruns)")
+    nproc: int = opt(1, "runtime",
+        "train on this many processes on this machine (torch.distributed: gloo on the CPU, NCCL on "
+        "GPUs, one GPU each), as 'torchrun --standalone --nproc-per-node N' would; --batch-size stays "
+        "the images per optimiser step, shared among them. Under torchrun (several machines) leave it "
+        "at 1: torchrun starts the processes")
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):  # several sources: a tuple; one in a list is just one

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bloodcell.cli.flags import add_config_flags, given
+from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, given
 from bloodcell.config import DEFAULT_MODELS, TrainConfig
 
 PROTOCOL = """\
@@ -49,7 +49,7 @@ def cmd_compare(args) -> int:
 
 def add_parsers(sub) -> None:
     """Register `bloodcell compare`."""
-    p = sub.add_parser("compare", help="train several models under one protocol and write a report",
+    p = sub.add_parser("compare", usage=CONFIG_USAGE, help="train several models under one protocol and write a report",
                        description=cmd_compare.__doc__ + "\n\n" + PROTOCOL,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", help=f"comma-separated model names (default: {','.join(DEFAULT_MODELS)}; "

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bloodcell.cli.flags import add_config_flags, given
+from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, given
 from bloodcell.config import TrainConfig
 from bloodcell.errors import BloodcellError
 
@@ -51,7 +51,7 @@ def cmd_crosslab(args) -> int:
 
 def add_parsers(sub) -> None:
     """Register `bloodcell crosslab`."""
-    p = sub.add_parser("crosslab", help="leave one lab out: train on the other labs, test on the one left out",
+    p = sub.add_parser("crosslab", usage=CONFIG_USAGE, help="leave one lab out: train on the other labs, test on the one left out",
                        description=cmd_crosslab.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/crosslab", help="crosslab folder (default: runs/crosslab)")
     p.add_argument("--config", help="YAML of shared config keys")

@@ -10,7 +10,7 @@ import json
 import sys
 
 from bloodcell.cli.flags import DATA_HELP
-from bloodcell.config import CHOICES, FIELD_HELP
+from bloodcell.config import CHOICES, field_help
 
 
 def cmd_data_check(args) -> int:
@@ -39,7 +39,7 @@ def add_parsers(sub) -> None:
     q.add_argument("path", nargs="?", default="synthetic", help=DATA_HELP)
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    q.add_argument("--group-regex", help=FIELD_HELP["group_regex"])
-    q.add_argument("--group-by", default="auto", choices=CHOICES["group_by"], help=FIELD_HELP["group_by"]
+    q.add_argument("--group-regex", help=field_help("group_regex"))
+    q.add_argument("--group-by", default="auto", choices=CHOICES["group_by"], help=field_help("group_by")
                    + " (default: auto)")
     q.set_defaults(func=cmd_data_check)

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from bloodcell.config import (
     CHOICES,
-    FIELD_HELP,
+    FIELD_GROUPS,
     TRACKERS,
     TrainConfig,
     hints,
@@ -23,10 +23,15 @@ DATA_HELP = ("data: a folder of images (Kaggle blood-cells layout, Kaggle breast
              "(default); give --data again for several sources (labs) as one data set: classes matched "
              "by name, each source split on its own, validation pooled and reported per source")
 
+# The usage line of a command with the config's flags: the flags are listed by group below it.
+CONFIG_USAGE = "%(prog)s [-h] [--out DIR] [--config YAML] [options by group, below]"
+
 
 def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config field (--image-size for image_size), default None = 'not given'."""
+    """One flag per config field (--image-size for image_size), default None = 'not given'; shown in
+    `--help` under the field's group (data, model, optimisation, ...)."""
     types_ = hints(cls)
+    groups = {g: p.add_argument_group(f"{g} options") for g in FIELD_GROUPS}
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -34,19 +39,20 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         tp = types_[f.name]
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_ = (DATA_HELP if f.name == "data" else FIELD_HELP.get(f.name, "")) + f" (default: {shown})"
+        help_ = (DATA_HELP if f.name == "data" else f.metadata["help"]) + f" (default: {shown})"
+        g = groups[f.metadata["group"]]
         if f.name == "data":
-            p.add_argument(flag, action="append", default=None, metavar="DATA", help=help_)
+            g.add_argument(flag, action="append", default=None, metavar="DATA", help=help_)
         elif f.name == "log":  # --log tensorboard --log mlflow, or --log tensorboard,mlflow
-            p.add_argument(flag, action="append", default=None, metavar="{" + ",".join(TRACKERS) + "}",
+            g.add_argument(flag, action="append", default=None, metavar="{" + ",".join(TRACKERS) + "}",
                            help=help_)
         elif tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             metavar = "LIST" if typing.get_origin(tp) is tuple else f.name.upper()
             if f.name in CHOICES:
                 metavar = "{" + ",".join(CHOICES[f.name]) + "}"
-            p.add_argument(flag, default=None, metavar=metavar, help=help_.strip())
+            g.add_argument(flag, default=None, metavar=metavar, help=help_.strip())
 
 
 def given(args: argparse.Namespace, cls) -> dict:

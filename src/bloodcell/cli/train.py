@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bloodcell.cli.flags import add_config_flags, train_config
+from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, train_config
 from bloodcell.config import TrainConfig
 
 
@@ -44,7 +44,7 @@ def cmd_train(args) -> int:
 
 def add_parsers(sub) -> None:
     """Register `bloodcell train`."""
-    p = sub.add_parser("train", help="train one model into a run folder (or K folds: --folds)",
+    p = sub.add_parser("train", usage=CONFIG_USAGE, help="train one model into a run folder (or K folds: --folds)",
                        description=cmd_train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
     p.add_argument("--config", help="YAML file of config keys (flags override it)")

@@ -105,16 +105,9 @@ def launch_train(cfg: TrainConfig, out: Path, *, overwrite: bool, resume: bool, 
 
 def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: bool, log, progress: bool,
            dataset: Dataset | None, on_epoch, lock) -> dict:
-    """train's work; ``lock()`` locks the run folder (creating it), called before its first write."""
-    def prepare():
-        prepare_run_dir(out, overwrite, resume)
-        if not resume:
-            return None, None
-        given = load_yaml(out / "config.yaml")
-        done = json.loads((out / "metrics.json").read_text()) if (out / "DONE").exists() else None
-        return given, done
-
-    given, done = distributed.on_main(world, prepare)
+    """train's work, step by step; ``lock()`` locks the run folder (creating it) before its first write."""
+    # prepare: a resumed run reads its own config (and a finished one returns at once)
+    given, done = distributed.on_main(world, lambda: _prepare(out, overwrite, resume))
     if resume:
         cfg = make_config(TrainConfig, given)
         if done is not None:
@@ -136,56 +129,19 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
         preflight(cfg.model)  # offline and not in a cache: say so before reading any data
 
     # data (each machine's first process decodes into the cache, the others then read it)
-    def load() -> Dataset:
-        ds = dataset or config_dataset(cfg)
-        keep = distributed.kept_splits()
-        if keep is not None:  # launched for a caller that gave train a Dataset of these splits only
-            ds = dataclasses.replace(ds, splits={k: v for k, v in ds.splits.items() if k in keep})
-        if "train" not in ds.splits or "val" not in ds.splits:
-            raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
-        return ds
+    ds = distributed.node_first(world, lambda: _load(cfg, dataset))
+    _log_data(ds, cfg, world, device, threads, log)
 
-    ds = distributed.node_first(world, load)
-    on = f"; {world.size} processes" if world.active else ""
-    log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
-        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {threads} threads"
-        + on)
-    if ds.extra_train:
-        log(f"data: train also holds {sum(ds.extra_train['images'].values()):,} images of "
-            f"{ds.extra_train['root']}'s train split ("
-            + ", ".join(f"{c} {n:,}" for c, n in ds.extra_train["images"].items()) + ")")
-    for k, (name, src) in enumerate(zip(source_names(ds), ds.sources, strict=True)):  # what each brought
-        log(f"data: source {name} ({src['layout']}): " + ", ".join(
-            f"{n} {int((s.sources == k).sum()):,}" for n, s in ds.splits.items() if (s.sources == k).any()))
-    for name, counts in ds.labelled.items():
-        log(f"data: {name} keeps {cfg.labels_per_class} labelled cells per class (--labels-per-class): "
-            + ", ".join(f"{c} {n}" for c, n in counts.items()))
-    for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
-        log(line)
-
-    # model, optimiser, schedule (the model first: a refused --init-from or a missing download
-    # writes nothing)
-    recipe = pretrained_recipe(cfg)
-    model, kw = distributed.node_first(world, lambda: build_model(cfg, ds.classes), ordered=False)
-    precision = resolve_precision(cfg.precision, device, model)
-    why = (" (auto: bf16 autocast trains depthwise convolutions no faster than fp32 on this CPU)"
-           if precision != hardware_precision else "")
-    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision}{why}")
+    # model (before any write: a refused --init-from or a missing download writes nothing)
+    model, kw, precision, recipe = _model(world, cfg, ds, device, hardware_precision, log)
     mean, std = (recipe["mean"], recipe["std"]) if recipe else (MEAN, STD)
     resolved = {**cfg.to_dict(), "resolved": {"device": str(device), "precision": precision,
                                               "threads": threads, "processes": world.size,
                                               "layout": ds.layout, "sources": source_names(ds) or [ds.root],
                                               "classes": ds.classes, "mean": list(mean), "std": list(std),
                                               **({"pretrained": recipe} if recipe else {})}}
-    if recipe:
-        log(f"pretrained: {recipe['source']} ({recipe['file']}), normalised with mean "
-            f"{', '.join(f'{v:.3f}' for v in mean)} / std {', '.join(f'{v:.3f}' for v in std)}; "
-            f"lr {recipe['head_lr']:g} for the new classifier, {recipe['backbone_lr']:g} for the backbone"
-            + (f", frozen for {cfg.freeze_epochs:g} epochs" if cfg.freeze_epochs else ""))
-        if recipe["input_size"] != cfg.image_size:
-            log(f"pretrained: the weights were trained at {recipe['input_size']} px; this run uses "
-                f"{cfg.image_size} px (--image-size {recipe['input_size']} matches them)")
 
+    # the run folder's first files
     def write_start() -> None:
         lock()
         prepare_run_dir(out, overwrite, resume)  # again, now that no other process can change it
@@ -196,17 +152,37 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
         write_yaml(out / "resolved.yaml", resolved)
 
     distributed.on_main(world, write_start)
+
+    # fit, then score the best checkpoint on every split
+    metrics = _fit(world, cfg, ds, out, model, kw, recipe, mean, std, resolved, device, precision, resume, log,
+                   progress, on_epoch, finish=lambda state, step: _final_metrics(
+                       world, cfg, ds, model, step, out, state, device, precision, threads, t_start, mean,
+                       std, recipe))
+    _log_metrics(metrics, log)
+    return metrics
+
+
+def _model(world: World, cfg: TrainConfig, ds: Dataset, device, hardware_precision: str, log):
+    """The model (its rebuild arguments), the precision it trains in, and its pretrained recipe."""
+    recipe = pretrained_recipe(cfg)
+    model, kw = distributed.node_first(world, lambda: build_model(cfg, ds.classes), ordered=False)
+    precision = resolve_precision(cfg.precision, device, model)
+    why = (" (auto: bf16 autocast trains depthwise convolutions no faster than fp32 on this CPU)"
+           if precision != hardware_precision else "")
+    log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision}{why}")
+    if recipe:
+        _log_recipe(recipe, cfg, recipe["mean"], recipe["std"], log)
+    return model, kw, precision, recipe
+
+
+def _fit(world: World, cfg: TrainConfig, ds: Dataset, out: Path, model, kw: dict, recipe: dict | None, mean, std,
+         resolved: dict, device, precision: str, resume: bool, log, progress: bool, on_epoch, finish) -> dict:
+    """Loaders, optimiser, schedule, the state resumed from last.pt, fit (checkpoints, trackers),
+    then ``finish(state, step)``: the final metrics."""
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    # The loaders hand uint8 batches to the device, so a GPU also does the augmentation.
-    train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
-                               seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
-                               blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes),
-                               stain_jitter=cfg.stain_jitter, gray=cfg.gray, rank=world.rank, world=world.size,
-                               mean=mean, std=std)
-    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device, rank=world.rank,
-                             world=world.size, mean=mean, std=std)
+    train_loader, val_loader = _loaders(cfg, ds, device, world, mean, std)
     # A pretrained backbone learns at backbone_lr x lr (frozen for freeze_epochs); the new head at lr.
     head = new_parameters(model) if recipe else None
     optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, head=head,
@@ -214,27 +190,11 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     steps = len(train_loader)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps, int(cfg.warmup_epochs * steps),
                                freeze_steps=int(cfg.freeze_epochs * steps) if recipe else 0)
-    weights = None
-    if cfg.class_weights:
-        counts = np.bincount(ds.splits["train"].labels, minlength=len(ds.classes)).astype(float)
-        weights = torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32,
-                               device=device)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
-    step = Step(optimizer, scheduler, device, precision, cfg.label_smoothing, weights, cfg.clip_grad,
-                cfg.channels_last, ema, world if world.active else None)
+    step = Step(optimizer, scheduler, device, precision, cfg.label_smoothing, _class_weights(cfg, ds, device),
+                cfg.clip_grad, cfg.channels_last, ema, world if world.active else None)
     state = FitState()
-
-    def read_last() -> dict | None:  # rank 0's file, on every rank
-        if not (resume and (out / "last.pt").is_file()):
-            return None
-        ck = read_checkpoint(out / "last.pt")
-        saved = model_kwargs_of(ck)
-        if saved != kw:
-            raise BloodcellError(f"--resume: {out / 'last.pt'} was written for another model layout "
-                                 f"({saved}); start the run afresh with --overwrite")
-        return ck
-
-    ck = distributed.on_main(world, read_last)
+    ck = distributed.on_main(world, lambda: _read_last(out, kw) if resume else None)
     if ck is not None:
         model.load_state_dict(ck["state_dict"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -281,8 +241,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
                     val_metrics=lambda y, p: compute_metrics(y, p, ds.classes, n_boot=0),
                     save_last=lambda s: save("last.pt", s), save_best=lambda s: save("best.pt", s),
                     log=log, progress=progress, on_epoch=epoch_done)
-        metrics = _final_metrics(world, cfg, ds, model, step, out, state, device, precision, threads, t_start,
-                                 mean, std, recipe)
+        metrics = finish(state, step)
         tracker.final(flat_metrics(metrics))
         tracker.artifact(out / "metrics.json", out / "history.csv", out / "resolved.yaml")
         ok = True
@@ -293,6 +252,96 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
             f"training stopped: {e} in epoch {state.epoch + 1}; {kept}; try a lower --lr or --precision fp32") from e
     finally:
         tracker.close(ok)
+    return metrics
+
+
+def _prepare(out: Path, overwrite: bool, resume: bool) -> tuple[dict | None, dict | None]:
+    """Check the run folder; for --resume, the run's own config and, if it finished, its metrics."""
+    prepare_run_dir(out, overwrite, resume)
+    if not resume:
+        return None, None
+    given = load_yaml(out / "config.yaml")
+    done = json.loads((out / "metrics.json").read_text()) if (out / "DONE").exists() else None
+    return given, done
+
+
+def _load(cfg: TrainConfig, dataset: Dataset | None) -> Dataset:
+    """The run's data set: the one given, or the config's; it must have a train and a val split."""
+    ds = dataset or config_dataset(cfg)
+    keep = distributed.kept_splits()
+    if keep is not None:  # launched for a caller that gave train a Dataset of these splits only
+        ds = dataclasses.replace(ds, splits={k: v for k, v in ds.splits.items() if k in keep})
+    if "train" not in ds.splits or "val" not in ds.splits:
+        raise BloodcellError("the data needs a train and a val split (too few images or groups?)")
+    return ds
+
+
+def _log_data(ds: Dataset, cfg: TrainConfig, world: World, device, threads: int, log) -> None:
+    """What the run reads: splits, classes, each source's share, the labelled cells, skipped files."""
+    on = f"; {world.size} processes" if world.active else ""
+    log(f"data: {ds.root} ({ds.layout}), " + ", ".join(f"{k} {len(s):,}" for k, s in ds.splits.items())
+        + f"; {len(ds.classes)} classes; {cfg.image_size} px; device {device}, {threads} threads"
+        + on)
+    if ds.extra_train:
+        log(f"data: train also holds {sum(ds.extra_train['images'].values()):,} images of "
+            f"{ds.extra_train['root']}'s train split ("
+            + ", ".join(f"{c} {n:,}" for c, n in ds.extra_train["images"].items()) + ")")
+    for k, (name, src) in enumerate(zip(source_names(ds), ds.sources, strict=True)):  # what each brought
+        log(f"data: source {name} ({src['layout']}): " + ", ".join(
+            f"{n} {int((s.sources == k).sum()):,}" for n, s in ds.splits.items() if (s.sources == k).any()))
+    for name, counts in ds.labelled.items():
+        log(f"data: {name} keeps {cfg.labels_per_class} labelled cells per class (--labels-per-class): "
+            + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    for line in problem_lines(ds, cfg.data):  # files skipped (unreadable, say): the run learns without them
+        log(line)
+
+
+def _log_recipe(recipe: dict, cfg: TrainConfig, mean, std, log) -> None:
+    """What a --pretrained run starts from and how it fine-tunes."""
+    log(f"pretrained: {recipe['source']} ({recipe['file']}), normalised with mean "
+        f"{', '.join(f'{v:.3f}' for v in mean)} / std {', '.join(f'{v:.3f}' for v in std)}; "
+        f"lr {recipe['head_lr']:g} for the new classifier, {recipe['backbone_lr']:g} for the backbone"
+        + (f", frozen for {cfg.freeze_epochs:g} epochs" if cfg.freeze_epochs else ""))
+    if recipe["input_size"] != cfg.image_size:
+        log(f"pretrained: the weights were trained at {recipe['input_size']} px; this run uses "
+            f"{cfg.image_size} px (--image-size {recipe['input_size']} matches them)")
+
+
+def _loaders(cfg: TrainConfig, ds: Dataset, device, world: World, mean, std) -> tuple[BatchLoader, BatchLoader]:
+    """The training loader (shuffled, augmented) and the validation loader; they hand uint8 batches to
+    the device, so a GPU also does the augmentation."""
+    train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
+                               seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
+                               blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes),
+                               stain_jitter=cfg.stain_jitter, gray=cfg.gray, rank=world.rank, world=world.size,
+                               mean=mean, std=std)
+    val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device, rank=world.rank,
+                             world=world.size, mean=mean, std=std)
+    return train_loader, val_loader
+
+
+def _class_weights(cfg: TrainConfig, ds: Dataset, device) -> torch.Tensor | None:
+    """--class-weights: the loss weighted by inverse class frequency in train; else None."""
+    if not cfg.class_weights:
+        return None
+    counts = np.bincount(ds.splits["train"].labels, minlength=len(ds.classes)).astype(float)
+    return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+
+
+def _read_last(out: Path, kw: dict) -> dict | None:
+    """--resume: last.pt (rank 0's file, on every rank), refused if written for another model layout."""
+    if not (out / "last.pt").is_file():
+        return None
+    ck = read_checkpoint(out / "last.pt")
+    saved = model_kwargs_of(ck)
+    if saved != kw:
+        raise BloodcellError(f"--resume: {out / 'last.pt'} was written for another model layout "
+                             f"({saved}); start the run afresh with --overwrite")
+    return ck
+
+
+def _log_metrics(metrics: dict, log) -> None:
+    """The final figures of test, test_simple and val (and each source's)."""
     for name in ("test", "test_simple", "val"):
         if name in metrics:
             m = metrics[name]
@@ -301,7 +350,6 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
             for root, ms in m.get("per_source", {}).items():
                 log(f"  {name} of {root}: accuracy {ms['accuracy']:.4f}  macro-F1 {ms['macro_f1']:.4f}  "
                     f"(n={ms['n']})")
-    return metrics
 
 
 def _final_metrics(world: World, cfg: TrainConfig, ds: Dataset, model, step: Step, out: Path, state: FitState,
