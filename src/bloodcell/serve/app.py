@@ -122,73 +122,118 @@ def model_card(predictor) -> dict:
             "cam": bool(getattr(predictor, "has_cam", True)), "metrics": metrics}
 
 
-def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX_BATCH,
-               backend: str = "auto", max_pixels: int = SERVE_MAX_PIXELS, decoders: int = 0,
-               threads: int = 0, api_key: str | None = None, cors_origins: tuple[str, ...] = ()):
-    """The FastAPI app for a .onnx file, run folder, checkpoint or already loaded predictor.
+# What a client may get besides 200, in the schema the fuzzers read ({"detail": "..."} bodies)
+ERRORS_DOC = {400: {"description": "cam=true from a server of an .onnx file, or a malformed body"},
+              413: {"description": "body over --max-upload-mb, or image over --max-megapixels"},
+              415: {"description": "not multipart/form-data, or not an image"},
+              422: {"description": "no file field, an empty or corrupt image, or a bad parameter"}}
+KEY_DOC = {401: {"description": "missing or wrong X-API-Key"}}
 
-    ``decoders`` threads decode uploads (0: none, the inference thread decodes each micro-batch),
-    ``threads`` run the model (0: the physical cores); ``api_key``: required in the X-API-Key
-    header; ``cors_origins``: allowed cross-origin callers (none by default).
+
+def key_guard(api_key: str | None) -> list:
+    """The dependencies that require ``api_key`` in the X-API-Key header (none without a key)."""
+    if not api_key:
+        return []
+    expected = api_key.encode()
+    header = APIKeyHeader(name=KEY_HEADER, auto_error=False,
+                          description="the key the server was started with (--api-key)")
+
+    def check_key(key: Annotated[str | None, Security(header)]) -> None:
+        # compare_digest: the time taken does not tell how much of a guess was right
+        if key is None or not hmac.compare_digest(key.encode(), expected):
+            raise HTTPException(401, f"missing or wrong API key: send it in the {KEY_HEADER} header",
+                                headers={"WWW-Authenticate": KEY_HEADER})
+
+    return [Depends(check_key)]
+
+
+def multipart(request: Request) -> None:
+    """A dependency: the body must be multipart/form-data (415 otherwise)."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise HTTPException(415, f"send the image as multipart/form-data (field 'file'), "
+                                 f"not {ctype[:80] or 'a body without a content type'}")
+
+
+def status_of(e: ImageError) -> int:
+    """The HTTP status of an image that cannot be used."""
+    return {"unsupported": 415, "too_large": 413}.get(e.kind, 422)
+
+
+class Service:
+    """What the routes share: the predictor, the micro-batcher that feeds it, the decoders, the limits.
+
+    ``decoders`` > 0: a pool of that many threads decodes; 0: the inference thread decodes each
+    batch before its forward pass (one decode at a time per worker process).
     """
-    predictor = load_predictor(model, backend, threads)
-    max_bytes = int(max_upload_mb * 1e6)
-    card = model_card(predictor)
-    n_classes = len(predictor.classes)
-    size, resize = predictor.image_size, predictor.resize
-    has_cam = bool(getattr(predictor, "has_cam", True))
-    batcher = MicroBatcher(predictor.probs, max_batch=min(max_batch, MICRO_BATCH),
-                           prepare=lambda data: decode_image(data, size, resize, max_pixels))
-    # decoders > 0: a pool of that many threads decodes; 0: the inference thread decodes each batch
-    # before its forward pass (one decode at a time per worker process)
-    decode_pool = (ThreadPoolExecutor(decoders, thread_name_prefix="bloodcell-decode") if decoders > 0
-                   else batcher.executor)
-    # the API's version, not bloodcell's: what a server runs is nobody else's business
-    app = FastAPI(title="bloodcell", version="1",
-                  description=f"Blood-cell classification with {predictor.model_name} "
-                              f"({', '.join(predictor.classes)}).")
-    app.state.predictor, app.state.batcher = predictor, batcher
 
-    guarded: list = []
-    if api_key:
-        expected = api_key.encode()
-        header = APIKeyHeader(name=KEY_HEADER, auto_error=False,
-                              description="the key the server was started with (--api-key)")
+    def __init__(self, predictor, max_bytes: int, max_batch: int, max_pixels: int, decoders: int):
+        self.predictor, self.max_bytes, self.max_batch, self.decoders = predictor, max_bytes, max_batch, decoders
+        self.size, self.resize, self.max_pixels = predictor.image_size, predictor.resize, max_pixels
+        self.has_cam = bool(getattr(predictor, "has_cam", True))
+        self.batcher = MicroBatcher(predictor.probs, max_batch=min(max_batch, MICRO_BATCH),
+                                    prepare=lambda data: decode_image(data, self.size, self.resize, max_pixels))
+        self.decode_pool = (ThreadPoolExecutor(decoders, thread_name_prefix="bloodcell-decode") if decoders > 0
+                            else self.batcher.executor)
 
-        def check_key(key: Annotated[str | None, Security(header)]) -> None:
-            # compare_digest: the time taken does not tell how much of a guess was right
-            if key is None or not hmac.compare_digest(key.encode(), expected):
-                raise HTTPException(401, f"missing or wrong API key: send it in the {KEY_HEADER} header",
-                                    headers={"WWW-Authenticate": KEY_HEADER})
-
-        guarded = [Depends(check_key)]
-
-    # What a client may get besides 200, in the schema the fuzzers read ({"detail": "..."} bodies)
-    errors_doc = {400: {"description": "cam=true from a server of an .onnx file, or a malformed body"},
-                  413: {"description": "body over --max-upload-mb, or image over --max-megapixels"},
-                  415: {"description": "not multipart/form-data, or not an image"},
-                  422: {"description": "no file field, an empty or corrupt image, or a bad parameter"}}
-    if api_key:
-        errors_doc[401] = {"description": "missing or wrong X-API-Key"}
-
-    def multipart(request: Request) -> None:
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise HTTPException(415, f"send the image as multipart/form-data (field 'file'), "
-                                     f"not {ctype[:80] or 'a body without a content type'}")
-
-    def read(upload: UploadFile) -> bytes:
-        data = upload.file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise HTTPException(413, too_large(len(data), max_bytes))
+    def read(self, upload: UploadFile) -> bytes:
+        """An upload's bytes, 413 above the limit."""
+        data = upload.file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise HTTPException(413, too_large(len(data), self.max_bytes))
         return data
 
-    def status_of(e: ImageError) -> int:
-        return {"unsupported": 415, "too_large": 413}.get(e.kind, 422)
-
-    async def decode(data: bytes) -> np.ndarray:
+    async def decode(self, data: bytes) -> np.ndarray:
+        """Decode off the event loop, as training decodes."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(decode_pool, decode_image, data, size, resize, max_pixels)
+        return await loop.run_in_executor(self.decode_pool, decode_image, data, self.size, self.resize,
+                                          self.max_pixels)
+
+    async def predict_one(self, data: bytes, filename: str | None, top_k: int, tta: bool, cam: bool,
+                          t0: float) -> dict:
+        """/predict's answer (the route's and the fast path's); raises HTTPException."""
+        if cam and not self.has_cam:
+            raise HTTPException(400, "Grad-CAM needs the PyTorch checkpoint: this server runs an .onnx "
+                                     "file (serve the run folder for cam=true)")
+        try:
+            arr = await self.decode(data) if self.decoders > 0 or cam else None
+            probs = await self.batcher.submit(data if arr is None else arr, tta)
+        except ImageError as e:
+            raise HTTPException(status_of(e), f"{filename or 'upload'}: {e}") from None
+        row = result_rows(probs[None], self.predictor.classes, top_k)[0]
+        if cam:
+            target = self.predictor.classes.index(row["class"])
+            row["cam_png"] = data_url(await run_in_threadpool(self.predictor.cam_png, arr, target, data))
+        return {"filename": filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
+
+    async def predict_many(self, files: list[UploadFile], top_k: int, tta: bool) -> dict:
+        """/predict/batch's answer: one forward pass for the good files, an error entry for each bad one."""
+        t0 = time.perf_counter()
+        if len(files) > self.max_batch:
+            raise HTTPException(413, f"too many files: {len(files)}, the limit is {self.max_batch}")
+        results: list[dict] = [{"filename": f.filename, "error": None} for f in files]
+        decoded = await asyncio.gather(*(self.decode(self.read(f)) for f in files), return_exceptions=True)
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        for i, d in enumerate(decoded):
+            if isinstance(d, ImageError):
+                results[i].update(error=str(d), status=status_of(d))
+            elif not isinstance(d, np.ndarray):
+                raise d
+        if good:
+            probs = await self.batcher.run(np.stack([decoded[i] for i in good]), tta)
+            for i, row in zip(good, result_rows(probs, self.predictor.classes, top_k), strict=True):
+                results[i].update(row)
+        return {"results": results, "failed": len(results) - len(good),
+                "latency_ms": (time.perf_counter() - t0) * 1e3}
+
+    def limit_for(self, path: str) -> int:
+        """The most bytes a request's body may hold (UploadLimit's bound)."""
+        per_request = self.max_bytes * (self.max_batch if path.endswith("/batch") else 1)
+        return per_request + _MULTIPART_SLACK
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """422 for a request the schema refuses (naming the missing field), 500 with no detail for a fault."""
 
     @app.exception_handler(RequestValidationError)
     async def missing_field(request: Request, exc: RequestValidationError):
@@ -207,6 +252,12 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
         log.exception("error serving %s %s", request.method, request.url.path)  # the log has it all
         return JSONResponse(status_code=500, content={"detail": "internal server error"})
 
+
+def add_info_routes(app: FastAPI, predictor, guarded: list, key_doc: dict | None) -> None:
+    """The page, /health, /model and /examples."""
+    card = model_card(predictor)
+    shown: dict = {}
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return resources.files("bloodcell.serve").joinpath("static/index.html").read_text()
@@ -216,20 +267,23 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
         """Liveness: the model is loaded (open without the API key, for load balancers)."""
         return {"status": "ok", "model": predictor.model_name, "backend": predictor.backend}
 
-    @app.get("/model", dependencies=guarded, responses={401: errors_doc[401]} if api_key else None)
+    @app.get("/model", dependencies=guarded, responses=key_doc)
     async def model_info() -> dict:
         """Classes, architecture, input size and normalisation, and the run's saved test metrics."""
         return card
 
-    shown: dict = {}
-
-    @app.get("/examples", dependencies=guarded, responses={401: errors_doc[401]} if api_key else None)
+    @app.get("/examples", dependencies=guarded, responses=key_doc)
     def examples() -> dict:
         """Per class two right test calls (the surest, the least sure) and the two most confident
         wrong ones, each with its Grad-CAM overlay (none for an ONNX file)."""
         if not shown:  # computed on first request, then kept: the saved predictions do not change
             shown.update(examples_card(predictor))
         return shown
+
+
+def add_predict_routes(app: FastAPI, service: Service, guarded: list, errors_doc: dict) -> None:
+    """POST /predict and POST /predict/batch."""
+    n_classes = len(service.predictor.classes)
 
     @app.post("/predict", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
     async def predict(file: Annotated[UploadFile, File(description="one image file (JPEG, PNG, BMP, TIFF)")],
@@ -239,57 +293,41 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
                                                              "needs a checkpoint, not an .onnx file")] = False,
                       ) -> dict:
         """Class probabilities of one image, with the server's latency in milliseconds."""
-        return await predict_one(read(file), file.filename, top_k, tta, cam, time.perf_counter())
-
-    async def predict_one(data: bytes, filename: str | None, top_k: int, tta: bool, cam: bool,
-                          t0: float) -> dict:
-        """/predict's answer (the route's and the fast path's); raises HTTPException."""
-        if cam and not has_cam:
-            raise HTTPException(400, "Grad-CAM needs the PyTorch checkpoint: this server runs an .onnx "
-                                     "file (serve the run folder for cam=true)")
-        try:
-            arr = await decode(data) if decoders > 0 or cam else None
-            probs = await batcher.submit(data if arr is None else arr, tta)
-        except ImageError as e:
-            raise HTTPException(status_of(e), f"{filename or 'upload'}: {e}") from None
-        row = result_rows(probs[None], predictor.classes, top_k)[0]
-        if cam:
-            target = predictor.classes.index(row["class"])
-            row["cam_png"] = data_url(await run_in_threadpool(predictor.cam_png, arr, target, data))
-        return {"filename": filename, **row, "latency_ms": (time.perf_counter() - t0) * 1e3}
+        return await service.predict_one(service.read(file), file.filename, top_k, tta, cam, time.perf_counter())
 
     @app.post("/predict/batch", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
     async def predict_batch(files: Annotated[list[UploadFile], File(description="image files")],
                             top_k: Annotated[int, Query(ge=1, le=1000)] = 1, tta: bool = False) -> dict:
         """Class probabilities of several images in one forward pass; bad files get an error entry."""
-        t0 = time.perf_counter()
-        if len(files) > max_batch:
-            raise HTTPException(413, f"too many files: {len(files)}, the limit is {max_batch}")
-        results: list[dict] = [{"filename": f.filename, "error": None} for f in files]
-        decoded = await asyncio.gather(*(decode(read(f)) for f in files), return_exceptions=True)
-        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        for i, d in enumerate(decoded):
-            if isinstance(d, ImageError):
-                results[i].update(error=str(d), status=status_of(d))
-            elif not isinstance(d, np.ndarray):
-                raise d
-        if good:
-            probs = await batcher.run(np.stack([decoded[i] for i in good]), tta)
-            for i, row in zip(good, result_rows(probs, predictor.classes, top_k), strict=True):
-                results[i].update(row)
-        return {"results": results, "failed": len(results) - len(good),
-                "latency_ms": (time.perf_counter() - t0) * 1e3}
+        return await service.predict_many(files, top_k, tta)
 
-    def limit_for(path: str) -> int:
-        per_request = max_bytes * (max_batch if path.endswith("/batch") else 1)
-        return per_request + _MULTIPART_SLACK
 
+def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX_BATCH,
+               backend: str = "auto", max_pixels: int = SERVE_MAX_PIXELS, decoders: int = 0,
+               threads: int = 0, api_key: str | None = None, cors_origins: tuple[str, ...] = ()):
+    """The FastAPI app for a .onnx file, run folder, checkpoint or already loaded predictor.
+
+    ``decoders`` threads decode uploads (0: none, the inference thread decodes each micro-batch),
+    ``threads`` run the model (0: the physical cores); ``api_key``: required in the X-API-Key
+    header; ``cors_origins``: allowed cross-origin callers (none by default).
+    """
+    predictor = load_predictor(model, backend, threads)
+    service = Service(predictor, int(max_upload_mb * 1e6), max_batch, max_pixels, decoders)
+    # the API's version, not bloodcell's: what a server runs is nobody else's business
+    app = FastAPI(title="bloodcell", version="1",
+                  description=f"Blood-cell classification with {predictor.model_name} "
+                              f"({', '.join(predictor.classes)}).")
+    app.state.predictor, app.state.batcher = predictor, service.batcher
+    guarded = key_guard(api_key)
+    add_error_handlers(app)
+    add_info_routes(app, predictor, guarded, KEY_DOC if api_key else None)
+    add_predict_routes(app, service, guarded, {**ERRORS_DOC, **(KEY_DOC if api_key else {})})
     # Starlette runs the middleware added last first: UploadLimit sees the body before FastPredict.
-    app.add_middleware(FastPredict, handler=predict_one, api_key=api_key, max_bytes=max_bytes,
-                       default_top_k=n_classes)
-    app.add_middleware(UploadLimit, limit_for=limit_for)
+    app.add_middleware(FastPredict, handler=service.predict_one, api_key=api_key, max_bytes=service.max_bytes,
+                       default_top_k=len(predictor.classes))
+    app.add_middleware(UploadLimit, limit_for=service.limit_for)
     if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+        from fastapi.middleware.cors import CORSMiddleware  # lazy: only where asked
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=[KEY_HEADER])
