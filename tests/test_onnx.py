@@ -1,4 +1,4 @@
-"""predict_onnx: an exported file predicts what the checkpoint predicts, TTA too, without torch."""
+"""inference.onnx: an exported file predicts what the checkpoint predicts, TTA too, without torch."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from bloodcell.cpu import physical_cores
 from bloodcell.errors import BloodcellError
 
-TTA_VIEWS = 8  # as transforms.TTA_VIEWS: the flips and transpositions of the square
+TTA_VIEWS = 8  # as data.transforms.TTA_VIEWS: the flips and transpositions of the square
 REQUIRED = ("classes", "image_size", "mean", "std")
 
 

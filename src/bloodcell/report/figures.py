@@ -6,7 +6,7 @@ Shared: ``style()`` (draw every figure inside it), ``figure``, ``png``, the pale
 axis, thumbnails and the font. Compare report: learning curves, the validation overlay, confusion
 matrices (the crosslab report's too), recall per class, accuracy against cost, and the gallery of
 confident errors (Pillow). The tuning and crosslab reports draw their own figures, in
-``report/tune.py`` and ``report/crosslab.py``, with these helpers.
+``report/tune.py`` and ``report/lab_out.py``, with these helpers.
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ overlay PNG as a data URL), ``POST /predict/batch`` (field ``files``, repeated),
 ``GET /model``, ``GET /examples`` (a few right and wrong test cells per class from the run
 folder's predictions_test.csv, each with its Grad-CAM overlay) and the OpenAPI docs at ``/docs``.
 
-An exported ``.onnx`` file is served by ``predict_onnx.OnnxPredictor``: no torch in the process, and
+An exported ``.onnx`` file is served by ``inference.onnx.OnnxPredictor``: no torch in the process, and
 no Grad-CAM (``?cam=true`` gets 400, /examples is empty); a run folder or checkpoint by
 ``predict.Predictor``, with Grad-CAM. Concurrent /predict requests go through the model together
-(``batching.MicroBatcher``), decoded off the event loop: by the inference thread, batch by batch
+(``serve.batching.MicroBatcher``), decoded off the event loop: by the inference thread, batch by batch
 (``decoders=0``), or by a pool of ``decoders`` threads (Pillow releases the GIL); either way that
 bounds how many uploads decode at once.
 
