@@ -171,7 +171,7 @@ def _model(world: World, cfg: TrainConfig, ds: Dataset, device, hardware_precisi
            if precision != hardware_precision else "")
     log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision}{why}")
     if recipe:
-        _log_recipe(recipe, cfg, recipe["mean"], recipe["std"], log)
+        _log_recipe(recipe, cfg, log)
     return model, kw, precision, recipe
 
 
@@ -296,8 +296,9 @@ def _log_data(ds: Dataset, cfg: TrainConfig, world: World, device, threads: int,
         log(line)
 
 
-def _log_recipe(recipe: dict, cfg: TrainConfig, mean, std, log) -> None:
-    """What a --pretrained run starts from and how it fine-tunes."""
+def _log_recipe(recipe: dict, cfg: TrainConfig, log) -> None:
+    """What a --pretrained run starts from and how it fine-tunes (the weights' own normalisation)."""
+    mean, std = recipe["mean"], recipe["std"]
     log(f"pretrained: {recipe['source']} ({recipe['file']}), normalised with mean "
         f"{', '.join(f'{v:.3f}' for v in mean)} / std {', '.join(f'{v:.3f}' for v in std)}; "
         f"lr {recipe['head_lr']:g} for the new classifier, {recipe['backbone_lr']:g} for the backbone"
