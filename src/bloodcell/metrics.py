@@ -310,3 +310,114 @@ def per_source_metrics(classes: list[str], groups: np.ndarray, labels: np.ndarra
         if len(rows):
             out[name] = split_metrics(classes, groups[rows], labels[rows], probs[rows])
     return out
+
+
+# -- detection ------------------------------------------------------------------------------------
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N x 4, x0,y0,x1,y1) with every box in ``b`` (M x 4): N x M."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match_detections(pred_boxes: np.ndarray, scores: np.ndarray, true_boxes: np.ndarray,
+                     iou: float = 0.5) -> np.ndarray:
+    """Greedy matching as Pascal VOC does: detections in falling score order each take the unmatched
+    true box they overlap most (IoU >= ``iou``); returns one bool per detection (true positive)."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    tp = np.zeros(len(order), bool)
+    if len(true_boxes) == 0 or len(order) == 0:
+        return tp
+    ious = box_iou(pred_boxes, true_boxes)
+    taken = np.zeros(len(true_boxes), bool)
+    for i in order:
+        cand = np.where(~taken, ious[i], -1.0)
+        j = int(cand.argmax())
+        if cand[j] >= iou:
+            taken[j] = True
+            tp[i] = True
+    return tp
+
+
+def detection_scores(fields: list[tuple[np.ndarray, np.ndarray, np.ndarray]], threshold: float,
+                     iou: float = 0.5) -> dict:
+    """One class over many fields, each (detected boxes, their scores, true boxes): AP at ``iou``
+    (all-point interpolated, as Pascal VOC 2010+ and COCO's per-IoU AP), and precision, recall and
+    F1 of the detections scoring at least ``threshold``."""
+    all_scores, all_tp, n_true = [], [], 0
+    for boxes, scores, truth in fields:
+        all_scores.append(np.asarray(scores, np.float64))
+        all_tp.append(match_detections(boxes, scores, truth, iou))
+        n_true += len(truth)
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    tp = np.concatenate(all_tp) if all_tp else np.zeros(0, bool)
+    order = np.argsort(-scores, kind="stable")
+    tp_sorted = tp[order]
+    ctp, cfp = np.cumsum(tp_sorted), np.cumsum(~tp_sorted)
+    recall = ctp / max(n_true, 1)
+    precision = ctp / np.maximum(ctp + cfp, 1)
+    # all-point interpolation: precision made non-increasing, summed over the recall steps
+    mprec = np.concatenate([[0.0], precision, [0.0]])
+    mrec = np.concatenate([[0.0], recall, [recall[-1] if len(recall) else 0.0]])
+    mprec = np.maximum.accumulate(mprec[::-1])[::-1]
+    ap = float(np.sum((mrec[1:] - mrec[:-1]) * mprec[1:])) if n_true else None
+    kept = scores >= threshold
+    n_tp, n_det = int(tp[kept].sum()), int(kept.sum())
+    p = n_tp / n_det if n_det else (1.0 if n_true == 0 else 0.0)
+    r = n_tp / n_true if n_true else None
+    f1 = 2 * p * r / (p + r) if r is not None and p + r > 0 else (0.0 if r is not None else None)
+    return {"ap50" if iou == 0.5 else f"ap{round(iou * 100)}": ap, "precision": p, "recall": r, "f1": f1,
+            "true": n_true, "detected": n_det, "matched": n_tp, "threshold": threshold}
+
+
+def best_threshold(fields: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou: float = 0.5,
+                   grid=tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> float:
+    """The score threshold with the highest F1 on these fields (ties: the lower threshold, which
+    keeps more cells)."""
+    best, best_f1 = float(grid[0]), -1.0
+    for t in grid:
+        f1 = detection_scores(fields, float(t), iou)["f1"] or 0.0
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = float(t), f1
+    return best
+
+
+def cells_needed(p: float, half_width: float, level: float = 0.95, most: int = 100_000) -> int:
+    """How many cells a count needs so that a class making up ``p`` of them has a Wilson interval no
+    wider than +- ``half_width`` (at p = 0.5, the worst case, 381 cells give +- 5 points)."""
+    def half(n: int) -> float:
+        lo, hi = wilson_ci(round(p * n), n, level)
+        return (hi - lo) / 2
+
+    lo, hi = 1, most
+    while lo < hi:  # the half-width shrinks as n grows: the first n that is narrow enough
+        mid = (lo + hi) // 2
+        if half(mid) <= half_width:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def differential(labels: list[str], classes: list[str], level: float = 0.95) -> dict:
+    """A white-cell differential: per class the count, the percentage and its Wilson interval (what
+    haematologists read from Rümke's table), and how many cells a +-5 and +-10 point count needs at
+    the largest class's share."""
+    n = len(labels)
+    rows = []
+    for c in classes:
+        k = sum(1 for lab in labels if lab == c)
+        ci = wilson_ci(k, n, level)
+        rows.append({"class": c, "count": k, "percent": round(100 * k / n, 1) if n else None,
+                     "ci95": [round(100 * v, 1) for v in ci] if ci else None})
+    top = max((r["count"] for r in rows), default=0) / n if n else 0.5
+    need = {"5": cells_needed(top, 0.05, level), "10": cells_needed(top, 0.10, level)}
+    note = (f"{n} cells: the largest class ({100 * top:.0f} %) is known to within the interval shown; "
+            f"+-10 points needs {need['10']} cells, +-5 points {need['5']}") if n else "no white cell found"
+    return {"cells": n, "classes": rows, "cells_needed": need, "note": note}

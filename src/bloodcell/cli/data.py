@@ -15,8 +15,11 @@ from bloodcell.config import CHOICES, field_help
 
 def cmd_data_check(args) -> int:
     """bloodcell data check PATH [--json]"""
-    from bloodcell.data.check import check_data, format_check  # lazy: start-up
+    from bloodcell.data.boxes import is_box_source  # lazy: start-up
+    from bloodcell.data.check import check_data, format_check
 
+    if is_box_source(args.path):
+        return _check_boxes(args)
     report = check_data(args.path, seed=args.seed, group_regex=args.group_regex, group_by=args.group_by)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -26,6 +29,19 @@ def cmd_data_check(args) -> int:
         fatal = [p["detail"] for p in report["problems"] if p["fatal"]]
         print(f"bloodcell: error: data not usable: {fatal[0] if fatal else 'see problems above'}",
               file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_boxes(args) -> int:
+    """data check on fields with boxes (VOC, YOLO, CSV): fields and boxes per split and class, problems."""
+    from bloodcell.data.boxes import discover_boxes, format_summary, summary  # lazy: start-up
+
+    s = summary(discover_boxes(args.path, seed=args.seed))
+    print(json.dumps(s, indent=1) if args.json else format_summary(s))
+    if not s["usable"]:
+        fatal = [p["detail"] for p in s["problems"] if p["fatal"]]
+        print(f"bloodcell: error: data not usable: {fatal[0] if fatal else 'see problems above'}", file=sys.stderr)
         return 1
     return 0
 

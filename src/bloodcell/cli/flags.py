@@ -23,6 +23,24 @@ DATA_HELP = ("data: a folder of images (Kaggle blood-cells layout, Kaggle breast
              "(default); give --data again for several sources (labs) as one data set: classes matched "
              "by name, each source split on its own, validation pooled and reported per source")
 
+def bounded(kind, lo, hi):
+    """An argparse type: ``kind`` (int or float) within [lo, hi], finite; anything else is refused
+    with the range, before any work."""
+    import math
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if (kind is float and not math.isfinite(v)) or not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is outside [{lo:g}, {hi:g}]")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 # The usage line of a command with the config's flags: the flags are listed by group below it.
 CONFIG_USAGE = "%(prog)s [-h] [--out DIR] [--config YAML] [options by group, below]"
 

@@ -117,6 +117,37 @@ def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squas
         raise ImageError(describe_error(e), kind) from None
 
 
+def decode_field(src: str | os.PathLike | bytes, long_side: int,
+                 max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """A whole field (a path or file bytes) -> (uint8 H x W x 3 scaled so its long side is
+    ``long_side``, that scale, the original (width, height)); raises ImageError as decode_image does.
+    The aspect ratio is kept: a detector needs the field as the camera saw it."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        if len(src) == 0:
+            raise ImageError("empty file", "empty")
+        src = io.BytesIO(src)
+    elif os.path.isfile(src) and os.path.getsize(src) == 0:
+        raise ImageError("empty file", "empty")
+    try:
+        with open_image(src, max_pixels) as im:
+            w, h = im.size
+            scale = long_side / max(w, h)
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
+            im = to_rgb(im)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            return np.asarray(im.resize(size, Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8), scale, (w, h)
+    except FileNotFoundError:
+        raise ImageError("file not found", "missing") from None
+    except IsADirectoryError:
+        raise ImageError("is a folder", "missing") from None
+    except TooManyPixels as e:
+        raise ImageError(str(e), "too_large") from None
+    except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
+        kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
+        raise ImageError(describe_error(e), kind) from None
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any mode (L, LA, P, RGBA, I;16, CMYK...) to RGB; alpha is composited on white."""
     if im.mode == "RGB":
