@@ -5,6 +5,7 @@ Usage:
     bloodcell compare --data PATH --out runs/mine   # ... on your images
     bloodcell train --data PATH --model cnn4x32 --epochs 10 --out runs/cnn4x32
     bloodcell evaluate runs/cnn4x32 --data PATH
+    bloodcell count SLIDE_FOLDER --out counts       # a differential from whole fields
     bloodcell data check PATH
     bloodcell models
 """
@@ -19,8 +20,10 @@ from bloodcell import __version__
 from bloodcell.cli import (
     adapt,
     compare,
+    count,
     crosslab,
     data,
+    detector,
     evaluate,
     export,
     models,
@@ -33,7 +36,8 @@ from bloodcell.cli import (
 from bloodcell.errors import BloodcellError
 
 # The order of the commands in `bloodcell --help`.
-COMMANDS = (train, evaluate, adapt, data, models, compare, crosslab, report, tune, predict, export, serve)
+COMMANDS = (train, evaluate, adapt, data, models, compare, crosslab, report, tune, predict, count, detector, export,
+            serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,15 @@ def serve_key(args) -> str | None:
     return key
 
 
+def _detector(name: str | None) -> str | None:
+    """--detector as a path for create_app: none -> None; not given -> the built-in where shipped."""
+    from bloodcell.models.builtin import builtin_dir, resolve_run  # lazy: start-up
+
+    if name == "none" or (name is None and not (builtin_dir() / "detector.pt").is_file()):
+        return None
+    return resolve_run(name or "builtin", "detector")
+
+
 def cmd_serve(args) -> int:
     """bloodcell serve model.onnx --port 8000   # then open http://127.0.0.1:8000/
 
@@ -55,7 +64,7 @@ def cmd_serve(args) -> int:
     cfg = {"model": args.checkpoint, "max_upload_mb": args.max_upload_mb, "max_batch": args.max_batch,
            "backend": args.backend, "max_pixels": int(args.max_megapixels * 1e6),
            "decoders": args.decoders, "threads": args.threads, "api_key": key,
-           "cors_origins": tuple(args.cors_origin or ())}
+           "cors_origins": tuple(args.cors_origin or ()), "detector": _detector(args.detector)}
     app = create_app(**cfg)  # loads the model: a bad file is one clear line here, before any worker
     p = app.state.predictor
     print(f"serving {p.model_name} ({', '.join(p.classes)}; {p.backend}"
@@ -120,6 +129,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes, each with its own model (default 1)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--detector", metavar="RUN",
+                   help="cell detector for POST /count: a run folder (bloodcell detector train), its "
+                        "detector.pt, builtin, or none (default: builtin where this install ships one)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
     p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S, metavar="S",
                    help="on SIGTERM or Ctrl-C, wait at most S seconds for the requests in flight "

@@ -62,6 +62,8 @@ def join_sources(datasets: list[Dataset]) -> Dataset:
     for d in datasets:
         for c in d.classes:
             names.setdefault(c.lower(), c)
+            if names[c.lower()] != c:  # the labs spell it in two ways: one spelling, as a person reads it
+                names[c.lower()] = c.lower()
     classes = sorted(names.values(), key=str.lower)
     index = {c.lower(): i for i, c in enumerate(classes)}
     luts = [np.array([index[c.lower()] for c in d.classes], dtype=np.int64) for d in datasets]

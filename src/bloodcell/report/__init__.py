@@ -18,12 +18,13 @@ protocol, so it can be followed from plot to plot. Models are ranked by test acc
 only; the compare protocol selects each model's epoch on validation and nothing on test.
 
 Modules: ``document`` (the blocks and the HTML/Markdown renderer), ``format`` (numbers as shown),
-``figures`` (every figure), ``compare`` (the compare report), ``tune`` (the tuning report).
+``figures`` (every figure), ``compare`` (the compare report), ``tune`` (the tuning report), ``count``
+(the differential count's report, which ``bloodcell count`` writes).
 """
 
 from bloodcell.report.compare import build_report
-from bloodcell.report.format import ci_text, count, fixed, params, pct, pct_ci, setting
+from bloodcell.report.format import ci_text, fixed, params, pct, pct_ci, setting
 from bloodcell.report.tune import TuneData, write_tune_report
 
-__all__ = ["TuneData", "build_report", "ci_text", "count", "fixed", "params", "pct", "pct_ci", "setting",
+__all__ = ["TuneData", "build_report", "ci_text", "fixed", "params", "pct", "pct_ci", "setting",
            "write_tune_report"]

@@ -1,7 +1,8 @@
 """Serve a trained model over HTTP: a JSON API (FastAPI) and a web page at ``/``.
 
 Endpoints: ``POST /predict`` (one image, multipart field ``file``; ``?cam=true`` adds a Grad-CAM
-overlay PNG as a data URL), ``POST /predict/batch`` (field ``files``, repeated), ``GET /health``,
+overlay PNG as a data URL), ``POST /predict/batch`` (field ``files``, repeated), ``POST /count`` (a
+whole field: its white cells found, typed and counted; with a detector), ``GET /health``,
 ``GET /model``, ``GET /examples`` (a few right and wrong test cells per class from the run
 folder's predictions_test.csv, each with its Grad-CAM overlay) and the OpenAPI docs at ``/docs``.
 
@@ -302,16 +303,56 @@ def add_predict_routes(app: FastAPI, service: Service, guarded: list, errors_doc
         return await service.predict_many(files, top_k, tta)
 
 
+def add_count_route(app: FastAPI, service: Service, detector, guarded: list, errors_doc: dict) -> None:
+    """POST /count: a whole field's white cells found, typed and counted (404 without a detector)."""
+    counter = None
+    if detector is not None:
+        from bloodcell.inference.count import FieldCounter  # lazy: torch, only with a detector
+
+        counter = FieldCounter(service.predictor, detector)
+
+    @app.post("/count", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
+    async def count(file: Annotated[UploadFile, File(description="one field image (JPEG, PNG, BMP, TIFF)")]) -> dict:
+        """The white cells of one field (boxes in the image's pixels, type, probability, runner-up),
+        the field's counts per detected class, and its differential."""
+        if counter is None:
+            raise HTTPException(404, "this server has no cell detector: start it with --detector RUN (or builtin)")
+        t0 = time.perf_counter()
+        data = service.read(file)
+        try:
+            result = await run_in_threadpool(count_bytes, counter, data, service.max_pixels)
+        except ImageError as e:
+            raise HTTPException(status_of(e), f"{file.filename or 'upload'}: {e}") from None
+        return {"filename": file.filename, **result, "latency_ms": (time.perf_counter() - t0) * 1e3}
+
+
+def count_bytes(counter, data: bytes, max_pixels: int) -> dict:
+    """/count's work, off the event loop: decode the field under the pixel limit, count it."""
+    from bloodcell.inference.count import read_field
+    from bloodcell.metrics import differential
+
+    if not data:
+        raise ImageError("empty file", "empty")
+    r = counter.count_field(read_field(data, max_pixels))
+    return {**r, "differential": differential([c["label"] for c in r["cells"]], counter.classes)}
+
+
 def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX_BATCH,
                backend: str = "auto", max_pixels: int = SERVE_MAX_PIXELS, decoders: int = 0,
-               threads: int = 0, api_key: str | None = None, cors_origins: tuple[str, ...] = ()):
+               threads: int = 0, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
+               detector=None):
     """The FastAPI app for a .onnx file, run folder, checkpoint or already loaded predictor.
 
     ``decoders`` threads decode uploads (0: none, the inference thread decodes each micro-batch),
     ``threads`` run the model (0: the physical cores); ``api_key``: required in the X-API-Key
-    header; ``cors_origins``: allowed cross-origin callers (none by default).
+    header; ``cors_origins``: allowed cross-origin callers (none by default); ``detector``: a
+    detector run folder, file or loaded Detector, for POST /count (none: /count answers 404).
     """
     predictor = load_predictor(model, backend, threads)
+    if isinstance(detector, str | os.PathLike):
+        from bloodcell.inference.detect import Detector  # lazy: torch, only with a detector
+
+        detector = Detector(detector, threads=threads)
     service = Service(predictor, int(max_upload_mb * 1e6), max_batch, max_pixels, decoders)
     # the API's version, not bloodcell's: what a server runs is nobody else's business
     app = FastAPI(title="bloodcell", version="1",
@@ -322,6 +363,7 @@ def create_app(model, max_upload_mb: float = MAX_UPLOAD_MB, max_batch: int = MAX
     add_error_handlers(app)
     add_info_routes(app, predictor, guarded, KEY_DOC if api_key else None)
     add_predict_routes(app, service, guarded, {**ERRORS_DOC, **(KEY_DOC if api_key else {})})
+    add_count_route(app, service, detector, guarded, {**ERRORS_DOC, **(KEY_DOC if api_key else {})})
     # Starlette runs the middleware added last first: UploadLimit sees the body before FastPredict.
     app.add_middleware(FastPredict, handler=service.predict_one, api_key=api_key, max_bytes=service.max_bytes,
                        default_top_k=len(predictor.classes))
