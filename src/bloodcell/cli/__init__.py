@@ -6,6 +6,7 @@ Usage:
     bloodcell train --data PATH --model cnn4x32 --epochs 10 --out runs/cnn4x32
     bloodcell evaluate runs/cnn4x32 --data PATH
     bloodcell count SLIDE_FOLDER --out counts       # a differential from whole fields
+    bloodcell review counts                         # correct the cells' types in a web page
     bloodcell data check PATH
     bloodcell models
 """
@@ -29,6 +30,7 @@ from bloodcell.cli import (
     models,
     predict,
     report,
+    review,
     serve,
     train,
     tune,
@@ -36,8 +38,8 @@ from bloodcell.cli import (
 from bloodcell.errors import BloodcellError
 
 # The order of the commands in `bloodcell --help`.
-COMMANDS = (train, evaluate, adapt, data, models, compare, crosslab, report, tune, predict, count, detector, export,
-            serve)
+COMMANDS = (train, evaluate, adapt, data, models, compare, crosslab, report, tune, predict, count, review, detector,
+            export, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
