@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """python bench/cam_libraries.py [--runs bench/out/cam/runs] [--rounds 3]
 
-Which Grad-CAM to use (issue 26): our own hook code (the paper's formula written out), captum's
+Which Grad-CAM to use: our own hook code (the paper's formula written out), captum's
 ``LayerGradCam`` and, where it is importable, pytorch-grad-cam's ``GradCAM`` (not a bloodcell
 dependency: ``pip install --no-deps --target /tmp/gc grad-cam ttach opencv-python-headless`` and
 run with ``PYTHONPATH=/tmp/gc``), all at the same layer (``bloodcell.inference.cam.target_layer``). Prints

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """python bench/cam_pictures.py [--models a,b] [--epochs N] [--threads 2] [--out bench/out/cam]
 
-Grad-CAM before and after issue 26, on the same real cells, for every registered model. Trains one
+Grad-CAM at the raw output against at the layer the head reads, on the same real cells, for every registered model. Trains one
 small model per architecture from scratch on a seeded subset of the Kaggle set (TRAIN 500 cells per
 class, TEST 50 per class, ``resize cell``, one model at a time, per-model settings in ``RECIPE``; a
 finished run is reused), then, on the TEST images each model classifies correctly:

@@ -169,3 +169,13 @@ def test_differential_counts_percentages_and_wilson_intervals():
     assert rows["monocyte"]["ci95"][0] == 0.0 and rows["monocyte"]["ci95"][1] > 3
     assert d["cells"] == 100 and d["cells_needed"]["5"] > d["cells_needed"]["10"] > 0
     assert differential([], ["a"])["note"] == "no white cell found"
+
+
+def test_a_cell_boxed_to_another_extent_is_found_by_centres_but_not_at_iou_half():
+    truth = np.array([[100, 100, 300, 300]])  # the cell with its pale cytoplasm
+    det = np.array([[150, 150, 250, 250]])  # its nucleus: IoU 0.25
+    by_iou = detection_scores([(det, np.array([0.9]), truth)], 0.5)
+    by_centre = detection_scores([(det, np.array([0.9]), truth)], 0.5, criterion="centre")
+    assert by_iou["recall"] == 0 and by_centre["recall"] == 1
+    beside = np.array([[300, 100, 500, 300]])  # a neighbour touching it: not the same cell
+    assert detection_scores([(beside, np.array([0.9]), truth)], 0.5, criterion="centre")["recall"] == 0

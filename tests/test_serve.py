@@ -226,7 +226,7 @@ def test_predict_real_images_over_http(kaggle_root, client, predictor) -> None:
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
-# -- the lean ONNX server, limits, keys (issue 24) -------------------------------------------------
+# -- the lean ONNX server, limits, keys -------------------------------------------------
 
 KEY = "k" * 8 + "-0123456789abcdef"
 

@@ -326,15 +326,29 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
+def centres_inside(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """N x M: 1 where box a[i]'s centre lies in b[j] and b[j]'s in a[i] (the same cell, whatever the
+    extent each annotator drew), else 0."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    ca, cb = (a[:, :2] + a[:, 2:]) / 2, (b[:, :2] + b[:, 2:]) / 2
+    a_in_b = ((ca[:, None] >= b[None, :, :2]) & (ca[:, None] <= b[None, :, 2:])).all(2)
+    b_in_a = ((cb[None, :] >= a[:, None, :2]) & (cb[None, :] <= a[:, None, 2:])).all(2)
+    return (a_in_b & b_in_a).astype(np.float64)
+
+
 def match_detections(pred_boxes: np.ndarray, scores: np.ndarray, true_boxes: np.ndarray,
-                     iou: float = 0.5) -> np.ndarray:
+                     iou: float = 0.5, criterion: str = "iou") -> np.ndarray:
     """Greedy matching as Pascal VOC does: detections in falling score order each take the unmatched
-    true box they overlap most (IoU >= ``iou``); returns one bool per detection (true positive)."""
+    true box they overlap most (IoU >= ``iou``; with ``criterion="centre"``, any true box whose centre
+    and the detection's lie each in the other); returns one bool per detection (true positive)."""
     order = np.argsort(-np.asarray(scores), kind="stable")
     tp = np.zeros(len(order), bool)
     if len(true_boxes) == 0 or len(order) == 0:
         return tp
-    ious = box_iou(pred_boxes, true_boxes)
+    if criterion == "centre":
+        ious, iou = centres_inside(pred_boxes, true_boxes) * (0.5 + 0.5 * box_iou(pred_boxes, true_boxes)), 0.5
+    else:
+        ious = box_iou(pred_boxes, true_boxes)
     taken = np.zeros(len(true_boxes), bool)
     for i in order:
         cand = np.where(~taken, ious[i], -1.0)
@@ -346,14 +360,14 @@ def match_detections(pred_boxes: np.ndarray, scores: np.ndarray, true_boxes: np.
 
 
 def detection_scores(fields: list[tuple[np.ndarray, np.ndarray, np.ndarray]], threshold: float,
-                     iou: float = 0.5) -> dict:
+                     iou: float = 0.5, criterion: str = "iou") -> dict:
     """One class over many fields, each (detected boxes, their scores, true boxes): AP at ``iou``
     (all-point interpolated, as Pascal VOC 2010+ and COCO's per-IoU AP), and precision, recall and
-    F1 of the detections scoring at least ``threshold``."""
+    F1 of the detections scoring at least ``threshold``; ``criterion`` as match_detections."""
     all_scores, all_tp, n_true = [], [], 0
     for boxes, scores, truth in fields:
         all_scores.append(np.asarray(scores, np.float64))
-        all_tp.append(match_detections(boxes, scores, truth, iou))
+        all_tp.append(match_detections(boxes, scores, truth, iou, criterion))
         n_true += len(truth)
     scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
     tp = np.concatenate(all_tp) if all_tp else np.zeros(0, bool)
@@ -372,7 +386,7 @@ def detection_scores(fields: list[tuple[np.ndarray, np.ndarray, np.ndarray]], th
     p = n_tp / n_det if n_det else (1.0 if n_true == 0 else 0.0)
     r = n_tp / n_true if n_true else None
     f1 = 2 * p * r / (p + r) if r is not None and p + r > 0 else (0.0 if r is not None else None)
-    return {"ap50" if iou == 0.5 else f"ap{round(iou * 100)}": ap, "precision": p, "recall": r, "f1": f1,
+    return {"ap50" if iou == 0.5 or criterion == "centre" else f"ap{round(iou * 100)}": ap, "precision": p, "recall": r, "f1": f1,
             "true": n_true, "detected": n_det, "matched": n_tp, "threshold": threshold}
 
 

@@ -5,14 +5,14 @@ classifier head pools and reads (``target_layer``): ``features`` for the study's
 EfficientNet-B0 and MobileNetV3-Small, ``layer4`` for ResNet-18, under ``net.`` behind a stain
 normalisation. It is found, not configured: the last module to return a spatial map (larger than
 1 x 1) other than an adaptive pool, which is where every registered model's head begins
-(``tests/test_cam.py`` checks the layer of each). Until issue 26 the map was taken at the raw output
+(``tests/test_cam.py`` checks the layer of each). Before, the map was taken at the raw output
 of the last ``nn.Conv2d``, before its max-pool, batch norm and activation (and, in ResNet-18,
 before the residual sum). Measured on the Kaggle TEST cells each trained model got right, those
 maps were empty for up to 25 % of them; at the head's map none is, and for six of the seven
 registered models 81-100 % peak on the stained cell (51-97 % before). MobileNetV3-Small peaks on
 the cell for 59 % (before: the same), for 14 % of its right lymphocytes: it calls them from the
 background, with Grad-CAM++ or one block earlier too.
-bench/RESULTS.md, "Grad-CAM at the layer the head reads (issue 26)".
+bench/RESULTS.md, "Grad-CAM at the layer the head reads".
 
 How: captum's ``LayerGradCam`` (PyTorch's own interpretability library), chosen over
 pytorch-grad-cam (``grad-cam``) and over our own hook code by measurement (``bench/cam_libraries.py``):

@@ -27,8 +27,7 @@ chose, and the builders say so:
   normalised and rectified (conv, pool, BN, ReLU), instead of conv, BN, ReLU, pool. Max-pooling
   commutes with ReLU and with any per-channel increasing map, so the layers compute the same kind
   of function (exactly the same one without BatchNorm), while BatchNorm and ReLU, which are
-  memory-bound on a CPU, touch a quarter of the values: training runs 1.3-2x faster (bench/RESULTS.md,
-  issue 7). Checkpoints that do not name the option load in the order their weights fit.
+  memory-bound on a CPU, touch a quarter of the values: training runs 1.3-2x faster (bench/RESULTS.md). Checkpoints that do not name the option load in the order their weights fit.
 - The study flattened the last feature map (Keras ``Flatten``), which fixes the dense layer's size
   to one input size. We put ``AdaptiveAvgPool2d(4)`` before the flatten: at the study's kind of
   input this is a flatten of a 4 x 4 map, and the same weights accept any size >= 32 px (smaller
