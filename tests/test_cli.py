@@ -13,7 +13,7 @@ from bloodcell.config import TrainConfig, make_config
 @pytest.mark.parametrize("args, needle", [
     (["--model", "nope"], "unknown model 'nope'; known: "),
     (["--image-size", "16"], "needs image_size >= 32"),
-    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--batch-size", "0"], "batch_size (--batch-size) must be in [1, 65536]; got 0"),
     (["--optimizer", "adam"], "optimizer must be one of"),
     (["--lr", "fast"], "lr must be float"),
 ])

@@ -6,6 +6,8 @@ Unknown keys are an error (nanoGPT's rule), and every run folder keeps its resol
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -49,11 +51,47 @@ SHUTDOWN_TIMEOUT_S = 10.0  # serve: how long a SIGTERM waits for the requests in
 FIELD_GROUPS = ("data", "model", "optimisation", "augmentation", "evaluation", "runtime")
 
 
-def opt(default, group: str, help: str):
-    """A config field with its --help text and its group beside it (``field(metadata=...)``)."""
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``lo`` to ``hi``, each end included unless ``open`` names it
+    ("lo", "hi" or "both"). NaN is in no range; infinity only in one without that end."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open: str = ""
+
+    def __contains__(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+            return False
+        lo_ok = self.lo is None or (v > self.lo if self.open in ("lo", "both") else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.open in ("hi", "both") else v <= self.hi)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.open in ('lo', 'both') else '>='} {self.lo:g}"
+        return (f"{'(' if self.open in ('lo', 'both') else '['}{self.lo:g}, {self.hi:g}"
+                f"{')' if self.open in ('hi', 'both') else ']'}")
+
+    def check(self, name: str, value) -> None:
+        """Raise ConfigError naming ``name`` (its flag too) and the range where ``value`` is outside."""
+        if value not in self:
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be in {self}; got {value!r}")
+
+
+def opt(default, group: str, help: str, range: Range | tuple | None = None):
+    """A config field with its --help text, its group and, for a number, its range beside it
+    (``field(metadata=...)``); ``range=(lo, hi)`` is both ends included."""
     if group not in FIELD_GROUPS:
         raise ValueError(f"unknown field group {group!r}")
-    return field(default=default, metadata={"group": group, "help": help})
+    if isinstance(range, tuple):
+        range = Range(*range)
+    return field(default=default, metadata={"group": group, "help": help, "range": range})
+
+
+def field_range(name: str, cls=None) -> Range | None:
+    """The range of a numeric config field (TrainConfig's by default); None for the others."""
+    return next(f.metadata.get("range") for f in fields(cls or TrainConfig) if f.name == name)
 
 
 def field_help(name: str, cls=None) -> str:
@@ -74,16 +112,16 @@ class TrainConfig:
     """Everything that decides what one training run does (data, model, optimisation, runtime)."""
 
     data: str | tuple[str, ...] = opt("synthetic", "data", "")  # its help: cli/flags.py DATA_HELP
-    image_size: int = opt(64, "data", "side of the square images the model sees, in pixels")
+    image_size: int = opt(64, "data", "side of the square images the model sees, in pixels", range=(8, 2048))
     resize: str = opt("squash", "data",
         "how a frame becomes a square: squash the whole frame; crop its centre; pad it (letterbox); "
         "cell: a square of 0.8 x the short side centred on the stained white cell; cellfit: that "
         "square sized to the cell, so every cell fills the frame alike at any zoom")
     val_fraction: float = opt(0.15, "data",
         "share of the training images (by group) held out for validation when the data has no val "
-        "split")
+        "split", range=Range(0, 1, "both"))
     fractions: tuple[float, float, float] = opt((0.7, 0.15, 0.15), "data",
-        "train,val,test shares for a data set with no split folders")
+        "train,val,test shares for a data set with no split folders", range=Range(0, 100, "lo"))
     group_regex: str | None = opt(None, "data",
         "regular expression on file names whose first group names an image's group (its source cell), "
         "for --group-by name")
@@ -105,7 +143,7 @@ class TrainConfig:
         "use only this many labelled cells per class (0: all): drawn, seeded, from the train split's "
         "groups (a group is one cell with its copies), and as many from the val split, so a few-label "
         "fine-tuning (with --init-from) reads no other label; the test split is untouched. With "
-        "--monitor last the val labels choose nothing")
+        "--monitor last the val labels choose nothing", range=(0, 10**9))
     model: str = opt("cnn4x32", "model",
         "registered model name (bloodcell models lists them), or timm/<name> for any timm model (pip "
         "install 'bloodcell[timm]')")
@@ -132,50 +170,50 @@ class TrainConfig:
         "and the checkpoint keeps that normalisation")
     backbone_lr: float = opt(0.1, "model",
         "with --pretrained: the pretrained layers' learning rate, as a fraction of --lr (the new "
-        "classifier gets --lr)")
+        "classifier gets --lr)", range=(0, 10))
     freeze_epochs: float = opt(0.0, "model",
         "with --pretrained: epochs at the start that train the new classifier only, the pretrained "
         "layers frozen (learning rate 0; their batch-norm statistics still adapt), then they warm up "
-        "over --warmup-epochs")
-    epochs: int = opt(12, "optimisation", "passes over the training images")
-    batch_size: int = opt(64, "optimisation", "images per training step")
+        "over --warmup-epochs", range=(0, 100_000))
+    epochs: int = opt(12, "optimisation", "passes over the training images", range=(1, 100_000))
+    batch_size: int = opt(64, "optimisation", "images per training step", range=(1, 65_536))
     optimizer: str = opt("adamw", "optimisation", "optimiser")
-    lr: float = opt(2e-3, "optimisation", "peak learning rate")
+    lr: float = opt(2e-3, "optimisation", "peak learning rate", range=Range(0, 10, "lo"))
     weight_decay: float = opt(0.05, "optimisation",
-        "decoupled weight decay (not on biases or normalisation weights)")
-    momentum: float = opt(0.9, "optimisation", "SGD momentum (Nesterov)")
+        "decoupled weight decay (not on biases or normalisation weights)", range=(0, 10))
+    momentum: float = opt(0.9, "optimisation", "SGD momentum (Nesterov)", range=Range(0, 1, "hi"))
     schedule: str = opt("cosine", "optimisation", "learning-rate schedule after the linear warm-up")
-    warmup_epochs: float = opt(1.0, "optimisation", "epochs of linear learning-rate warm-up")
-    label_smoothing: float = opt(0.1, "optimisation", "label smoothing of the cross-entropy")
+    warmup_epochs: float = opt(1.0, "optimisation", "epochs of linear learning-rate warm-up", range=(0, 100_000))
+    label_smoothing: float = opt(0.1, "optimisation", "label smoothing of the cross-entropy", range=Range(0, 1, "hi"))
     class_weights: bool = opt(False, "optimisation", "weight the loss by inverse class frequency")
-    clip_grad: float = opt(5.0, "optimisation", "clip the gradient norm to this (0: off)")
+    clip_grad: float = opt(5.0, "optimisation", "clip the gradient norm to this (0: off)", range=(0, 1e6))
     augment: str = opt("strong", "augmentation",
         "augmentation preset: none; light = flips and 90-degree rotations; strong = light + affine + "
         "colour and stain jitter")
     blur: float = opt(0.0, "augmentation",
         "also blur each training image by a Gaussian whose standard deviation is drawn from 0 to this "
         "many pixels of the model's input (0: off), as another microscope's focus and resolution "
-        "would")
+        "would", range=(0, 8))
     stain_jitter: float = opt(0.0, "augmentation",
         "stain augmentation in the haematoxylin-eosin(-DAB) space of colour deconvolution: each "
         "stain's optical density scaled by 1 +- this and shifted by +- this, drawn per image (0: off; "
-        "0.05 light, 0.2 strong)")
+        "0.05 light, 0.2 strong)", range=(0, 1))
     gray: float = opt(0.0, "augmentation",
-        "share of the training images turned grey, drawn per image (0: off)")
+        "share of the training images turned grey, drawn per image (0: off)", range=(0, 1))
     mix: str = opt("none", "augmentation",
         "blend pairs of training images and their labels: mixup = a weighted average of two images; "
         "cutmix = a box of one pasted into the other; none = off")
     mix_alpha: float = opt(1.0, "augmentation",
-        "the mix's Beta(alpha, alpha) draw of how much of each image is kept")
+        "the mix's Beta(alpha, alpha) draw of how much of each image is kept", range=Range(0, 100, "lo"))
     ema: float = opt(0.0, "optimisation",
-        "decay of an exponential moving average of the weights, evaluated instead of them (0: off)")
+        "decay of an exponential moving average of the weights, evaluated instead of them (0: off)", range=Range(0, 1, "hi"))
     patience: int = opt(0, "evaluation",
-        "stop after this many epochs without a better validation score (0: never)")
+        "stop after this many epochs without a better validation score (0: never)", range=(0, 100_000))
     monitor: str = opt("val_macro_f1", "evaluation",
         "validation score that chooses the best epoch; last: the last epoch, chosen by nothing")
     tta: bool = opt(False, "evaluation",
         "final evaluation averages 8 flips/rotations of each image (never used to choose anything)")
-    seed: int = opt(0, "runtime", "seed of the split, the initialisation, the order and the augmentation")
+    seed: int = opt(0, "runtime", "seed of the split, the initialisation, the order and the augmentation", range=(0, 2**32 - 1))
     precision: str = opt("auto", "runtime",
         "auto = bf16 autocast where the hardware has native bf16 (but a depthwise model trains in "
         "fp32 on a CPU without AMX, where bf16 is no faster), else fp32")
@@ -183,14 +221,14 @@ class TrainConfig:
     device: str = opt("auto", "runtime", "auto = CUDA if available, else CPU")
     threads: int = opt(0, "runtime",
         "torch threads per process (0: the physical cores, shared among the run's processes on this "
-        "machine)")
+        "machine)", range=(0, 4096))
     folds: int = opt(0, "evaluation",
         "cross-validate: K grouped, stratified folds of the non-test images (train and val pooled), "
         "each trained with one fold as validation, into RUN/folds/<k>/; the test split stays as it is "
-        "and chooses nothing; results give the mean and spread over folds (0: one train/val split)")
+        "and chooses nothing; results give the mean and spread over folds (0: one train/val split)", range=(0, 1000))
     fold: int | None = opt(None, "evaluation",
         "with --folds: train only this fold (0 to K-1) into --out, a plain run folder; None: every "
-        "fold")
+        "fold", range=(0, 999))
     log: tuple[str, ...] = opt((), "runtime",
         "also record the run in these experiment trackers (comma-separated, or --log again): "
         "tensorboard = event files in RUN/tensorboard/ (pip install 'bloodcell[tensorboard]'); mlflow "
@@ -202,7 +240,7 @@ class TrainConfig:
         "train on this many processes on this machine (torch.distributed: gloo on the CPU, NCCL on "
         "GPUs, one GPU each), as 'torchrun --standalone --nproc-per-node N' would; --batch-size stays "
         "the images per optimiser step, shared among them. Under torchrun (several machines) leave it "
-        "at 1: torchrun starts the processes")
+        "at 1: torchrun starts the processes", range=(1, 1024))
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str):  # several sources: a tuple; one in a list is just one
@@ -211,46 +249,39 @@ class TrainConfig:
                 raise ConfigError("data: give at least one source")
             if len(set(srcs)) < len(srcs):
                 raise ConfigError(f"data: a source is given twice: {', '.join(srcs)}")
+            real: dict[str, str] = {}  # one folder under two spellings (small, ./small/, a link)
+            for d in srcs:
+                other = real.setdefault(os.path.realpath(os.path.expanduser(d)), d)
+                if other != d:
+                    raise ConfigError(f"data: {other} and {d} are the same data set "
+                                      f"({os.path.realpath(os.path.expanduser(d))}); give it once")
             object.__setattr__(self, "data", srcs[0] if len(srcs) == 1 else srcs)
         for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
-        positive = ("image_size", "batch_size", "epochs", "nproc")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.blur <= 8:
-            raise ConfigError(f"blur must be in [0, 8] pixels, got {self.blur}")
-        if not 0 <= self.stain_jitter <= 1:
-            raise ConfigError(f"stain_jitter must be in [0, 1], got {self.stain_jitter}")
-        if not 0 <= self.gray <= 1:
-            raise ConfigError(f"gray must be in [0, 1], got {self.gray}")
-        if self.labels_per_class < 0:
-            raise ConfigError(f"labels_per_class must be 0 (all) or more, got {self.labels_per_class}")
-        if not self.mix_alpha > 0:
-            raise ConfigError(f"mix_alpha must be positive, got {self.mix_alpha}")
+        for f in fields(self):  # every number within its field's range (a NaN in none)
+            rng, value = f.metadata.get("range"), getattr(self, f.name)
+            if rng is not None and value is not None:
+                for v in value if isinstance(value, tuple) else (value,):
+                    rng.check(f.name, v)
         if self.pretrained and not (self.model.startswith("timm/") or self.model in PRETRAINED_BASELINES):
             raise ConfigError(f"--pretrained: {self.model} has no pretrained weights; it is for "
                               f"{', '.join(PRETRAINED_BASELINES)} and timm/<name>")
-        if not 0 <= self.backbone_lr <= 10:
-            raise ConfigError(f"backbone_lr must be in [0, 10] (a fraction of lr), got {self.backbone_lr}")
         if not 0 <= self.freeze_epochs <= self.epochs:
             raise ConfigError(f"freeze_epochs must be in [0, epochs], got {self.freeze_epochs}")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if len(self.fractions) != 3 or min(self.fractions) <= 0:
+        if len(self.fractions) != 3:
             raise ConfigError(f"fractions must be three positive numbers, got {self.fractions}")
-        if self.folds == 1 or self.folds < 0:
+        if self.folds == 1:
             raise ConfigError(f"folds must be 0 (one split) or at least 2, got {self.folds}")
         if self.fold is not None and not (self.folds and 0 <= self.fold < self.folds):
             raise ConfigError(f"fold must be 0 to folds-1 with folds set, got fold {self.fold} of "
                               f"{self.folds} folds" if self.folds else "fold needs folds (--folds K)")
+        if self.group_regex:
+            try:
+                re.compile(self.group_regex)
+            except re.error as e:
+                raise ConfigError(f"group_regex (--group-regex) {self.group_regex!r} is not a regular "
+                                  f"expression: {e}") from None
         bad = [t for t in self.log if t not in TRACKERS]
         if bad:
             raise ConfigError(f"log must name trackers among {', '.join(TRACKERS)}; got {', '.join(bad)}")
@@ -299,10 +330,12 @@ def coerce(name: str, tp, value):
                     return False
                 raise ValueError(value)
             return bool(value)
+        if tp in (int, float) and isinstance(value, bool):  # YAML `epochs: true` is not 1
+            raise ValueError(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return tp(value)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{name} must be {tp.__name__}, got {value!r}") from e
 
 
@@ -313,7 +346,14 @@ def hints(cls) -> dict:
 
 def make_config(cls, *sources: dict):
     """Build a frozen config from dicts (later ones win); unknown keys are an error."""
-    known = {f.name for f in fields(cls)}
+    return cls(**checked(cls, *sources))
+
+
+def checked(cls, *sources: dict) -> dict:
+    """The keys of dicts (later ones win) as a config's fields, each converted to its type and
+    within its range; unknown keys are an error. What make_config builds from, and how a command
+    that hands a partial config on (compare, tune) refuses a bad flag before any work."""
+    known = {f.name: f for f in fields(cls)}
     types_ = hints(cls)
     merged: dict = {}
     for src in sources:
@@ -326,7 +366,11 @@ def make_config(cls, *sources: dict):
                 hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
                 raise ConfigError(f"unknown config key {key!r} for {cls.__name__}{hint}")
             merged[k] = coerce(k, types_[k], value)
-    return cls(**merged)
+            rng = known[k].metadata.get("range")
+            if rng is not None and merged[k] is not None:
+                for v in merged[k] if isinstance(merged[k], tuple) else (merged[k],):
+                    rng.check(k, v)
+    return merged
 
 
 def load_yaml(path: str | Path) -> dict:

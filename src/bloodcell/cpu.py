@@ -1,4 +1,4 @@
-"""CPU facts that need no torch (the lean ONNX server reads them too): physical_cores."""
+"""CPU facts that need no torch (the lean ONNX server reads them too): physical_cores, usable_cpus."""
 
 from __future__ import annotations
 
@@ -22,3 +22,21 @@ def physical_cores() -> int:
         except OSError:
             cores.add(("?", c))
     return max(1, len(cores))
+
+
+def usable_cpus() -> int:
+    """The logical CPUs this process may run on: the most threads that can run at once."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int, flag: str = "--threads") -> int:
+    """``threads`` where this machine can run that many at once (0: the physical cores); more is a
+    ValueError naming ``flag`` and what the machine has, rather than a thread pool that starves."""
+    n = usable_cpus()
+    if not 0 <= threads <= n:
+        raise ValueError(f"{flag} must be in [0, {n}]: this machine runs {n} threads at once "
+                         f"(0: its {physical_cores()} physical cores); got {threads}")
+    return threads

@@ -22,8 +22,8 @@ import torch
 import torchvision
 
 from bloodcell import __version__
-from bloodcell.cpu import physical_cores  # noqa: F401 - re-exported
-from bloodcell.errors import BloodcellError
+from bloodcell.cpu import check_threads, physical_cores  # noqa: F401 - re-exported
+from bloodcell.errors import BloodcellError, ConfigError
 
 
 def resolve_device(device: str) -> torch.device:
@@ -97,9 +97,32 @@ def autocast(device: torch.device, precision: str):
 def set_threads(threads: int, share: int = 1) -> int:
     """Use the physical cores (or the number given), split among ``share`` processes of one run on
     this machine; returns the number set."""
+    try:  # a config made on a larger machine (a tune study's, a resumed run's) is refused here
+        check_threads(threads)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     n = threads if threads > 0 else max(1, physical_cores() // max(share, 1))
     torch.set_num_threads(n)
     return n
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_batch_memory(batch_size: int, image_size: int) -> None:
+    """Refuse, before any data is read, an image size whose training batch alone (float32 images,
+    and their augmented copy) needs more memory than the machine has: a ConfigError naming both
+    flags, instead of a cache that fills the disk or a process the OS kills."""
+    need, have = 2 * batch_size * 3 * image_size ** 2 * 4, memory_bytes()
+    if have and need > have:
+        raise ConfigError(f"--image-size {image_size} with --batch-size {batch_size}: one training batch needs "
+                          f"{need / 1e9:.1f} GB, more than this machine's {have / 1e9:.1f} GB of memory; "
+                          "lower either")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bloodcell.cli.flags import bounded, field_type, names_as_bytes
 from bloodcell.config import CHOICES
 
 
@@ -20,6 +21,7 @@ def cmd_adapt(args) -> int:
     layers only), reading no label; RUN2 is a run folder every command accepts. The adapted and the
     original model are then scored on the splits not adapted on (metrics.json).
     """
+    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.studies.adapt import adapt  # lazy: start-up
 
     adapt(args.run, args.data, args.out, split=args.split, entropy_steps=args.entropy_steps, lr=args.lr,
@@ -40,12 +42,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--split", default="train",
                    help="the images to adapt on: a split of the data, or 'all' (then nothing unseen is "
                         "left to score) (default: train)")
-    p.add_argument("--entropy-steps", type=int, default=0,
+    p.add_argument("--entropy-steps", type=bounded(int, 0, 100_000), default=0,
                    help="steps of entropy minimisation (Tent) before the statistics are re-estimated "
-                        "(default: 0, statistics only)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of those steps (default: 0.001)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the entropy steps' batch order (default: 0)")
+                        "(default: 0, statistics only; %(type)s)")
+    p.add_argument("--lr", type=field_type("lr"), default=1e-3,
+                   help="Adam learning rate of those steps (default: 0.001; %(type)s)")
+    p.add_argument("--batch-size", type=field_type("batch_size"), default=64,
+                   help="images per batch (default: 64; %(type)s)")
+    p.add_argument("--seed", type=field_type("seed"), default=0,
+                   help="seed of the entropy steps' batch order (default: 0; %(type)s)")
     p.add_argument("--cache-dir", help="decoded-image cache folder")
     p.add_argument("--device", default="auto", choices=list(CHOICES["device"]))
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
-from bloodcell.cli.flags import DATA_HELP
+from bloodcell.cli.flags import DATA_HELP, field_type, names_as_bytes
 from bloodcell.config import CHOICES, field_help
 
 
 def cmd_data_check(args) -> int:
     """bloodcell data check PATH [--json]"""
+    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.data.boxes import is_box_source  # lazy: start-up
     from bloodcell.data.check import check_data, format_check
 
@@ -54,7 +55,7 @@ def add_parsers(sub) -> None:
                         description=cmd_data_check.__doc__)
     q.add_argument("path", nargs="?", default="synthetic", help=DATA_HELP)
     q.add_argument("--json", action="store_true", help="machine-readable output")
-    q.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    q.add_argument("--seed", type=field_type("seed"), default=0, help="split seed (default 0; %(type)s)")
     q.add_argument("--group-regex", help=field_help("group_regex"))
     q.add_argument("--group-by", default="auto", choices=CHOICES["group_by"], help=field_help("group_by")
                    + " (default: auto)")

@@ -6,6 +6,8 @@ flag answer at once, without loading torch.
 
 from __future__ import annotations
 
+from bloodcell.cli.flags import field_type
+
 
 def cmd_models(args) -> int:
     """bloodcell models"""
@@ -28,5 +30,6 @@ def cmd_models(args) -> int:
 def add_parsers(sub) -> None:
     """Register `bloodcell models`."""
     p = sub.add_parser("models", help="list the registered models", description=cmd_models.__doc__)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=field_type("image_size"), default=64,
+                   help="the side the parameter counts are for (default: 64; %(type)s)")
     p.set_defaults(func=cmd_models)

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from bloodcell.cli.flags import bounded, field_type, names_as_bytes
 from bloodcell.config import (
     BACKENDS,
 )
@@ -53,6 +54,7 @@ def format_rows(rows: list[dict], fmt: str, classes: list[str]) -> str:
 
 def cmd_predict(args) -> int:
     """bloodcell predict runs/cnn4x32 cells/*.jpeg new_cell.png --top-k 2 --cam cams/ --format table"""
+    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.inference.predict import Predictor, expand_inputs  # lazy: start-up
 
     paths = expand_inputs(args.paths)
@@ -74,11 +76,13 @@ def add_parsers(sub) -> None:
     p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--top-k", type=int, default=1, help="show the k most probable classes (default 1)")
+    p.add_argument("--top-k", type=bounded(int, 1, 1000), default=1,
+                   help="show the k most probable classes (default 1; %(type)s)")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips and rotations")
     p.add_argument("--cam", metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR, and beside it the raw heat "
                    "map at the model's input size (.npy)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=field_type("batch_size"), default=64,
+                   help="images per forward pass (default 64; %(type)s)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="inference engine (default auto: ONNX Runtime on CPU, the fastest measured)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

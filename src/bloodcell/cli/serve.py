@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from bloodcell.cli.flags import bounded, threads_type
 from bloodcell.config import (
     API_KEY_ENV,
     BACKENDS,
@@ -105,7 +106,7 @@ def add_parsers(sub) -> None:
                    "or a run folder (its best.pt) or checkpoint file (PyTorch, with Grad-CAM)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback only; any other needs an API key or --insecure)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="TCP port (default 8000; %(type)s)")
     p.add_argument("--api-key", metavar="KEY",
                    help=f"require KEY (16+ characters) in the X-API-Key header of every API request "
                         f"(default ${API_KEY_ENV}; the variable keeps it out of the process list)")
@@ -114,26 +115,28 @@ def add_parsers(sub) -> None:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. https://lab.example.org) call the API; "
                         "repeatable (default: no cross-origin access)")
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
-                   help=f"largest accepted image file (default {MAX_UPLOAD_MB:g} MB)")
-    p.add_argument("--max-megapixels", type=float, default=SERVE_MAX_PIXELS / 1e6, metavar="MP",
+    p.add_argument("--max-upload-mb", type=bounded(float, 0, 10_000, "lo"), default=MAX_UPLOAD_MB,
+                   help=f"largest accepted image file (default {MAX_UPLOAD_MB:g} MB; %(type)s)")
+    p.add_argument("--max-megapixels", type=bounded(float, 0, 400, "lo"),  # data.images.MAX_PIXELS
+                   default=SERVE_MAX_PIXELS / 1e6, metavar="MP",
                    help="most pixels an image may decode to, after JPEG's reduced-size decoding; larger "
-                        f"ones get 413 before decoding (default {SERVE_MAX_PIXELS / 1e6:g})")
-    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
-                   help="most files per /predict/batch, and most concurrent requests per forward pass")
-    p.add_argument("--decoders", type=int, default=0, metavar="N",
+                        f"ones get 413 before decoding (default {SERVE_MAX_PIXELS / 1e6:g}; %(type)s)")
+    p.add_argument("--max-batch", type=bounded(int, 1, 10_000), default=MAX_BATCH,
+                   help="most files per /predict/batch, and most concurrent requests per forward pass "
+                        f"(default {MAX_BATCH}; %(type)s)")
+    p.add_argument("--decoders", type=bounded(int, 0, 256), default=0, metavar="N",
                    help="threads that decode uploads, per worker: the most decoded at once (default 0: "
-                        "none, the inference thread decodes each batch before its forward pass)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="threads of a forward pass, per worker (default 0: the physical cores)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="server processes, each with its own model (default 1)")
+                        "none, the inference thread decodes each batch before its forward pass; %(type)s)")
+    p.add_argument("--threads", type=threads_type(), default=0, metavar="N",
+                   help="threads of a forward pass, per worker (default 0: the physical cores; %(type)s)")
+    p.add_argument("--workers", type=bounded(int, 1, 256), default=1, metavar="N",
+                   help="server processes, each with its own model (default 1; %(type)s)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--detector", metavar="RUN",
                    help="cell detector for POST /count: a run folder (bloodcell detector train), its "
                         "detector.pt, builtin, or none (default: builtin where this install ships one)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
-    p.add_argument("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S, metavar="S",
+    p.add_argument("--shutdown-timeout", type=bounded(float, 0, 3600), default=SHUTDOWN_TIMEOUT_S, metavar="S",
                    help="on SIGTERM or Ctrl-C, wait at most S seconds for the requests in flight "
-                        f"(default {SHUTDOWN_TIMEOUT_S:g})")
+                        f"(default {SHUTDOWN_TIMEOUT_S:g}; %(type)s)")
     p.set_defaults(func=cmd_serve, own_signals=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, train_config
+from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, given, names_as_bytes, train_config
 from bloodcell.config import TrainConfig
 
 
@@ -22,11 +22,13 @@ def cmd_train(args) -> int:
     On several processes: --nproc N on this machine, or
     torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m bloodcell train ...
     """
+    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.studies.kfold import cross_validate, is_crossval_dir  # lazy: start-up
     from bloodcell.training.distributed import env_world, launched  # lazy: start-up
     from bloodcell.training.train import train  # lazy: start-up
 
     if args.resume:
+        check_resume_flags(args)
         if is_crossval_dir(args.resume):
             cross_validate(TrainConfig(folds=2), args.resume, resume=True, progress=not args.quiet)
         else:
@@ -40,6 +42,33 @@ def cmd_train(args) -> int:
     if env_world().main and not launched():  # once for a run of several processes
         print(f"run folder: {args.out}")
     return 0
+
+
+def check_resume_flags(args) -> None:
+    """--resume continues a run as its config.yaml says: a config flag (or --config key) that differs
+    from it is refused in one line naming each, rather than silently ignored; one that agrees is
+    accepted."""
+    import dataclasses
+    from pathlib import Path
+
+    from bloodcell.config import checked, load_yaml, make_config
+    from bloodcell.errors import ConfigError
+
+    saved_file = Path(args.resume) / "config.yaml"
+    asked = checked(TrainConfig, load_yaml(args.config) if args.config else {}, given(args, TrainConfig))
+    if not asked or not saved_file.is_file():  # no flag, or no run (train says so)
+        return
+    saved = make_config(TrainConfig, load_yaml(saved_file))
+    try:
+        wanted = dataclasses.replace(saved, **asked)
+    except ConfigError:
+        wanted = None
+    differ = [k for k in asked if wanted is None or getattr(wanted, k) != getattr(saved, k)]
+    if differ:
+        raise ConfigError("--resume keeps the run's own config (" + str(saved_file) + "); these differ from it: "
+                          + ", ".join(f"--{k.replace('_', '-')} {asked[k]} (the run's {getattr(saved, k)})"
+                                      for k in differ)
+                          + "; drop them, or start a new run (--out NEW) to change them")
 
 
 def add_parsers(sub) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bloodcell.cli.flags import bounded, field_type, names_as_bytes, threads_type
 from bloodcell.config import CHOICES, PRUNE_FROM_EPOCH, PRUNERS, SELECTIONS, TUNE_METRICS, load_yaml
 
 
@@ -20,6 +21,7 @@ def cmd_tune(args) -> int:
     A recipe for another microscope: --data LAB1 --data LAB2 --data LAB3 --select lab-out.
     Continue an interrupted study: bloodcell tune --resume DIR. Rebuild its report: bloodcell tune report DIR.
     """
+    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.runtime import exit_code, stopped_by  # lazy: start-up (torch)
     from bloodcell.training.distributed import single_process  # lazy: start-up (torch)
     from bloodcell.tune import tune  # lazy: start-up (optuna, torch)
@@ -64,9 +66,11 @@ def add_parsers(sub) -> None:
                    help="a folder of images or 'synthetic[:N]' (default: synthetic); again for several "
                         "sources as one data set")
     p.add_argument("--model", help="model to tune (default: cnn4x32)")
-    p.add_argument("--trials", type=int, help="finished trials the study should have, over all workers "
-                                              "(default: 20; a grid's size with --grid)")
-    p.add_argument("--timeout", type=float, metavar="MIN", help="stop starting trials after MIN minutes")
+    p.add_argument("--trials", type=bounded(int, 1, 100_000),
+                   help="finished trials the study should have, over all workers (default: 20; a grid's "
+                        "size with --grid; %(type)s)")
+    p.add_argument("--timeout", type=bounded(float, 0, 10**6, "lo"), metavar="MIN",
+                   help="stop starting trials after MIN minutes (%(type)s)")
     p.add_argument("--space", metavar="FILE", help="YAML space file; its entries replace the default's "
                                                    "(see bloodcell/presets/tune/space.yaml)")
     p.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="a grid instead of the search: "
@@ -86,13 +90,15 @@ def add_parsers(sub) -> None:
                         "(default: val)")
     p.add_argument("--config", metavar="FILE", help="YAML of train config keys every trial shares")
     p.add_argument("--cache-dir", help="decoded-image cache folder")
-    p.add_argument("--seed", type=int, help="split and training seed shared by every trial (default 0)")
+    p.add_argument("--seed", type=field_type("seed"),
+                   help="split and training seed shared by every trial (default 0; %(type)s)")
     p.add_argument("--device", choices=list(CHOICES["device"]))
-    p.add_argument("--threads", type=int, help="CPU threads per worker (default: physical cores)")
-    p.add_argument("--nproc", type=int, help="train each trial on N processes of this machine "
-                                             "(torch.distributed; default 1)")
-    p.add_argument("--sampler-seed", type=int, help="seed of the sampler (default: random, so that "
-                                                    "workers draw different trials)")
+    p.add_argument("--threads", type=threads_type(), help="CPU threads per worker (default: physical cores; "
+                                                        "%(type)s)")
+    p.add_argument("--nproc", type=field_type("nproc"), help="train each trial on N processes of this machine "
+                                                           "(torch.distributed; default 1; %(type)s)")
+    p.add_argument("--sampler-seed", type=field_type("seed"), help="seed of the sampler (default: random, so "
+                   "that workers draw different trials; %(type)s)")
     p.add_argument("--resume", nargs="?", const=True, metavar="DIR",
                    help="continue the study in DIR (default: --out) with its saved settings")
     p.add_argument("--no-report", action="store_true", help="skip report.html at the end (with many "
