@@ -17,6 +17,7 @@ import errno
 import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def _file_mode() -> int:
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write text (UTF-8) or bytes to ``path`` via a temporary file in its folder and a rename.
+    """Write text (UTF-8; a non-UTF-8 file name in it as its own bytes) or bytes to ``path`` via a
+    temporary file in its folder and a rename.
 
     The file gets the permissions a plain write would give it (mkstemp's private 0600 is not kept).
     """
@@ -53,7 +55,8 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            # a file name that is not UTF-8 (a path in a CSV) is written as its bytes, as on disk
+            f.write(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data)
             os.fchmod(f.fileno(), _file_mode())
         os.replace(tmp, path)
     except BaseException:
@@ -127,6 +130,42 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
+def file_kind(path: str | os.PathLike) -> str | None:
+    """None where ``path`` is a regular file (after links); else what it is instead ("missing", "a
+    folder", "a FIFO", "a device", "a socket"): what must not be opened as a file, since opening a
+    FIFO waits for a writer for ever and a device never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return e.strerror or "unreadable"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a file"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a file"
+    return "a device, not a file"
+
+
+def check_in_file(path: str | os.PathLike, what: str) -> Path:
+    """An input file that must be a regular file: else a BloodcellError naming ``what`` (a flag, or
+    'config file') and what the path is instead, before anything opens it."""
+    kind = file_kind(path)
+    if kind is not None:
+        raise BloodcellError(f"{what} {shown(path)}: {'not found' if kind == 'missing' else kind}")
+    return Path(path)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as a line may show it: a name that is not UTF-8 keeps its bytes as backslash escapes
+    (b'\\xff' as \\xff) instead of failing to print."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _read_only(p: Path) -> bool:
     try:
         return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
@@ -172,6 +211,14 @@ def run_lock(folder: str | os.PathLike, what: str = "run"):
         os.close(fd)  # closing the only descriptor releases the lock
 
 
+def check_not_in_use(folder: str | os.PathLike, what: str = "run") -> None:
+    """Refuse a folder whose lock another process holds now (a BloodcellError naming its pid), before
+    any other check of its files gives advice (--overwrite, --resume) that does not apply to it."""
+    if (Path(folder) / LOCK_FILE).is_file():
+        with run_lock(folder, what):
+            pass
+
+
 def has_files(folder: Path) -> bool:
     """Whether ``folder`` holds anything but the lock file."""
     return folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir())
@@ -183,7 +230,7 @@ def has_files(folder: Path) -> bool:
 def read_csv(path: str | os.PathLike) -> list[dict] | None:
     """Rows of a CSV file as dicts, or None when it is missing or unreadable."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", errors="surrogateescape") as f:
             return list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
@@ -238,7 +285,7 @@ def write_predictions(path: Path, paths: list[str], labels: np.ndarray, probs: n
 def read_predictions(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read predictions_<split>.csv back: (probabilities N x C, label indices, paths)."""
     index = {c: i for i, c in enumerate(classes)}
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="surrogateescape") as f:
         rows = list(csv.DictReader(f))
     probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows], dtype=np.float64)
     probs /= probs.sum(1, keepdims=True)  # undo the rounding of the 6-decimal file

@@ -45,7 +45,8 @@ def fingerprint(items: list[Item], size: int, resize: str) -> str:
     """A key that changes when any file, the image size or the resize mode changes."""
     h = hashlib.sha256(f"bloodcell-cache/{CACHE_FORMAT}/{size}/{resize}".encode())
     for it in items:
-        h.update(f"\n{os.path.abspath(it.path)}\t{it.size}\t{it.mtime_ns}".encode())
+        # a name that is not UTF-8 counts as its bytes (surrogateescape: what os.fsencode gives)
+        h.update(f"\n{os.path.abspath(it.path)}\t{it.size}\t{it.mtime_ns}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:24]
 
 

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from bloodcell.config import CHOICES
 from bloodcell.data.synthetic import generate
 from bloodcell.errors import BloodcellError
+from bloodcell.runfiles import file_kind
 
 RESIZE_MODES = CHOICES["resize"]
 CELL_CROP = 0.8  # side of the ``cell`` crop, as a fraction of the short side
@@ -66,6 +67,10 @@ def open_image(src, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
     """Image.open (a path or a file object; nothing is decoded yet) under a pixel limit: more than
     ``max_pixels`` (default MAX_PIXELS) raises TooManyPixels. Pillow's DecompressionBombWarning, which
     this limit replaces, is silenced for as long as the image is open."""
+    if isinstance(src, str | os.PathLike):  # opening a FIFO waits for a writer for ever
+        kind = file_kind(src)
+        if kind not in (None, "missing", "a folder"):  # those two: Image.open's own errors
+            raise ImageError(kind, "unsupported")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(src) as im:
@@ -112,6 +117,8 @@ def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squas
         raise ImageError("is a folder", "missing") from None
     except TooManyPixels as e:
         raise ImageError(str(e), "too_large") from None
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
         kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
         raise ImageError(describe_error(e), kind) from None
@@ -143,6 +150,8 @@ def decode_field(src: str | os.PathLike | bytes, long_side: int,
         raise ImageError("is a folder", "missing") from None
     except TooManyPixels as e:
         raise ImageError(str(e), "too_large") from None
+    except ImageError:
+        raise
     except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
         kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
         raise ImageError(describe_error(e), kind) from None
@@ -221,6 +230,8 @@ def cell_box(rgb: np.ndarray, frac: float = CELL_CROP, fit: bool = False) -> tup
 
 def describe_error(e: Exception) -> str:
     """One short line for why an image file could not be decoded."""
+    if isinstance(e, ImageError):
+        return str(e)
     if isinstance(e, UnidentifiedImageError):
         return "not an image (unreadable by the decoder)"
     if isinstance(e, TooManyPixels):

@@ -29,6 +29,7 @@ from torch import nn
 from bloodcell.catalog import MEAN, STD
 from bloodcell.config import PRETRAINED_BASELINES
 from bloodcell.errors import BloodcellError
+from bloodcell.runfiles import check_in_file, shown
 
 TIMM_PREFIX = "timm/"
 # torchvision baseline -> the weights enum member its --pretrained loads (ImageNet-1k)
@@ -101,14 +102,15 @@ def torchvision_state(name: str) -> dict:
 
 def read_state(path: str | Path) -> dict:
     """A state_dict file given with --weights (a bare state_dict, or a checkpoint dict holding one)."""
+    check_in_file(path, "--weights")  # a FIFO would block torch.load for ever
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - missing, truncated or not a torch file: one line
-        raise BloodcellError(f"--weights {path}: not a readable weights file ({type(e).__name__})") from e
+        raise BloodcellError(f"--weights {shown(path)}: not a readable weights file ({type(e).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise BloodcellError(f"--weights {path}: not a state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BloodcellError(f"--weights {shown(path)}: not a state_dict (a mapping of names to tensors)")
     return state
 
 

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from bloodcell.config import CHOICES
+from bloodcell.errors import BloodcellError
 from bloodcell.models import pretrained as pre
+from bloodcell.runfiles import shown
 
 Builder = Callable[..., nn.Module]
 
@@ -151,12 +153,13 @@ def count_parameters(model: nn.Module) -> int:
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a local state_dict non-strictly, dropping shape-mismatched keys; warn about what differs."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a checkpoint dict rather than a bare state_dict
+    state = pre.read_state(path)
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in mismatched}
+    if not any(k in own for k in state):  # nothing would load: the run would train from random weights
+        raise BloodcellError(f"--weights {shown(path)}: none of its {len(state) + len(mismatched)} weights "
+                             f"fits a layer of this model (names or shapes differ)")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in mismatched]
     for what, keys in (

@@ -25,8 +25,9 @@ from bloodcell.errors import BloodcellError, ConfigError
 from bloodcell.metrics import binary_line, compute_metrics, per_source_metrics, split_metrics
 from bloodcell.models.build import build_model, pretrained_recipe
 from bloodcell.models.checkpoint import model_kwargs_of, read_checkpoint, save_checkpoint
-from bloodcell.models.pretrained import new_parameters, preflight
+from bloodcell.models.pretrained import new_parameters, preflight, read_state
 from bloodcell.runfiles import (
+    check_not_in_use,
     check_out_dir,
     clear_run_dir,
     mark_done,
@@ -37,7 +38,7 @@ from bloodcell.runfiles import (
     write_predictions,
     write_yaml,
 )
-from bloodcell.runtime import resolve_device, resolve_precision, set_threads
+from bloodcell.runtime import check_batch_memory, resolve_device, resolve_precision, set_threads
 from bloodcell.training import distributed
 from bloodcell.training.distributed import Reported, World
 from bloodcell.training.engine import (
@@ -116,6 +117,7 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     if cfg.nproc > 1 and not world.active:
         return launch_train(cfg, out, overwrite=overwrite, resume=resume, log=log, progress=progress,
                             on_epoch=on_epoch, splits=list(dataset.splits) if dataset is not None else None)
+    check_batch_memory(cfg.batch_size, cfg.image_size)
     threads = set_threads(cfg.threads, world.local_size)
     device = world.device(resolve_device(cfg.device))
     if device.type == "cuda" and world.local_size > torch.cuda.device_count():  # NCCL: one GPU per process
@@ -127,6 +129,8 @@ def _train(world: World, cfg: TrainConfig, out: Path, overwrite: bool, resume: b
     t_start = time.perf_counter()
     if cfg.pretrained and not cfg.weights:
         preflight(cfg.model)  # offline and not in a cache: say so before reading any data
+    if cfg.weights:
+        read_state(cfg.weights)  # a file that is not weights: said before any data is read
 
     # data (each machine's first process decodes into the cache, the others then read it)
     ds = distributed.node_first(world, lambda: _load(cfg, dataset))
@@ -257,6 +261,7 @@ def _fit(world: World, cfg: TrainConfig, ds: Dataset, out: Path, model, kw: dict
 
 def _prepare(out: Path, overwrite: bool, resume: bool) -> tuple[dict | None, dict | None]:
     """Check the run folder; for --resume, the run's own config and, if it finished, its metrics."""
+    check_not_in_use(out, "training")  # a run writing there now: not a case for --overwrite
     prepare_run_dir(out, overwrite, resume)
     if not resume:
         return None, None
