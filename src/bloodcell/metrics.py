@@ -266,7 +266,10 @@ def compute_metrics(
         "accuracy_ci": bootstrap_ci(correct, groups, n_boot, seed),
     }
     if n_classes == 2:  # the binary headline figures (the second class is the positive one)
-        out.update(positive_class=classes[1], f1_positive=float(f1[1]),
+        # no positive image and none predicted: its F1 is not measured (None), not 0 beside a macro-F1
+        # of 1 over the one class the split holds
+        absent = support[1] == 0 and cm[:, 1].sum() == 0
+        out.update(positive_class=classes[1], f1_positive=None if absent else float(f1[1]),
                    pr_auc=average_precision(y_true == 1, probs[:, 1]))
     if groups is not None:
         labels, preds, ids = group_votes(y_true, probs, groups)

@@ -12,7 +12,7 @@ from bloodcell.data.images import describe_error, load_image, open_image
 from bloodcell.data.layouts import is_synthetic
 from bloodcell.data.medmnist import check_medmnist, is_medmnist
 from bloodcell.data.records import Problem
-from bloodcell.data.splits import make_splits, unusable_split
+from bloodcell.data.splits import lacking_classes, make_splits, unusable_split
 from bloodcell.runtime import worker_map
 
 
@@ -66,6 +66,10 @@ def check_data(path: str | os.PathLike | None, seed: int = 0, group_regex: str |
         if refused:
             problems.append(refused)
             usable = False
+        else:
+            lacking = lacking_classes(ok_items, made, src.classes)
+            if lacking:
+                problems.append(lacking)
         for name, idx in made.items():
             labels = np.array([ok_items[i].label for i in idx])
             groups = np.array([ok_items[i].group for i in idx])

@@ -13,7 +13,7 @@ from bloodcell.data.groups import similar_groups
 from bloodcell.data.layouts import discover, is_synthetic, raise_if_fatal
 from bloodcell.data.medmnist import is_medmnist, load_medmnist
 from bloodcell.data.records import Dataset, Item, Problem, Source, Split
-from bloodcell.data.splits import confounding, make_splits, unusable_split
+from bloodcell.data.splits import confounding, lacking_classes, make_splits, unusable_split
 from bloodcell.errors import DataError
 
 # A split is copied into RAM only where it is under half of the images and this small; a bigger one
@@ -68,6 +68,9 @@ def load_dataset(path: str | os.PathLike | None = "synthetic", image_size: int =
     refused = unusable_split(good_items, made, src.classes, src.group_by)
     if refused:
         raise DataError(refused.detail)
+    lacking = lacking_classes(good_items, made, src.classes)
+    if lacking:
+        problems.append(lacking)
     for name, idx in made.items():
         if not idx:
             continue

@@ -51,7 +51,8 @@ def fold_table(ds: Dataset, folds: int, seed: int) -> np.ndarray:
     empty = [k for k in range(folds) if not (ids == k).any()]
     if empty:
         raise DataError(f"--folds {folds}: fold {empty[0]} would be empty; give fewer folds")
-    if ds.group_by in SOURCE_GROUPS:  # as unusable_split: a fold whose val lacks a class is refused
+    mixed = len(np.unique(np.stack([groups, labels], 1), axis=0)) > n_groups  # a group of several classes
+    if ds.group_by in SOURCE_GROUPS or mixed:  # as unusable_split: a fold whose val lacks a class is refused
         for k in range(folds):
             lacking = sorted(set(labels.tolist()) - set(labels[ids == k].tolist()))
             if lacking:

@@ -21,11 +21,12 @@ import re
 from pathlib import Path
 
 from bloodcell.catalog import IMAGE_EXTENSIONS, INFO, SYNTHETIC_CLASSES
-from bloodcell.config import CHOICES
+from bloodcell.config import CHOICES, Range
 from bloodcell.data.medmnist import is_medmnist, locate, read_npz
 from bloodcell.data.records import Item, Problem, Source
 from bloodcell.data.tables import TABLE_SUFFIXES, is_file_group, read_table
 from bloodcell.errors import DataError
+from bloodcell.runfiles import shown
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -40,6 +41,7 @@ IDC_NAME = re.compile(r"^(\w+?)_idx5_x\d+_y\d+_class(\d)\.png$", re.IGNORECASE)
 # class and source are confounded, splitting by them needs care (splits.missing_classes).
 SOURCE_GROUPS = ("patient", "column")
 SYNTHETIC_DEFAULT_N = 3000
+SYNTHETIC_N = Range(40, 200_000)  # 200,000 generated images are 2.5 GB at 64 px
 
 
 def is_synthetic(path: str | os.PathLike | None) -> bool:
@@ -155,8 +157,8 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None, gro
                 n = int(str(path).split(":", 1)[1])
             except ValueError as e:
                 raise DataError(f"synthetic:N needs a whole number of images, got {path!r}") from e
-            if n < 40:
-                raise DataError(f"synthetic:N needs at least 40 images, got {n}")
+            if not SYNTHETIC_N.lo <= n <= SYNTHETIC_N.hi:  # generated in RAM: a bound the machine holds
+                raise DataError(f"synthetic:N takes {SYNTHETIC_N.lo:,} to {SYNTHETIC_N.hi:,} images, got {n:,}")
         return Source("synthetic", "synthetic", list(SYNTHETIC_CLASSES), [], synthetic_n=n)
 
     if is_medmnist(path):  # no files: load_dataset reads its arrays (data.medmnist); here, its classes
@@ -170,10 +172,11 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None, gro
         src = read_table(root, SPLIT_ALIASES)
         has_groups = not all(is_file_group(it.group) for it in src.items)
         how = resolve_group_by(group_by, "table-groups" if has_groups else "table", group_regex)
-        regex = re.compile(group_regex) if group_regex and how == "name" else None
+        regex = compile_group_regex(group_regex) if how == "name" else None
         for it in src.items:
             if how != "column" or is_file_group(it.group):
                 it.group = _group_for(Path(it.path).name, src.classes[it.label], regex, False, "", it.path)
+        _note_unmatched(src, regex)
         return _finish(src, how)
     if not root.is_dir():
         raise DataError(f"data path is a file, not a folder of images or a label table "
@@ -181,7 +184,7 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None, gro
     kaggle = _find_kaggle_images(root)
     idc = _find_idc(root) if kaggle is None else None
     how = resolve_group_by(group_by, "kaggle" if kaggle is not None else "idc" if idc else "", group_regex)
-    regex = re.compile(group_regex) if group_regex and how == "name" else None
+    regex = compile_group_regex(group_regex) if how == "name" else None
     if kaggle is not None:
         src = _discover_split_folders(kaggle, regex, kaggle_names=how == "name")
         src.layout = "kaggle"
@@ -193,7 +196,32 @@ def discover(path: str | os.PathLike | None, group_regex: str | None = None, gro
             src = _discover_split_folders(root, regex, kaggle_names=False)
         else:
             src = _discover_class_folders(root, regex)
+    _note_unmatched(src, regex)
     return _finish(src, how)
+
+
+def compile_group_regex(group_regex: str | None) -> re.Pattern | None:
+    """--group-regex compiled; one that is not a regular expression is a DataError saying why."""
+    if not group_regex:
+        return None
+    try:
+        return re.compile(group_regex)
+    except re.error as e:
+        raise DataError(f"--group-regex {group_regex!r} is not a regular expression: {e}") from None
+
+
+def _note_unmatched(src: Source, regex: re.Pattern | None) -> None:
+    """A --group-regex that names no file's group, or only some files', said with those files: each
+    of them is then a group of its own, which is rarely what was meant."""
+    if regex is None or not src.items:
+        return
+    alone = [it.path for it in src.items if it.group == it.path]
+    if alone:
+        how = "no file name" if len(alone) == len(src.items) else \
+            f"{len(src.items) - len(alone):,} of {len(src.items):,} file names"
+        src.problems.append(Problem(
+            "group_regex_unmatched", f"--group-regex {regex.pattern!r} matches {how}: "
+            f"{len(alone):,} file(s) it does not match are each a group of their own", alone))
 
 
 def _finish(src: Source, how: str) -> Source:
@@ -201,7 +229,27 @@ def _finish(src: Source, how: str) -> Source:
     src.group_by = how
     _hash_and_merge_duplicates(src)
     _check_usable(src)
+    _note_non_utf8(src)
     return src
+
+
+def _note_non_utf8(src: Source) -> None:
+    """Files (or class folders) whose names are not UTF-8: read and kept, and said, since another
+    program may not read them; shown with their bytes escaped (\\xff)."""
+    odd = [shown(it.path) for it in src.items if not _is_utf8(it.path)]
+    classes = [shown(c) for c in src.classes if not _is_utf8(c)]
+    if odd:
+        src.problems.append(Problem(
+            "non_utf8_names", f"{len(odd):,} file name(s) are not UTF-8 (read and kept; shown with their "
+            "bytes as \\xNN" + (f"; classes {', '.join(classes)}" if classes else "") + ")", odd))
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _group_for(name: str, cls: str, regex: re.Pattern | None, kaggle_names: bool, split: str,
@@ -213,8 +261,8 @@ def _group_for(name: str, cls: str, regex: re.Pattern | None, kaggle_names: bool
             return f"{origin}/{cls}/{m.group(1)}"
     if regex is not None:
         m = regex.search(name)
-        if m:
-            return f"{cls}/{m.group(1) if m.groups() else m.group(0)}"
+        if m:  # a source (a smear, a patient) of any class: one group whatever the class
+            return f"name/{m.group(1) if m.groups() else m.group(0)}"
     return path
 
 

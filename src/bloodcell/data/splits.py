@@ -71,11 +71,23 @@ def make_splits(items: list[Item], seed: int, fractions: tuple[float, float, flo
     return {k: sorted(out[k]) for k in sorted(out, key=lambda s: order.index(s) if s in order else 9)}
 
 
+def groups_are_sources(items: list[Item], group_by: str) -> bool:
+    """Whether a group may hold several classes (a patient, a table's group column, a smear named by
+    --group-regex that holds cells of several classes): a grouped split then keeps the whole source
+    on one side, and may leave a split without a class."""
+    if group_by in SOURCE_GROUPS:
+        return True
+    if group_by != "name":
+        return False
+    labels: dict[str, int] = {}
+    return any(labels.setdefault(it.group, it.label) != it.label for it in items)
+
+
 def unusable_split(items: list[Item], splits: dict[str, list[int]], classes: list[str],
                    group_by: str) -> Problem | None:
     """A fatal problem where groups are sources of any class (patients) and a split bloodcell made
     lacks a class: class and source are too confounded for a grouped split (None where all is well)."""
-    if group_by not in SOURCE_GROUPS:
+    if not groups_are_sources(items, group_by):
         return None
     made = [n for n in splits if n not in {it.split for it in items}]
     for name in made:
@@ -92,10 +104,27 @@ def unusable_split(items: list[Item], splits: dict[str, list[int]], classes: lis
     return None
 
 
+def lacking_classes(items: list[Item], splits: dict[str, list[int]], classes: list[str]) -> Problem | None:
+    """A note (not fatal) where a split bloodcell made holds no image of a class (one with too few
+    groups to go round): that split's figures then leave the class out, its macro-F1 is over the
+    classes it holds, and the class's F1 is not measured there."""
+    made = [n for n in splits if n not in {it.split for it in items}]
+    counts = Counter(it.label for it in items)
+    lacking = {n: [k for k in sorted(counts) if k not in {items[i].label for i in splits[n]}] for n in made}
+    lacking = {n: ks for n, ks in lacking.items() if ks}
+    if not lacking:
+        return None
+    names = sorted({k for ks in lacking.values() for k in ks})
+    return Problem("split_lacks_class", "; ".join(
+        f"{classes[k]} ({counts[k]} image(s)) is in no {' or '.join(n for n, ks in lacking.items() if k in ks)} "
+        "image" for k in names) + ": those splits' figures leave it out (macro-F1 over the classes they hold); "
+        "add images of it", [classes[k] for k in names])
+
+
 def confounding(src: Source) -> Problem | None:
     """A note (not fatal) where groups are sources of any class (patients) and fewer than half of them
     hold more than one class: a split's figures then rest on few sources, and a model may learn them."""
-    if src.group_by not in SOURCE_GROUPS:
+    if not groups_are_sources(src.items, src.group_by):
         return None
     labels: dict[str, set[int]] = {}
     for it in src.items:
