@@ -379,3 +379,102 @@ def test_the_api_answers_every_request_its_schema_allows(api_schema):
             case.validate_response(response, excluded_checks=[positive_data_acceptance])
 
         check()
+
+
+# --- every numeric flag of every command: its range, whatever the value ----------------------------
+
+
+def numeric_options() -> list[tuple[list[str], str, object]]:
+    """(argv that reaches the flag: the command and its required arguments, the flag, its Range) for
+    every option of every command whose value is a number: an argparse type with a range (cli.flags
+    .bounded) or a TrainConfig field with one (the config flags)."""
+    import argparse
+
+    from bloodcell.cli import build_parser
+    from bloodcell.config import field_range
+
+    out = []
+
+    def walk(p, path):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        base = list(path)
+        for a in p._actions:
+            if a.required and a.option_strings:
+                base += [a.option_strings[0], "synthetic"]
+        base += ["x" for a in p._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+                 and a.nargs not in ("?", "*")]
+        for a in p._actions:
+            if not a.option_strings or a.required:
+                continue
+            rng = getattr(a.type, "range", None)
+            if rng is None and a.type is None and a.dest != "help":
+                try:
+                    rng = field_range(a.dest)
+                except StopIteration:
+                    rng = None
+            if a.type in (int, float):  # a number with no range: the fault this test is for
+                out.append((base, a.option_strings[0], None))
+            elif rng is not None:
+                out.append((base, a.option_strings[0], rng))
+        for a in subs:
+            for name, sp in a.choices.items():
+                walk(sp, [*path, name])
+
+    walk(build_parser(), [])
+    return out
+
+
+NUMERIC = numeric_options()
+
+
+def test_every_numeric_flag_has_a_range():
+    assert len(NUMERIC) > 60 and not [(argv[0], flag) for argv, flag, rng in NUMERIC if rng is None]
+
+
+def outside(rng):
+    """Values no range of this project holds, and the ones just outside this range."""
+    bad = st.sampled_from(["nan", "-nan", "inf", "-inf", "1e999", "true", "", "x", "0x10"])
+    edges = [v for v in (rng.lo - 1 if rng.lo is not None else None, rng.hi + 1 if rng.hi is not None else None,
+                         rng.lo if "lo" in rng.open or rng.open == "both" else None,
+                         rng.hi if "hi" in rng.open or rng.open == "both" else None) if v is not None]
+    far = st.one_of(st.floats(max_value=rng.lo, exclude_max=True, allow_nan=False) if rng.lo is not None
+                    else st.nothing(),
+                    st.floats(min_value=rng.hi, exclude_min=True, allow_nan=False) if rng.hi is not None
+                    else st.nothing())
+    return st.one_of(bad, st.sampled_from(edges).map(repr) if edges else st.nothing(), far.map(repr))
+
+
+@st.composite
+def bad_numbers(draw):
+    argv, flag, rng = draw(st.sampled_from([o for o in NUMERIC if o[2] is not None]))
+    return argv, flag, draw(outside(rng))
+
+
+@pytest.mark.slow
+@settings(max_examples=300 if PROFILE == "ci" else 3000)
+@given(case=bad_numbers())
+@example(case=(["train"], "--lr", "1e300"))
+@example(case=(["serve", "x"], "--port", "70000"))
+@example(case=(["tune"], "--timeout", "-1"))
+def test_a_number_outside_its_flag_s_range_is_refused_before_any_work(case, no_work, capsys, tmp_path):
+    """Whatever the command, a value outside a numeric flag's range never reaches the library: argparse's
+    usage and one error line naming the flag, or bloodcell's one line naming it, exit 2."""
+    from bloodcell.cli import main
+
+    argv, flag, value = case
+    argv = [str(tmp_path / "o") if a == "x" and argv[0] in ("adapt",) else a for a in argv]
+    if argv[0] in ("train", "compare", "crosslab"):
+        argv += ["--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    try:
+        code = main([*argv, f"{flag}={value}"])
+    except SystemExit as e:
+        err = capsys.readouterr().err
+        assert e.code == 2 and "Traceback" not in err and f"argument {flag}: " in err, (argv, flag, value, err)
+        return
+    except Reached:
+        raise AssertionError(f"{flag}={value} reached the library") from None
+    err = capsys.readouterr().err.strip().splitlines()
+    # compare without --data says first that it runs the demo; the error is the last line, and the only one
+    assert code == 2 and err and sum(line.startswith("bloodcell: error: ") for line in err) == 1 \
+        and flag.lstrip("-").replace("-", "_") in err[-1] and "Traceback" not in "".join(err), (argv, flag, value, err)
