@@ -220,7 +220,7 @@ def _note_unmatched(src: Source, regex: re.Pattern | None) -> None:
         how = "no file name" if len(alone) == len(src.items) else \
             f"{len(src.items) - len(alone):,} of {len(src.items):,} file names"
         src.problems.append(Problem(
-            "group_regex_unmatched", f"--group-regex {regex.pattern!r} matches {how}: "
+            "group_regex_unmatched", f"--group-regex '{regex.pattern}' matches {how}: "
             f"{len(alone):,} file(s) it does not match are each a group of their own", alone))
 
 
