@@ -96,12 +96,14 @@ def test_bad_adapt_input_is_one_line_and_loses_nothing(tmp_path, run, capsys) ->
         (["--data", "/nonexistent", "--out", str(tmp_path / "x")], "does not exist"),
         (["--data", "synthetic:120", "--out", str(run)], "another folder"),
         (["--data", "synthetic:120", "--out", str(tmp_path / "y"), "--split", "nope"], "split 'nope'"),
-        (["--data", "synthetic:120", "--out", str(tmp_path / "z"), "--entropy-steps", "-1"], "entropy-steps"),
     ]
     for argv, want in cases:
         assert main(["adapt", str(run), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and want in err[0], (argv, err)
+    with pytest.raises(SystemExit) as e:  # a number outside its range: argparse's usage and error line
+        main(["adapt", str(run), "--data", "synthetic:120", "--out", str(tmp_path / "z"), "--entropy-steps", "-1"])
+    assert e.value.code == 2 and "argument --entropy-steps: -1 is outside" in capsys.readouterr().err
     assert (out / "best.pt").read_bytes() == before
     with pytest.raises(BloodcellError, match="no checkpoint"):
         adapt(tmp_path, "synthetic:120", tmp_path / "w", log=quiet)
