@@ -11,6 +11,7 @@ import io
 import json
 import sys
 import time
+from pathlib import Path
 
 from bloodcell.cli.flags import bounded, field_type, names_as_bytes
 from bloodcell.config import (
@@ -52,14 +53,35 @@ def format_rows(rows: list[dict], fmt: str, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def is_run(item: str) -> bool:
+    """Whether a positional argument names a model (builtin, a run folder, a checkpoint file) rather
+    than an image to predict."""
+    p = Path(item)
+    if item == "builtin" or p.suffix.lower() in (".pt", ".pth"):
+        return True
+    return p.is_dir() and any((p / n).is_file() for n in ("best.pt", "last.pt", "folds.json"))
+
+
+def split_run(items: list[str]) -> tuple[str, list[str]]:
+    """[RUN] PATH... -> (the run, the paths); no run given: the built-in classifier."""
+    if items and is_run(items[0]):
+        if len(items) == 1:
+            from bloodcell.errors import BloodcellError  # lazy: start-up
+
+            raise BloodcellError(f"give the images to predict after the model ({items[0]} PATH...)")
+        return items[0], items[1:]
+    return "builtin", items
+
+
 def cmd_predict(args) -> int:
-    """bloodcell predict runs/cnn4x32 cells/*.jpeg new_cell.png --top-k 2 --cam cams/ --format table"""
+    """bloodcell predict cell.jpg  (the built-in model), or: bloodcell predict runs/cnn4x32 cells/*.jpeg --top-k 2"""
     names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.inference.predict import Predictor, expand_inputs  # lazy: start-up
 
-    paths = expand_inputs(args.paths)
+    run, items = split_run(args.items)
+    paths = expand_inputs(items)
     t0 = time.perf_counter()
-    predictor = Predictor(args.checkpoint, device=args.device, backend=args.backend)
+    predictor = Predictor(run, device=args.device, backend=args.backend)
     rows = predictor.predict_paths(paths, top_k=args.top_k, tta=args.tta, batch_size=args.batch_size,
                                    cam_dir=args.cam)
     print(format_rows(rows, args.format, predictor.classes))
@@ -73,8 +95,9 @@ def add_parsers(sub) -> None:
     """Register `bloodcell predict`."""
     p = sub.add_parser("predict", help="predict the class of image files, folders or globs",
                        description=cmd_predict.__doc__)
-    p.add_argument("checkpoint", help="run folder (its best.pt) or checkpoint file")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("items", nargs="+", metavar="[RUN] PATH",
+                   help="the model first where it is not the built-in one (a run folder, its best.pt, or "
+                        "builtin, the default), then image files, folders or glob patterns")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--top-k", type=bounded(int, 1, 1000), default=1,
                    help="show the k most probable classes (default 1; %(type)s)")

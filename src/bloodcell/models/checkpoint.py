@@ -13,6 +13,7 @@ import torch
 from bloodcell import __version__
 from bloodcell.catalog import MEAN, STD
 from bloodcell.errors import BloodcellError
+from bloodcell.models.builtin import BUILTIN, builtin_path
 from bloodcell.models.registry import get_model, model_info
 from bloodcell.runfiles import atomic_write
 
@@ -46,8 +47,11 @@ _SAID: set[str] = set()  # the cross-validation folders already named on stderr
 
 def resolve(path: str | os.PathLike) -> Path:
     """A run folder means its best.pt; a file means itself; a cross-validation folder (folds.json,
-    bloodcell.studies.kfold) means the best.pt of its fold chosen on validation, said once on stderr.
-    Raise a clear error if none exists."""
+    bloodcell.studies.kfold) means the best.pt of its fold chosen on validation, said once on stderr;
+    ``builtin`` means the classifier bloodcell ships (models.builtin). Raise a clear error if none
+    exists."""
+    if str(path) == BUILTIN:
+        return builtin_path("classifier")
     p = Path(path)
     if p.is_dir() and (p / "folds.json").is_file() and not (p / "best.pt").is_file():
         try:
