@@ -179,3 +179,11 @@ def test_a_cell_boxed_to_another_extent_is_found_by_centres_but_not_at_iou_half(
     assert by_iou["recall"] == 0 and by_centre["recall"] == 1
     beside = np.array([[300, 100, 500, 300]])  # a neighbour touching it: not the same cell
     assert detection_scores([(beside, np.array([0.9]), truth)], 0.5, criterion="centre")["recall"] == 0
+
+
+def test_a_label_table_is_not_taken_for_a_box_table(tmp_path):
+    from bloodcell.data.boxes import is_box_source
+
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,WBC\n")
+    (tmp_path / "boxes.csv").write_text("image,x0_frac,y0_frac,x1_frac,y1_frac,label\n")
+    assert not is_box_source(tmp_path / "labels.csv") and is_box_source(tmp_path / "boxes.csv")

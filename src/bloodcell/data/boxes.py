@@ -108,12 +108,22 @@ def is_box_source(path: str | os.PathLike) -> bool:
 
 def _layout(p: Path) -> str | None:
     if p.is_file() and p.suffix.lower() == ".csv":
-        return "csv"
+        return "csv" if _names_boxes(p) else None
     if (p / "Annotations").is_dir() and (p / "JPEGImages").is_dir():
         return "voc"
     if (p / "images").is_dir() and (p / "labels").is_dir():
         return "yolo"
     return None
+
+
+def _names_boxes(path: Path) -> bool:
+    """Whether a CSV's header names box corners (x0 or x0_px or x0_frac): a table of boxes, not of labels."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            header = [h.strip().lower() for h in next(csv.reader(fh), [])]
+    except OSError:
+        return False
+    return any(all(c + suffix in header for c in _COLS) for suffix in ("", "_px", "_frac"))
 
 
 def discover_boxes(path: str | os.PathLike, units: str = "auto", seed: int = 0,
@@ -124,7 +134,7 @@ def discover_boxes(path: str | os.PathLike, units: str = "auto", seed: int = 0,
     p = Path(path)
     if not p.exists():
         raise BloodcellError(f"box data not found: {path}")
-    layout = _layout(p)
+    layout = "csv" if p.is_file() and p.suffix.lower() == ".csv" else _layout(p)
     if layout is None:
         raise BloodcellError(f"{path}: not a box layout (a VOC folder with Annotations/ and JPEGImages/, "
                              "a YOLO folder with images/ and labels/, or a .csv of boxes)")
