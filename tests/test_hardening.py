@@ -260,3 +260,22 @@ def test_a_folder_another_training_writes_is_in_use_not_a_case_for_overwrite(tmp
     (out / "config.yaml").write_text("epochs: 1\n")
     with run_lock(out, "training"), pytest.raises(BloodcellError, match="in use by another bloodcell training"):
         train(tiny(epochs=1), out, progress=False)
+
+
+def test_a_fifo_given_as_a_model_is_one_line_not_a_hang(tmp_path, capsys):
+    import os
+
+    from bloodcell.cli import main
+
+    os.mkfifo(tmp_path / "model.pt")
+    assert main(["predict", str(tmp_path / "model.pt"), str(tmp_path / "x.jpg")]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_no_error(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(f"{sys.executable} -m bloodcell models | head -1", shell=True, capture_output=True,
+                       text=True, timeout=120)
+    assert r.stdout.startswith("name") and "error" not in r.stderr.lower()

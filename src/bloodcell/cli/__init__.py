@@ -35,6 +35,7 @@ from bloodcell.cli import (
     train,
     tune,
 )
+from bloodcell.cli.flags import names_as_bytes
 from bloodcell.errors import BloodcellError
 
 # The order of the commands in `bloodcell --help`.
@@ -58,6 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and turn a BloodcellError into one line and exit code 2."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes, in every command
+    try:
+        return _run(args, ap)
+    except BrokenPipeError:  # `bloodcell ... | head`: the reader has gone, which is no error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _run(args, ap) -> int:
+    """Run the parsed command: a BloodcellError, ValueError or OSError becomes one line and exit 2."""
     if not getattr(args, "func", None):
         ap.print_help()
         return 0 if args.command is None else 2
@@ -88,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a library function's argument check, e.g. an unknown model name
         print(f"bloodcell: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
     except OSError as e:  # a path the checks before the work could not foresee: a full disk, a race
         from bloodcell.runfiles import os_error_line  # lazy: start-up
 

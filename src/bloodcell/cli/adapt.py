@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bloodcell.cli.flags import bounded, field_type, names_as_bytes
+from bloodcell.cli.flags import bounded, field_type
 from bloodcell.config import CHOICES
 
 
@@ -21,7 +21,6 @@ def cmd_adapt(args) -> int:
     layers only), reading no label; RUN2 is a run folder every command accepts. The adapted and the
     original model are then scored on the splits not adapted on (metrics.json).
     """
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.studies.adapt import adapt  # lazy: start-up
 
     adapt(args.run, args.data, args.out, split=args.split, entropy_steps=args.entropy_steps, lr=args.lr,

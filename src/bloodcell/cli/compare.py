@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, check_given, given, names_as_bytes
+from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, check_given, given
 from bloodcell.config import DEFAULT_MODELS, TrainConfig
 
 PROTOCOL = """\
@@ -25,7 +25,6 @@ def cmd_compare(args) -> int:
 
     With --folds K each model is cross-validated (runs/<model>/folds/<k>/); results and report give
     the mean and spread over the folds, the other tables the fold chosen on validation."""
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.studies.compare import compare, load_protocol, model_list  # lazy: start-up
     from bloodcell.training.distributed import single_process  # lazy: start-up
 

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, check_given, given, names_as_bytes
+from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, check_given, given
 from bloodcell.config import TrainConfig
 from bloodcell.errors import BloodcellError
 
@@ -26,7 +26,6 @@ def cmd_crosslab(args) -> int:
     How many cells must a new lab label? --label-curve 5,10,25,50 also scores each fold's model on
     its held-out lab's test split as trained, adapted without labels (bloodcell adapt), and
     fine-tuned on K labelled cells per class of that lab's train split, for each K."""
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.studies.compare import load_protocol  # lazy: start-up
     from bloodcell.studies.lab_out import crosslab  # lazy: start-up
     from bloodcell.training.distributed import single_process  # lazy: start-up

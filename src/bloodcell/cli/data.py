@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import sys
 
-from bloodcell.cli.flags import DATA_HELP, field_type, names_as_bytes
+from bloodcell.cli.flags import DATA_HELP, field_type
 from bloodcell.config import CHOICES, field_help
 
 
 def cmd_data_check(args) -> int:
     """bloodcell data check PATH [--json]"""
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.data.boxes import is_box_source  # lazy: start-up
     from bloodcell.data.check import check_data, format_check
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import sys
 
-from bloodcell.cli.flags import DATA_HELP, names_as_bytes
+from bloodcell.cli.flags import DATA_HELP
 from bloodcell.config import CHOICES
 
 
 def cmd_evaluate(args) -> int:
     """bloodcell evaluate RUN_DIR|CHECKPOINT --data PATH [--split NAME[,NAME...]]"""
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.metrics import binary_line  # lazy: start-up
     from bloodcell.training.evaluate import evaluate_checkpoint  # lazy: start-up
 

@@ -6,7 +6,6 @@ flag answer at once, without loading torch.
 
 from __future__ import annotations
 
-from bloodcell.cli.flags import names_as_bytes
 from bloodcell.config import (
     EXPORT_FORMATS,
 )
@@ -14,7 +13,6 @@ from bloodcell.config import (
 
 def cmd_export(args) -> int:
     """bloodcell export runs/cnn4x32 --format onnx --out cnn4x32.onnx"""
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.inference.export import export_model  # lazy: start-up
 
     out = args.out or f"model.{'onnx' if args.format == 'onnx' else 'pt'}"

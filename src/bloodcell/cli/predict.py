@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bloodcell.cli.flags import bounded, field_type, names_as_bytes
+from bloodcell.cli.flags import bounded, field_type
 from bloodcell.config import (
     BACKENDS,
 )
@@ -75,7 +75,6 @@ def split_run(items: list[str]) -> tuple[str, list[str]]:
 
 def cmd_predict(args) -> int:
     """bloodcell predict cell.jpg  (the built-in model), or: bloodcell predict runs/cnn4x32 cells/*.jpeg --top-k 2"""
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.inference.predict import Predictor, expand_inputs  # lazy: start-up
 
     run, items = split_run(args.items)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bloodcell.cli.flags import bounded, field_type, names_as_bytes, threads_type
+from bloodcell.cli.flags import bounded, field_type, threads_type
 from bloodcell.config import CHOICES, PRUNE_FROM_EPOCH, PRUNERS, SELECTIONS, TUNE_METRICS, load_yaml
 
 
@@ -21,7 +21,6 @@ def cmd_tune(args) -> int:
     A recipe for another microscope: --data LAB1 --data LAB2 --data LAB3 --select lab-out.
     Continue an interrupted study: bloodcell tune --resume DIR. Rebuild its report: bloodcell tune report DIR.
     """
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.runtime import exit_code, stopped_by  # lazy: start-up (torch)
     from bloodcell.training.distributed import single_process  # lazy: start-up (torch)
     from bloodcell.tune import tune  # lazy: start-up (optuna, torch)

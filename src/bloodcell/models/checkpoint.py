@@ -70,6 +70,8 @@ def resolve(path: str | os.PathLike) -> Path:
             if (p / name).is_file():
                 return p / name
         raise BloodcellError(f"no checkpoint (best.pt or last.pt) in run folder {p}")
+    if p.exists() and not p.is_file():
+        raise BloodcellError(f"{p}: not a regular file (a FIFO, device or socket), so not a checkpoint")
     if not p.is_file():
         raise BloodcellError(f"checkpoint not found: {p}")
     return p
