@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, given, names_as_bytes, train_config
+from bloodcell.cli.flags import CONFIG_USAGE, add_config_flags, given, train_config
 from bloodcell.config import TrainConfig
 
 
 def cmd_train(args) -> int:
     """bloodcell train --data PATH --model NAME --epochs E --out RUN_DIR [--folds K]
+
+    With --init-from RUN and at most 50 labelled cells per class: RUN's model adapted to the lab's
+    images, fine-tuned on the cells (the classifier and the norm layers), and kept only where the
+    cells' own grouped cross-validation shows it beats the adapted start; else the start is kept
+    (bloodcell.studies.finetune; --plain-finetune for a plain run).
 
     With --folds K: K models, each validated on its own grouped, stratified fold of the train and
     val images, into RUN_DIR/folds/<k>/; the test split is the same for all and chooses nothing;
@@ -22,7 +27,6 @@ def cmd_train(args) -> int:
     On several processes: --nproc N on this machine, or
     torchrun --nproc-per-node N [--nnodes M --rdzv-endpoint HOST:PORT] -m bloodcell train ...
     """
-    names_as_bytes()  # a file or class name that is not UTF-8 prints as its bytes
     from bloodcell.studies.kfold import cross_validate, is_crossval_dir  # lazy: start-up
     from bloodcell.training.distributed import env_world, launched  # lazy: start-up
     from bloodcell.training.train import train  # lazy: start-up
@@ -35,8 +39,19 @@ def cmd_train(args) -> int:
             train(TrainConfig(), args.resume, resume=True, progress=not args.quiet)
         return 0
     cfg = train_config(args)
+    if args.adapt_data and (not cfg.init_from or args.plain_finetune):
+        from bloodcell.errors import ConfigError  # lazy: start-up
+
+        raise ConfigError("--adapt-data goes with --init-from, and not with --plain-finetune")
     if cfg.folds and cfg.fold is None:
         cross_validate(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    elif cfg.init_from and not args.plain_finetune and cfg.nproc == 1 and env_world().size == 1:
+        from bloodcell.config import load_yaml  # lazy: start-up
+        from bloodcell.studies.finetune import finetune  # lazy: start-up
+
+        asked = set(load_yaml(args.config) if args.config else {}) | set(given(args, TrainConfig))
+        finetune(cfg, args.out, given=asked, adapt_data=args.adapt_data, overwrite=args.overwrite,
+                 progress=not args.quiet)
     else:
         train(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     if env_world().main and not launched():  # once for a run of several processes
@@ -80,5 +95,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--adapt-data", metavar="PATH", help="with --init-from and few labelled cells: the lab's "
+                   "images (a plain folder works) the start's batch-norm statistics are fitted to (default: "
+                   "the labelled cells' own)")
+    p.add_argument("--plain-finetune", action="store_true", help="with --init-from: a plain training run from "
+                   "the model, not the fine-tune that keeps the adapted start unless the labelled cells' "
+                   "cross-validation shows a gain (taken with at most 50 labelled cells per class)")
     add_config_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
