@@ -55,7 +55,8 @@ def cmd_count(args) -> int:
                                progress=None if args.no_progress else lambda n: progress_bar(n, "fields"),
                                log=lambda m: print(m, file=sys.stderr))
         meta = {"classes": counter.classes, "detected": detector.classes,
-                "model": str(predictor.meta.get("path", args.model)), "detector": str(detector.path),
+                "model": args.model if args.model == "builtin" else str(predictor.meta.get("path", args.model)),
+                "detector": args.detector if args.detector == "builtin" else str(detector.path),
                 "seconds": round(time.perf_counter() - t0, 2)}
         diff = write_tables(out, records, meta)
         if boxed is not None:
