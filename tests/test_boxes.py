@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import real_folder
 from PIL import Image
 
 from bloodcell.cli import main
 from bloodcell.data.boxes import canonical, discover_boxes, format_summary, summary
 from bloodcell.errors import BloodcellError
 from bloodcell.metrics import best_threshold, box_iou, detection_scores, differential
-from conftest import real_folder
 
 
 def field(path, size=(200, 150)):

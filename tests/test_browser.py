@@ -3,9 +3,6 @@ the test cells of the run, right and wrong, with their maps."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from test_predict import CLASSES, make_checkpoint, png_bytes
 from test_serve import example_run
@@ -13,22 +10,9 @@ from test_serve import example_run
 from bloodcell.inference.predict import Predictor
 from bloodcell.serve.app import create_app, serving
 
-CHROMIUM = os.environ.get("BLOODCELL_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.mark.slow

@@ -4,14 +4,13 @@ counting them into a differential, resuming, bad fields, and POST /count."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import quiet, real_folder, tiny
+from conftest import quiet, tiny
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
@@ -21,8 +20,8 @@ from bloodcell.errors import BloodcellError
 from bloodcell.inference.count import crop_box, find_slides
 from bloodcell.inference.detect import Detector, evaluate_boxes
 from bloodcell.models.detector import CellDetector, decode, field_batch
-from bloodcell.training.train import train
 from bloodcell.training.detect import DetectConfig, colour_jitter, targets, train_detector
+from bloodcell.training.train import train
 
 
 def synthetic_fields(root: Path, n: int, seed: int = 0, size=(160, 120)) -> Path:
@@ -115,10 +114,10 @@ def test_colour_jitter_keeps_values_in_range_and_changes_them():
 
 def test_crop_box_is_square_around_the_cell_and_inside_the_field():
     assert crop_box([90, 40, 110, 60], 200, 100) == (80, 30, 120, 70)
-    l, t, r, b = crop_box([0, 0, 30, 20], 200, 100)
-    assert (l, t) == (0, 0) and r - l == b - t == 60
-    l, t, r, b = crop_box([0, 0, 200, 100], 200, 100)  # at most the field's short side
-    assert r - l == 100 and 0 <= l and r <= 200
+    x0, y0, x1, y1 = crop_box([0, 0, 30, 20], 200, 100)
+    assert (x0, y0) == (0, 0) and x1 - x0 == y1 - y0 == 60
+    x0, y0, x1, y1 = crop_box([0, 0, 200, 100], 200, 100)  # at most the field's short side
+    assert x1 - x0 == 100 and 0 <= x0 and x1 <= 200
 
 
 def test_detector_settings_are_checked_before_any_work(tmp_path, capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import os
 import random
 import time
 from pathlib import Path
@@ -21,9 +20,6 @@ from bloodcell.inference.review import Cell, read_cells, review_order
 from bloodcell.serve.review import create_review_app
 
 CLASSES = ["LYMPHOCYTE", "MONOCYTE", "NEUTROPHIL"]
-CHROMIUM = os.environ.get("BLOODCELL_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 
 def count_folder(root: Path, n: int = 12, fields: int = 4, slides: int = 1) -> Path:
@@ -231,15 +227,6 @@ def test_a_folder_with_nothing_to_review_is_one_line_and_exit_2(tmp_path, capsys
 # --- the page in Chromium -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 def _written_after(path: Path, cell: str, label: str, t0_ns: int, timeout: float = 5.0) -> float:

@@ -393,8 +393,11 @@ def detection_scores(fields: list[tuple[np.ndarray, np.ndarray, np.ndarray]], th
             "true": n_true, "detected": n_det, "matched": n_tp, "threshold": threshold}
 
 
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # the scores best_threshold tries
+
+
 def best_threshold(fields: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou: float = 0.5,
-                   grid=tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> float:
+                   grid=THRESHOLDS) -> float:
     """The score threshold with the highest F1 on these fields (ties: the lower threshold, which
     keeps more cells)."""
     best, best_f1 = float(grid[0]), -1.0

@@ -99,10 +99,10 @@ def load_image(path, size: int, resize: str = "squash", max_pixels: int = MAX_PI
         return resize_array(im, size, resize)
 
 
-def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squash",
-                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A path or the bytes of an image file -> (size, size, 3) uint8, as training decodes it; raises
-    ImageError (with ``kind``) when it cannot."""
+@contextmanager
+def _decoding(src: str | os.PathLike | bytes):
+    """What Pillow can open (a path, or a file object over the bytes), with every failure to decode it
+    turned into one ImageError with its ``kind``."""
     if isinstance(src, bytes | bytearray | memoryview):
         if len(src) == 0:
             raise ImageError("empty file", "empty")
@@ -110,7 +110,7 @@ def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squas
     elif os.path.isfile(src) and os.path.getsize(src) == 0:  # as for bytes: not "not an image"
         raise ImageError("empty file", "empty")
     try:
-        return load_image(src, size, resize, max_pixels)  # PIL opens file objects as well as paths
+        yield src
     except FileNotFoundError:
         raise ImageError("file not found", "missing") from None
     except IsADirectoryError:
@@ -124,37 +124,29 @@ def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squas
         raise ImageError(describe_error(e), kind) from None
 
 
-def decode_field(src: str | os.PathLike | bytes, long_side: int,
+def decode_image(src: str | os.PathLike | bytes, size: int, resize: str = "squash",
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A path or the bytes of an image file -> (size, size, 3) uint8, as training decodes it; raises
+    ImageError (with ``kind``) when it cannot."""
+    with _decoding(src) as f:
+        return load_image(f, size, resize, max_pixels)  # PIL opens file objects as well as paths
+
+
+def decode_field(src: str | os.PathLike | bytes, long_side: int | None = None,
                  max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, float, tuple[int, int]]:
     """A whole field (a path or file bytes) -> (uint8 H x W x 3 scaled so its long side is
-    ``long_side``, that scale, the original (width, height)); raises ImageError as decode_image does.
-    The aspect ratio is kept: a detector needs the field as the camera saw it."""
-    if isinstance(src, bytes | bytearray | memoryview):
-        if len(src) == 0:
-            raise ImageError("empty file", "empty")
-        src = io.BytesIO(src)
-    elif os.path.isfile(src) and os.path.getsize(src) == 0:
-        raise ImageError("empty file", "empty")
-    try:
-        with open_image(src, max_pixels) as im:
-            w, h = im.size
-            scale = long_side / max(w, h)
-            if im.format == "JPEG":
-                im.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-            im = to_rgb(im)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            return np.asarray(im.resize(size, Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8), scale, (w, h)
-    except FileNotFoundError:
-        raise ImageError("file not found", "missing") from None
-    except IsADirectoryError:
-        raise ImageError("is a folder", "missing") from None
-    except TooManyPixels as e:
-        raise ImageError(str(e), "too_large") from None
-    except ImageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every decoder failure becomes one clear message
-        kind = "unsupported" if isinstance(e, UnidentifiedImageError) else "corrupt"
-        raise ImageError(describe_error(e), kind) from None
+    ``long_side`` (None: as it is), that scale, the original (width, height)); raises ImageError as
+    decode_image does. The aspect ratio is kept: a detector needs the field as the camera saw it."""
+    with _decoding(src) as f, open_image(f, max_pixels) as im:
+        w, h = im.size
+        scale = 1.0 if long_side is None else long_side / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if im.format == "JPEG" and scale < 1:
+            im.draft("RGB", size)
+        im = to_rgb(im)
+        if im.size != size:
+            im = im.resize(size, Image.BILINEAR, reducing_gap=2.0)
+        return np.asarray(im, dtype=np.uint8), scale, (w, h)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

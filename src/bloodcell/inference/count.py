@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from bloodcell.catalog import IMAGE_EXTENSIONS
-from bloodcell.data.images import ImageError, MAX_PIXELS, decode_field, open_image, resize_array, to_rgb
+from bloodcell.data.images import MAX_PIXELS, ImageError, decode_field, resize_array
 from bloodcell.errors import BloodcellError
 from bloodcell.metrics import differential
 from bloodcell.runfiles import atomic_write, write_csv, write_json
@@ -48,16 +48,7 @@ def crop_box(box, width: int, height: int, margin: float = CROP_MARGIN) -> tuple
 
 def read_field(src: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A field at its original size as uint8 H x W x 3; raises ImageError as decode_image does."""
-    import io
-
-    try:
-        with open_image(io.BytesIO(src) if isinstance(src, bytes | bytearray) else src, max_pixels) as im:
-            return np.asarray(to_rgb(im), dtype=np.uint8)
-    except ImageError:
-        raise
-    except Exception:  # noqa: BLE001 - decode_field words every failure as one line
-        decode_field(src, 64, max_pixels)
-        raise
+    return decode_field(src, None, max_pixels)[0]
 
 
 class FieldCounter:
@@ -82,8 +73,8 @@ class FieldCounter:
         if wbcs:
             pieces, inputs = [], []
             for f in wbcs:
-                l, t, r, b = crop_box(f["box"], w, h)
-                piece = rgb[t:b, l:r]
+                x0, y0, x1, y1 = crop_box(f["box"], w, h)
+                piece = rgb[y0:y1, x0:x1]
                 pieces.append(piece)
                 inputs.append(resize_array(Image.fromarray(piece), self.predictor.image_size, self.predictor.resize))
             probs = self.predictor.probs(np.stack(inputs))

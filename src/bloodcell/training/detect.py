@@ -31,8 +31,22 @@ from bloodcell.data.boxes import BoxField, BoxSet, class_order, discover_boxes
 from bloodcell.data.images import decode_field
 from bloodcell.errors import BloodcellError
 from bloodcell.metrics import best_threshold, detection_scores
-from bloodcell.models.detector import STRIDE, CellDetector, background, decode, field_batch, normalise
-from bloodcell.runfiles import atomic_write, check_out_dir, run_lock, write_csv, write_json, write_yaml
+from bloodcell.models.detector import (
+    STRIDE,
+    CellDetector,
+    background,
+    decode,
+    field_batch,
+    normalise,
+)
+from bloodcell.runfiles import (
+    atomic_write,
+    check_out_dir,
+    run_lock,
+    write_csv,
+    write_json,
+    write_yaml,
+)
 from bloodcell.runtime import check_stop, set_threads
 from bloodcell.training.engine import progress_bar
 
