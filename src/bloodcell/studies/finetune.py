@@ -198,7 +198,11 @@ def cross_validate(start: nn.Module, cells: Split, classes: list[str], recipe: R
         held = np.flatnonzero(fold == k)
         if len(held) == 0:
             continue
-        model = tune(start, take(cells, np.flatnonzero(fold != k)), recipe, device, mean, std)
+        rest = np.flatnonzero(fold != k)
+        if len(rest) == 0:  # every cell in this fold (a handful of cells): nothing to learn from
+            p_tuned[held] = p_start[held]
+            continue
+        model = tune(start, take(cells, rest), recipe, device, mean, std)
         p_tuned[held] = probs_of(model, take(cells, held), device, mean, std)
         log(f"fine-tune: fold {k + 1}/{folds}: start {np.mean(p_start[held].argmax(1) == cells.labels[held]):.3f}, "
             f"fine-tuned {np.mean(p_tuned[held].argmax(1) == cells.labels[held]):.3f} (n={len(held)})")
@@ -292,6 +296,9 @@ def safe_finetune(start_run: str | Path, cells: Split, classes: list[str], out: 
                         best_metric=cv.get(kept, {}).get("accuracy"), extra={"finetune": record},
                         mean=mean, std=std)
         write_yaml(out / "config.yaml", cfg)
+        # as every run folder: which images were learnt from (the labelled cells) and scored on
+        write_json(out / "splits.json", {"train": list(cells.paths),
+                                         **({"test": list(test.paths)} if test is not None else {})})
         write_json(out / "finetune.json", record)
         # only now, with the choice written, the test split
         metrics = {"run": {"labelled_cells": {"train": counts}, "kept": kept, "train_minutes": record["minutes"],

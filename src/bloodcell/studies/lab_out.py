@@ -14,9 +14,10 @@ run continues where it stopped (finished folds are kept), as ``compare`` does.
 How many cells must a new lab label? With ``label_curve=(5, 10, 25, 50)`` each fold's model is also,
 on the held-out lab split as a run of it alone would be (seeded, grouped): scored as trained on that
 lab's test split (K = 0), adapted without labels on its train split's images (``bloodcell adapt``,
-K = 0 adapted), and fine-tuned on K labelled cells per class of its train split (``train
---init-from --labels-per-class K``, the recipe in ``FINETUNE``, the last epoch kept: no label
-beyond the K chooses anything), each scored on that same test split (``crosslab.json``:
+K = 0 adapted), and fine-tuned on K labelled cells per class of its train split as ``train
+--init-from --labels-per-class K`` does (studies.finetune: from the adapted model, kept only where
+the K cells' own cross-validation shows a gain; no label beyond the K chooses anything), each
+scored on that same test split (``crosslab.json``:
 ``label_curve``). ``DIR/crops.npz`` keeps a few images of each lab as the model sees them (size,
 resize), for the report's contact sheet.
 """
@@ -46,13 +47,11 @@ from bloodcell.runfiles import (
     write_yaml,
 )
 from bloodcell.studies.adapt import adapt
+from bloodcell.studies.finetune import finetune
 from bloodcell.training.evaluate import evaluate_checkpoint
 from bloodcell.training.train import train
 
 PROTOCOL_FILE = "crosslab.yaml"
-# Fine-tuning on K labelled cells per class: few images, so many short epochs at a lower rate, and
-# the last epoch kept (the val split's K cells per class choose nothing).
-FINETUNE = {"epochs": 20, "lr": 5e-4, "batch_size": 32, "warmup_epochs": 1.0, "monitor": "last", "patience": 0}
 CROPS_PER_LAB = 8
 
 
@@ -177,9 +176,11 @@ def fold_label_curve(run: Path, lab: str, base: TrainConfig, ks: tuple[int, ...]
         if (ft / "DONE").exists():
             metrics = read_json(ft / "metrics.json")
         else:
-            cfg = make_config(TrainConfig, lab_cfg.to_dict(), {**FINETUNE, "labels_per_class": k,
+            cfg = make_config(TrainConfig, lab_cfg.to_dict(), {"labels_per_class": k,
                                                                "init_from": str(run / "best.pt")})
-            metrics = train(cfg, ft, overwrite=True, log=lambda _: None, progress=progress)
+            # the never-worse fine-tune a lab gets from `train --init-from` (studies.finetune): its
+            # recipe, kept only where the labelled cells' own cross-validation shows a gain
+            metrics = finetune(cfg, ft, given=(), overwrite=True, log=lambda _: None, progress=progress)
         cells = metrics["run"].get("labelled_cells", {}).get("train", {})
         curve["k"][str(k)] = {"accuracy": metrics["test"]["accuracy"], "macro_f1": metrics["test"]["macro_f1"],
                               "cells": cells}
