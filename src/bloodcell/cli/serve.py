@@ -43,11 +43,14 @@ def serve_key(args) -> str | None:
     return key
 
 
-def _detector(name: str | None) -> str | None:
-    """--detector as a path for create_app: none -> None; not given -> the built-in where shipped."""
-    from bloodcell.models.builtin import builtin_dir, resolve_run  # lazy: start-up
+def _detector(name: str | None, model: str) -> str | None:
+    """--detector as a path for create_app: none -> None; not given -> the built-in where shipped,
+    except beside an .onnx model, whose server loads no torch (a detector would)."""
+    if name == "none" or (name is None and str(model).lower().endswith(".onnx")):
+        return None
+    from bloodcell.models.builtin import builtin_dir, resolve_run  # lazy: torch, which a lean server never loads
 
-    if name == "none" or (name is None and not (builtin_dir() / "detector.pt").is_file()):
+    if name is None and not (builtin_dir() / "detector.pt").is_file():
         return None
     return resolve_run(name or "builtin", "detector")
 
@@ -65,7 +68,7 @@ def cmd_serve(args) -> int:
     cfg = {"model": args.checkpoint, "max_upload_mb": args.max_upload_mb, "max_batch": args.max_batch,
            "backend": args.backend, "max_pixels": int(args.max_megapixels * 1e6),
            "decoders": args.decoders, "threads": args.threads, "api_key": key,
-           "cors_origins": tuple(args.cors_origin or ()), "detector": _detector(args.detector)}
+           "cors_origins": tuple(args.cors_origin or ()), "detector": _detector(args.detector, args.checkpoint)}
     app = create_app(**cfg)  # loads the model: a bad file is one clear line here, before any worker
     p = app.state.predictor
     print(f"serving {p.model_name} ({', '.join(p.classes)}; {p.backend}"
@@ -134,7 +137,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--detector", metavar="RUN",
                    help="cell detector for POST /count: a run folder (bloodcell detector train), its "
-                        "detector.pt, builtin, or none (default: builtin where this install ships one)")
+                        "detector.pt, builtin, or none (default: builtin where this install ships one, "
+                        "none beside an .onnx model, which keeps the server free of torch)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info"])
     p.add_argument("--shutdown-timeout", type=bounded(float, 0, 3600), default=SHUTDOWN_TIMEOUT_S, metavar="S",
                    help="on SIGTERM or Ctrl-C, wait at most S seconds for the requests in flight "

@@ -311,7 +311,8 @@ def add_count_route(app: FastAPI, service: Service, detector, guarded: list, err
 
         counter = FieldCounter(service.predictor, detector)
 
-    @app.post("/count", dependencies=[*guarded, Depends(multipart)], responses=errors_doc)
+    @app.post("/count", dependencies=[*guarded, Depends(multipart)],
+              responses={**errors_doc, 404: {"description": "this server has no cell detector"}})
     async def count(file: Annotated[UploadFile, File(description="one field image (JPEG, PNG, BMP, TIFF)")]) -> dict:
         """The white cells of one field (boxes in the image's pixels, type, probability, runner-up),
         the field's counts per detected class, and its differential."""
