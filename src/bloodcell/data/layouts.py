@@ -338,11 +338,8 @@ def _note_non_images(src: Source, others: list[Path]) -> None:
 
 
 def _sha1(path: str) -> str:
-    h = hashlib.sha1()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def _hash_and_merge_duplicates(src: Source) -> None:
