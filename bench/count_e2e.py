@@ -50,32 +50,21 @@ def match(queries: list[Path], fields: list[Path], at: float = 0.98) -> dict[Pat
     return out
 
 
-def count(paths: list[Path], model: str, detector: str, tmp: Path) -> list[dict]:
+def count(paths: list[Path], model: str, detector: str, tmp: Path) -> tuple[list[dict], list[str]]:
     from bloodcell.inference.count import FieldCounter, count_slides
     from bloodcell.inference.detect import Detector
     from bloodcell.inference.predict import Predictor
     from bloodcell.models.builtin import resolve_run
 
     counter = FieldCounter(Predictor(resolve_run(model, "classifier")), Detector(resolve_run(detector, "detector")))
-    return count_slides([("fields", [str(p) for p in paths])], counter, tmp, log=lambda m: None)
+    return count_slides([("fields", [str(p) for p in paths])], counter, tmp, log=lambda m: None), counter.classes
 
 
-def score(records: list[dict], truth: dict[str, str]) -> dict:
-    from bloodcell.metrics import wilson_ci
+def score(records: list[dict], truth: dict[str, str], classes: list[str]) -> dict:
+    """count's own end-to-end figure (inference.count.end_to_end) over the fields of known type."""
+    from bloodcell.inference.count import end_to_end
 
-    n = right = none = 0
-    for r in records:
-        t = truth.get(r["image"])
-        if t is None:
-            continue
-        n += 1
-        if not r["cells"]:
-            none += 1
-            continue
-        right += max(r["cells"], key=lambda c: c["prob"])["label"].lower() == t.lower()
-    ci = wilson_ci(right, n)
-    return {"fields": n, "right": right, "accuracy": right / n if n else None,
-            "ci95": ci, "no_white_cell_found": none}
+    return end_to_end(records, {image: [t] for image, t in truth.items()}, classes)
 
 
 def main() -> None:
@@ -94,8 +83,8 @@ def main() -> None:
     test_fields = sorted(set(m.values()))
     truth = {str(f): bccd.field_types[str(f)][0] for f in test_fields if len(bccd.field_types[str(f)]) == 1}
     with tempfile.TemporaryDirectory() as tmp:
-        recs = count(sorted(Path(p) for p in truth), args.model, args.detector, Path(tmp))
-    results["BCCD test fields"] = {**score(recs, truth), "matched": f"{len(m)} of {len(simple)} TEST_SIMPLE images -> "
+        recs, classes = count(sorted(Path(p) for p in truth), args.model, args.detector, Path(tmp))
+    results["BCCD test fields"] = {**score(recs, truth, classes), "matched": f"{len(m)} of {len(simple)} TEST_SIMPLE images -> "
                                    f"{len(test_fields)} fields, {len(truth)} with one type"}
     pbc_root = ROOT / "pbc" / "PBC_dataset_normal_DIB"
     smear = discover_boxes(ROOT / "smears" / "pbc")
@@ -110,9 +99,9 @@ def main() -> None:
             continue
         truth[str(field)] = crop.parent.name
     with tempfile.TemporaryDirectory() as tmp:
-        recs = count(sorted(Path(p) for p in truth), args.model, args.detector, Path(tmp))
+        recs, classes = count(sorted(Path(p) for p in truth), args.model, args.detector, Path(tmp))
     results["PBC fields" + (" (classifier's test split)" if allowed is not None else "")] = {
-        **score(recs, truth), "matched": f"{len(by_thumb)} of {len(smear.fields)} fields matched to pbc/ images"}
+        **score(recs, truth, classes), "matched": f"{len(by_thumb)} of {len(smear.fields)} fields matched to pbc/ images"}
     print(json.dumps(results, indent=1))
 
 

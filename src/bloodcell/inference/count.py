@@ -16,6 +16,7 @@ the field; the classifier then resizes it with its own ``resize`` mode, as in tr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from PIL import Image
 from bloodcell.catalog import IMAGE_EXTENSIONS
 from bloodcell.data.images import MAX_PIXELS, ImageError, decode_field, resize_array
 from bloodcell.errors import BloodcellError
-from bloodcell.metrics import differential
+from bloodcell.metrics import differential, wilson_ci
 from bloodcell.runfiles import atomic_write, write_csv, write_json
 
 CROP_MARGIN = 2.0
@@ -205,8 +206,6 @@ def _count_one(counter: FieldCounter, slide: str, index: int, path: str, out: Pa
     for k, cell in enumerate(r["cells"]):
         crop = Path("cells") / _safe(slide) / f"{stem}_{k}.jpg"
         (out / crop).parent.mkdir(parents=True, exist_ok=True)
-        import io
-
         buf = io.BytesIO()
         Image.fromarray(cell.pop("crop")).save(buf, "JPEG", quality=90)
         atomic_write(out / crop, buf.getvalue())
@@ -290,8 +289,6 @@ def end_to_end(records: list[dict], field_types: dict[str, list[str]], classes: 
             continue
         best = max(r["cells"], key=lambda c: c["prob"])
         right += best["label"].lower() == types[0].lower()
-    from bloodcell.metrics import wilson_ci
-
     return {"fields": n, "right": right, "accuracy": right / n if n else None, "ci95": wilson_ci(right, n),
             "no_white_cell_found": no_cell, "skipped": skipped,
             "skipped_why": "fields with two types, or a type the classifier does not know"}
