@@ -127,7 +127,7 @@ def test_a_correction_is_in_labels_csv_when_the_answer_comes_and_a_new_page_show
     r = client.post("/api/label", json={"cell": first["id"], "label": to})
     assert r.status_code == 200 and r.json()["decisions"] == 1
     assert label_table(folder / "labels.csv") == [{"path": first["id"], "label": to,
-                                                  "group": first["field"], "source": "review"}]
+                                                  "group": first["field"], "split": "train", "source": "review"}]
     other = data["cells"][1]["id"]
     assert client.post("/api/label", json={"cell": other, "label": "not_wbc"}).status_code == 200
     assert [r["path"] for r in label_table(folder / "labels.csv")] == [first["id"]]  # not a class: not there

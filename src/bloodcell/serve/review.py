@@ -46,7 +46,9 @@ from bloodcell.runfiles import write_csv
 
 REVIEW_FILE, LABELS_FILE = "review.csv", "labels.csv"
 REVIEW_COLUMNS = ["path", "label", "predicted", "prob", "group", "slide", "time"]
-LABEL_COLUMNS = ["path", "label", "group", "source"]
+# split "train": every labelled cell is one to learn from (the few-label fine-tune chooses by the cells'
+# own cross-validation, so no test split is carved out of a handful of cells)
+LABEL_COLUMNS = ["path", "label", "group", "split", "source"]
 MARKS = {NOT_WBC: "not a white cell", UNSURE: "unsure"}
 
 
@@ -104,7 +106,7 @@ class Decisions:
 
     def label_rows(self) -> list[dict]:
         """labels.csv's rows: the decisions that name a class, of cells whose image is still there."""
-        return [{"path": r["path"], "label": r["label"], "group": r["group"], "source": "review"}
+        return [{"path": r["path"], "label": r["label"], "group": r["group"], "split": "train", "source": "review"}
                 for r in self.rows.values()
                 if r["label"] and r["label"] not in NOT_CLASSES
                 and (r["path"] in self.cells or (self.root / r["path"]).is_file())]
