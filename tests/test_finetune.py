@@ -3,6 +3,7 @@ the fine-tune, chosen by the labelled cells' own grouped cross-validation, never
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import quiet, tiny
+from PIL import Image
 
 import bloodcell.studies.finetune as ft
 from bloodcell.cli import main
@@ -183,3 +185,27 @@ def test_train_init_from_takes_the_safe_path_and_its_run_folder_works(tmp_path, 
     capsys.readouterr()
     assert main(["train", "--data", LAB, "--adapt-data", LAB, "--out", str(tmp_path / "x")]) == 2
     assert "--adapt-data" in capsys.readouterr().err
+
+
+def test_a_review_s_labels_csv_fine_tunes_as_it_is(tmp_path, run, capsys) -> None:
+    """What `bloodcell review` writes (path,label,group,split,source, every cell train) is what
+    `train --init-from RUN --data DIR/labels.csv` learns from: a dozen cells, no split carved out."""
+    from bloodcell.data.synthetic import generate
+    from bloodcell.serve.review import LABEL_COLUMNS
+
+    images, labels = generate(12, 48, seed=7)[:2]
+    rows = []
+    for i, (im, k) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(im).save(tmp_path / f"c{i}.png")
+        rows.append({"path": f"c{i}.png", "label": CLASSES[k], "group": f"field{i // 2}", "split": "train",
+                     "source": "review"})
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, LABEL_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "ft"
+    assert main(["train", "--init-from", str(run), "--data", str(tmp_path / "labels.csv"), "--out", str(out),
+                 "--quiet", "--threads", "1"]) == 0
+    rec = json.loads((out / "finetune.json").read_text())
+    assert sum(rec["cells"].values()) == 12 and rec["kept"] in ("start", "finetune")
+    capsys.readouterr()
