@@ -187,6 +187,7 @@ def test_train_init_from_takes_the_safe_path_and_its_run_folder_works(tmp_path, 
     assert "--adapt-data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_review_s_labels_csv_fine_tunes_as_it_is(tmp_path, run, capsys) -> None:
     """What `bloodcell review` writes (path,label,group,split,source, every cell train) is what
     `train --init-from RUN --data DIR/labels.csv` learns from: a dozen cells, no split carved out."""
