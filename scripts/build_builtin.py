@@ -70,29 +70,29 @@ def slim(src: Path, dst: Path, drop=("optimizer", "scheduler")) -> None:
     dst.write_bytes(buf.getvalue())
 
 
-def ship(work: Path) -> None:
+def entry(name: str, state_dict: dict, summary: str) -> dict:
+    """One shipped file's manifest entry: its checksum, size, learnt parameters and what it is."""
     from bloodcell.models.builtin import sha256
 
+    path = PACKAGE / name
+    params = sum(v.numel() for k, v in state_dict.items() if "running" not in k and "num_batches" not in k)
+    return {"file": name, "sha256": sha256(path), "bytes": path.stat().st_size, "params": params,
+            "summary": summary, "command": COMMAND}
+
+
+def ship(work: Path) -> None:
     PACKAGE.mkdir(parents=True, exist_ok=True)
     slim(work / "classifier" / "runs" / "cnn4x32" / "best.pt", PACKAGE / "classifier.pt")
     shutil.copyfile(work / "detector" / "detector.pt", PACKAGE / "detector.pt")
     cls = torch.load(PACKAGE / "classifier.pt", map_location="cpu", weights_only=False)
     det = torch.load(PACKAGE / "detector.pt", map_location="cpu", weights_only=True)
     manifest = {
-        "classifier": {"file": "classifier.pt", "sha256": sha256(PACKAGE / "classifier.pt"),
-                       "bytes": (PACKAGE / "classifier.pt").stat().st_size,
-                       "params": sum(v.numel() for k, v in cls["state_dict"].items() if "running" not in k
-                                     and "num_batches" not in k),
-                       "summary": f"{cls['model']['name']} at {cls['image_size']} px ({cls['resize']}), classes "
-                                  f"{', '.join(cls['classes'])}; trained on two labs",
-                       "command": COMMAND},
-        "detector": {"file": "detector.pt", "sha256": sha256(PACKAGE / "detector.pt"),
-                     "bytes": (PACKAGE / "detector.pt").stat().st_size,
-                     "params": sum(v.numel() for k, v in det["state_dict"].items() if "running" not in k
-                                   and "num_batches" not in k),
-                     "summary": f"centre heat-map detector at {det['input_size']} px, classes "
-                                f"{', '.join(det['classes'])}; trained on three labs' fields",
-                     "command": COMMAND},
+        "classifier": entry("classifier.pt", cls["state_dict"],
+                            f"{cls['model']['name']} at {cls['image_size']} px ({cls['resize']}), classes "
+                            f"{', '.join(cls['classes'])}; trained on two labs"),
+        "detector": entry("detector.pt", det["state_dict"],
+                          f"centre heat-map detector at {det['input_size']} px, classes "
+                          f"{', '.join(det['classes'])}; trained on three labs' fields"),
     }
     (PACKAGE / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest, indent=1))
