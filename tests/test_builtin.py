@@ -103,7 +103,7 @@ def test_builtin_detector_finds_the_white_cells_of_real_fields():
     from bloodcell.data.boxes import discover_boxes
     from bloodcell.inference.detect import Detector, evaluate_boxes
 
-    det = Detector("builtin" and builtin.builtin_path("detector"), threads=1)
+    det = Detector("builtin", threads=1)
     for lab in ("raabin", "pbc"):
         bs = discover_boxes(real_folder("smears", lab))
         s = evaluate_boxes(det, bs.split("test"), bs.classes)["wbc"]
@@ -121,3 +121,16 @@ def test_count_with_the_builtin_models_on_a_real_slide(tmp_path, capsys):
     assert main(["count", str(slide), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     diff = json.loads((tmp_path / "out" / "differential.json").read_text())
     assert diff["slides"][0]["cells"] >= 4  # each PBC field holds a white cell
+
+
+def test_detector_evaluate_takes_builtin_and_an_empty_split_is_one_line(tmp_path, capsys):
+    (tmp_path / "images" / "test").mkdir(parents=True)
+    (tmp_path / "labels" / "test").mkdir(parents=True)
+    (tmp_path / "labels" / "classes.txt").write_text("WBC\n")
+    Image.new("RGB", (160, 120), (230, 200, 205)).save(tmp_path / "images" / "test" / "f.jpg")
+    (tmp_path / "labels" / "test" / "f.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    assert main(["detector", "evaluate", "builtin", "--data", str(tmp_path)]) == 0
+    assert "wbc" in capsys.readouterr().out
+    assert main(["detector", "evaluate", "builtin", "--data", str(tmp_path), "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no train fields" in err

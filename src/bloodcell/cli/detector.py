@@ -29,14 +29,14 @@ def cmd_detector_train(args) -> int:
 def cmd_detector_evaluate(args) -> int:
     """bloodcell detector evaluate runs/detector --data smears/pbc --split test"""
     from bloodcell.data.boxes import discover_boxes  # lazy: start-up
+    from bloodcell.errors import BloodcellError
     from bloodcell.inference.detect import Detector, evaluate_boxes
 
     det = Detector(args.detector, threads=args.threads)
     bs = discover_boxes(args.data, seed=args.seed)
     fields = bs.fields if args.split == "all" else bs.split(args.split)
     if not fields:
-        print(f"bloodcell: error: {args.data} has no {args.split} fields")
-        return 2
+        raise BloodcellError(f"{args.data} has no {args.split} fields")
     scores = evaluate_boxes(det, fields, bs.classes)
     if args.json:
         print(json.dumps(scores, indent=1))

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from bloodcell.errors import BloodcellError
+from bloodcell.models.builtin import BUILTIN, builtin_path
 from bloodcell.models.detector import CellDetector, decode, field_batch
 from bloodcell.runtime import set_threads
 
@@ -24,7 +25,10 @@ FORMAT = "bloodcell-detector/1"
 
 
 def resolve_detector(path: str | os.PathLike) -> Path:
-    """A run folder means its detector.pt; a file means itself."""
+    """A run folder means its detector.pt; a file means itself; ``builtin`` the detector bloodcell
+    ships (models.builtin), as checkpoint.resolve does for a classifier."""
+    if str(path) == BUILTIN:
+        return builtin_path("detector")
     p = Path(path)
     if p.is_dir():
         p = p / "detector.pt"
