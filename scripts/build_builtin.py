@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""python scripts/build_builtin.py [--work runs/builtin] [--stage detector|classifier|ship|all]
+"""python scripts/build_builtin.py [--work runs/builtin] [--stage detector|classifier|ship|examples|all]
 
 Rebuilds the models bloodcell ships (src/bloodcell/builtin/) from $BLOODCELL_TEST_DATA (default
 ../shared/data), on a CPU:
@@ -14,7 +14,12 @@ Rebuilds the models bloodcell ships (src/bloodcell/builtin/) from $BLOODCELL_TES
 - ship: each checkpoint stripped to what inference needs (no optimiser state), copied into the
   package with its SHA-256 in builtin/manifest.json, and the figures of builtin/CARD.md printed for
   the card (each lab's test split, at home; the two labs never seen; the detector on each lab's
-  test fields) written into builtin/CARD.md.
+  test fields) written into builtin/CARD.md;
+- examples: the README's first examples, shipped in builtin/examples/ (PBC, CC BY 4.0): one cell
+  per class, the first by name of the classifier's PBC test split (cells/<class>.jpg), and a slide of
+  the first three PBC fields by name of the detector's test split that hold a boxed white cell
+  (slide/). The cells are of a split no model trained on; the fields were not trained on by the
+  detector, but they are PBC's own images, so the classifier may have seen the cells in them.
 
 Each stage keeps its output in --work; a stage whose output exists is skipped (delete it to redo).
 """
@@ -98,6 +103,24 @@ def ship(work: Path) -> None:
     print(json.dumps(manifest, indent=1))
     (PACKAGE / "CARD.md").write_text(card(work, manifest))
     print((PACKAGE / "CARD.md").read_text())
+
+
+def examples(work: Path) -> None:
+    from bloodcell.data.boxes import discover_boxes
+
+    out = PACKAGE / "examples"
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "cells").mkdir(parents=True)
+    (out / "slide").mkdir()
+    test = json.loads((work / "classifier" / "runs" / "cnn4x32" / "splits.json").read_text())["test"]
+    pbc = sorted(p for p in test if Path(p).is_relative_to(LABS[1].resolve()) or Path(p).is_relative_to(LABS[1]))
+    for cls in CLASSES.split(","):
+        first = next(Path(p) for p in pbc if Path(p).parent.name.lower() == cls)
+        shutil.copyfile(first, out / "cells" / f"{cls}{first.suffix.lower()}")
+    fields = [Path(f.path) for f in discover_boxes(SMEARS[1]).split("test") if f.count("wbc")][:3]
+    for i, f in enumerate(fields, 1):
+        shutil.copyfile(f, out / "slide" / f"field-{i}{f.suffix.lower()}")
+    print("\n".join(sorted(str(p.relative_to(PACKAGE)) for p in out.rglob("*.*"))))
 
 
 def capture(cmd: list[str]) -> dict:
@@ -190,13 +213,20 @@ Each lab's test fields (IoU 0.5; "found": the detection and the true box hold ea
 Leave one lab out (`python bench/detect_lolo.py`, bench/RESULTS.md "Finding white cells"): a lab whose
 annotators box white cells with their pale cytoplasm is found, but its boxes are drawn tighter than its
 annotators drew them. **Where it is known to fail**: cells cut by the field's edge; platelets (few boxes).
+
+## Examples (`examples/`)
+
+`cells/`: one PBC cell per class (its file named by its true class), the first by name of each class in
+the classifier's PBC test split. `slide/`: the first three fields by name of the detector's PBC test split
+that hold a boxed white cell (PBC's own images, so the classifier may have trained on their cells). PBC:
+Acevedo et al., Data in Brief 2020, CC BY 4.0. They are the README's first examples, not a measure.
 """
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/builtin")
-    ap.add_argument("--stage", choices=["detector", "classifier", "ship", "all"], default="all")
+    ap.add_argument("--stage", choices=["detector", "classifier", "ship", "examples", "all"], default="all")
     args = ap.parse_args()
     work = Path(args.work)
     if args.stage in ("detector", "all"):
@@ -205,6 +235,8 @@ def main() -> None:
         classifier(work)
     if args.stage in ("ship", "all"):
         ship(work)
+    if args.stage in ("examples", "all"):
+        examples(work)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,17 @@ def test_detector_evaluate_takes_builtin_and_an_empty_split_is_one_line(tmp_path
     assert main(["detector", "evaluate", "builtin", "--data", str(tmp_path), "--split", "train"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no train fields" in err
+
+
+def test_the_shipped_examples_read_and_count_with_no_training(tmp_path, capsys):
+    """The README's first examples: one PBC cell per class, and a slide of three PBC fields."""
+    examples = builtin.builtin_dir() / "examples"
+    cells = sorted((examples / "cells").glob("*.jpg"))
+    _, meta = load_model("builtin")
+    assert [c.stem for c in cells] == meta["classes"]
+    assert main(["predict", *map(str, cells), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(cells) and all(r["class"] in meta["classes"] for r in rows)
+    assert main(["count", str(examples / "slide"), "--out", str(tmp_path / "count"), "--no-progress"]) == 0
+    diff = json.loads((tmp_path / "count" / "differential.json").read_text())
+    assert diff["slides"][0]["cells"] >= 3  # each field holds a boxed white cell
