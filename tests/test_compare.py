@@ -274,3 +274,40 @@ def test_a_second_compare_on_one_folder_is_refused_not_mixed_in(tmp_path, capsys
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     rows = json.loads((out / "results.json").read_text())["models"]
     assert [r["model"] for r in rows] == ["cnn2x32"] and sorted(p.name for p in (out / "runs").iterdir()) == ["cnn2x32"]
+
+
+def test_models_flag_narrows_a_presets_overrides_and_a_stray_override_is_still_said(tmp_path, monkeypatch, capsys):
+    import bloodcell.studies.compare as studies
+
+    seen = {}
+    monkeypatch.setattr(studies, "compare", lambda models, shared, out, overrides, **kw: seen.update(
+        models=models, overrides=overrides) or {})
+    assert main(["compare", "--models", "cnn2x32", "--out", str(tmp_path / "a")]) == 0  # demo: overrides resnet18
+    assert seen == {"models": ["cnn2x32"], "overrides": {}}
+    assert main(["compare", "--models", "resnet18", "--out", str(tmp_path / "b")]) == 0
+    assert seen["overrides"] == {"resnet18": {"stem": "imagenet"}}
+    f = tmp_path / "p.yaml"
+    f.write_text("data: synthetic:96\nmodels: [cnn2x32]\noverrides:\n  vgg3: {lr: 0.001}\n")
+    monkeypatch.undo()
+    assert main(["compare", "--config", str(f), "--models", "cnn2x32", "--out", str(tmp_path / "c")]) == 2
+    assert "overrides name model 'vgg3'" in capsys.readouterr().err
+
+
+def test_stem_chooses_resnet18s_first_layers_and_is_refused_elsewhere():
+    import torch
+
+    from bloodcell.config import TrainConfig, make_config
+    from bloodcell.errors import BloodcellError
+    from bloodcell.models.build import build_model
+
+    def stem_stride(stem: str, size: int = 48) -> int:
+        model, kw = build_model(make_config(TrainConfig, {"model": "resnet18", "image_size": size, "stem": stem}),
+                                ["a", "b"])
+        return model.conv1.stride[0] * (2 if isinstance(model.maxpool, torch.nn.MaxPool2d) else 1)
+
+    assert stem_stride("auto") == 2 and stem_stride("small") == 2 and stem_stride("imagenet") == 4
+    assert stem_stride("auto", 128) == 4 and stem_stride("small", 128) == 2
+    with pytest.raises(BloodcellError, match="no choice of stem"):
+        build_model(make_config(TrainConfig, {"model": "cnn4x32", "stem": "imagenet"}), ["a", "b"])
+    with pytest.raises(BloodcellError, match="cannot start from --pretrained"):
+        build_model(make_config(TrainConfig, {"model": "resnet18", "stem": "small", "pretrained": True}), ["a", "b"])

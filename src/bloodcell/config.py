@@ -22,7 +22,7 @@ from bloodcell.errors import ConfigError
 CHOICES = {
     "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
     "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-    "norm": ("batch", "group", "none"), "stain_norm": ("none", "image", "gray"), "augment": ("none", "light", "strong"),
+    "norm": ("batch", "group", "none"), "stem": ("auto", "small", "imagenet"), "stain_norm": ("none", "image", "gray"), "augment": ("none", "light", "strong"),
     "mix": ("none", "mixup", "cutmix"),
     "resize": ("squash", "crop", "pad", "cell", "cellfit"),
     "group_by": ("auto", "similar", "name", "file"),
@@ -151,6 +151,11 @@ class TrainConfig:
         "normalisation layers (the study's four and the torchvision baselines): batch norm; group "
         "norm (each image's own statistics, the same at training and test time, whatever the lab); "
         "none (the study's four only)")
+    stem: str = opt("auto", "model",
+        "ResNet-18's first layers: small = one 3x3 conv and no max-pool (the CIFAR stem: layer1 at half "
+        "the input at 33-64 px, at the input's own size at 32 px and under); imagenet = torchvision's "
+        "7x7/2 conv and max-pool (a quarter of the input; 4x fewer operations than small at 48 px); "
+        "auto = small at 64 px and under, imagenet above and with --pretrained")
     stain_norm: str = opt("none", "model",
         "stain normalisation, a first layer of the model (so evaluate, predict, serve and export "
         "apply it too): image = each image's colour channels shifted and scaled to mean 0 and spread "

@@ -40,7 +40,11 @@ def cmd_compare(args) -> int:
     check_given(args)  # a flag out of its range: one line before any work
     shared.update(given(args, TrainConfig))
     if args.models:
+        # --models narrows the file's list: its overrides of the models left out go with them (an
+        # override of a model the file does not list is still a mistake, said by compare)
+        listed = set(models or ())
         models = model_list(args.models)
+        overrides = {m: o for m, o in overrides.items() if m in models or m not in listed}
     compare(models, shared, args.out, overrides, overwrite=args.overwrite, progress=not args.quiet,
             report=not args.no_report, command="bloodcell " + shlex.join(sys.argv[1:]),
             ensemble=args.ensemble or ensemble)

@@ -24,8 +24,15 @@ def model_kwargs(cfg: TrainConfig, num_classes: int) -> dict:
         kw["norm"] = cfg.norm
     if "pool_first" in options:
         kw["pool_first"] = True  # saved, so a checkpoint names its layer order (load_model)
+    if cfg.stem != "auto" and "small_stem" not in options:
+        raise BloodcellError(f"--stem {cfg.stem}: model {cfg.model} has no choice of stem (resnet18 has)")
     if "small_stem" in options and cfg.pretrained:
+        if cfg.stem == "small":
+            raise BloodcellError("--stem small cannot start from --pretrained weights: they were trained "
+                                 "with the ImageNet stem")
         kw["small_stem"] = False  # the ImageNet stem the weights were trained with, at any size
+    elif "small_stem" in options and cfg.stem != "auto":
+        kw["small_stem"] = cfg.stem == "small"
     if cfg.stain_norm != "none":
         kw["stain_norm"] = cfg.stain_norm
     return kw
