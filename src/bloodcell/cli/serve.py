@@ -48,7 +48,10 @@ def _detector(name: str | None, model: str) -> str | None:
     except beside an .onnx model, whose server loads no torch (a detector would)."""
     if name == "none" or (name is None and str(model).lower().endswith(".onnx")):
         return None
-    from bloodcell.models.builtin import builtin_dir, resolve_run  # lazy: torch, which a lean server never loads
+    from bloodcell.models.builtin import (  # lazy: torch, which a lean server never loads
+        builtin_dir,
+        resolve_run,
+    )
 
     if name is None and not (builtin_dir() / "detector.pt").is_file():
         return None
