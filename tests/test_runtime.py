@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -71,12 +72,33 @@ def test_auto_precision_is_fp32_for_a_depthwise_model_on_a_cpu_without_amx(monke
     assert resolve_precision("auto", cpu, plain) == "fp32"
 
 
-def test_a_run_records_and_says_the_precision_auto_chose(tmp_path, monkeypatch) -> None:
+def test_a_run_records_and_says_the_precision_auto_measured(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
     monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
+    timed = []
+    monkeypatch.setattr(runtime, "time_train_step",
+                        lambda model, shape, precision: timed.append(precision) or {"fp32": 0.010, "bf16": 0.020}[precision])
     lines: list[str] = []
-    m = train(tiny(model="mobilenet_v3_small", epochs=1, threads=1, precision="auto"), tmp_path / "r", log=lines.append,
+    m = train(tiny(model="cnn2x32", epochs=1, threads=1, precision="auto"), tmp_path / "r", log=lines.append,
               progress=False)
-    assert m["run"]["precision"] == "fp32"
-    assert any(s.startswith("model: mobilenet_v3_small") and "fp32 (auto: bf16 autocast trains depthwise" in s
-               for s in lines)
+    assert m["run"]["precision"] == "fp32" and timed == ["fp32", "bf16"]
+    assert any("measured 10 ms in fp32, 20 ms in bf16 on this CPU: fp32" in s for s in lines)
+    assert any(s.startswith("model: cnn2x32") and "fp32 (auto: bf16 measured no faster" in s for s in lines)
+    # remembered: the same model and batch on this CPU are not timed again
+    train(tiny(model="cnn2x32", epochs=1, threads=1, precision="auto"), tmp_path / "r2", log=lambda _: None,
+          progress=False)
+    assert timed == ["fp32", "bf16"]
+    # a cache that is not JSON is measured again and written whole
+    (tmp_path / "cache" / "precision.json").write_text("{not json")
+    model = get_model("cnn2x32", 4, image_size=32)
+    assert runtime.measured_train_precision(model, (8, 3, 32, 32)) == "fp32"
+    assert timed[-2:] == ["fp32", "bf16"] and json.loads((tmp_path / "cache" / "precision.json").read_text())
+
+
+def test_a_training_step_is_timed_in_each_precision() -> None:
+    model = get_model("cnn2x32", 4, image_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for precision in ("fp32", "bf16"):
+        assert 0 < runtime.time_train_step(model, (4, 3, 32, 32), precision, steps=1) < 10
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a copy was timed

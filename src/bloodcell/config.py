@@ -220,8 +220,9 @@ class TrainConfig:
         "final evaluation averages 8 flips/rotations of each image (never used to choose anything)")
     seed: int = opt(0, "runtime", "seed of the split, the initialisation, the order and the augmentation", range=(0, 2**32 - 1))
     precision: str = opt("auto", "runtime",
-        "auto = bf16 autocast where the hardware has native bf16 (but a depthwise model trains in "
-        "fp32 on a CPU without AMX, where bf16 is no faster), else fp32")
+        "auto = fp32 where the hardware has no native bf16; bf16 autocast on a GPU that has it and "
+        "on a CPU with AMX; on a CPU with AVX-512 BF16 but no AMX, whichever of the two a timed "
+        "training step of the model finds faster (remembered in the user's cache)")
     channels_last: bool = opt(True, "runtime", "channels-last memory format (faster convolutions on CPU)")
     device: str = opt("auto", "runtime", "auto = CUDA if available, else CPU")
     threads: int = opt(0, "runtime",

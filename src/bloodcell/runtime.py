@@ -8,7 +8,9 @@ run folder records what it resolved to.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
+import json
 import os
 import platform
 import signal
@@ -16,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,18 +72,80 @@ def depthwise(model: torch.nn.Module) -> bool:
                for m in model.modules())
 
 
-def resolve_precision(precision: str, device: torch.device, train: torch.nn.Module | None = None) -> str:
-    """auto -> bf16 where the hardware supports it natively, else fp32; given the model to be
-    trained, also fp32 for a depthwise one on a CPU without AMX, where a bf16 training step is not
-    faster (measured on AVX-512 BF16 without AMX, 2 threads: MobileNetV3-Small 0.51x of fp32,
-    EfficientNet-B0 1.04x, while the study's models and ResNet-18 train 1.5-2.3x faster in bf16;
-    scoring is faster in bf16 for all of them, 1.2-2.5x; ``bench/precision_speed.py``)."""
+def user_cache_dir() -> Path:
+    """The user's cache folder: $BLOODCELL_CACHE, else $XDG_CACHE_HOME/bloodcell, else ~/.cache/bloodcell."""
+    if os.environ.get("BLOODCELL_CACHE"):
+        return Path(os.environ["BLOODCELL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bloodcell"
+
+
+BF16_GAIN = 1.1  # auto trains in bf16 where its measured step is at least this much faster than fp32
+
+
+def time_train_step(model: torch.nn.Module, shape: tuple[int, ...], precision: str, steps: int = 3) -> float:
+    """Seconds of the best of ``steps`` forward + backward passes of a copy of ``model`` on a random
+    channels-last batch of ``shape`` (after one untimed pass), in ``precision``, on the CPU."""
+    net = copy.deepcopy(model).cpu().train().to(memory_format=torch.channels_last)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    best = float("inf")
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        with autocast(torch.device("cpu"), precision):
+            out = net(x)
+        out.float().sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measured_train_precision(model: torch.nn.Module, shape: tuple[int, ...], log=None) -> str:
+    """bf16 or fp32 for training ``model`` on batches of ``shape`` on this CPU: whichever step
+    measures faster (bf16 only at ``BF16_GAIN`` or more), timed once per CPU, torch, thread count,
+    model and shape and remembered in the user's cache (``precision.json``)."""
+    key = "|".join(map(str, (cpuinfo("model name") or platform.processor(), torch.__version__,
+                             torch.get_num_threads(), type(model).__name__,
+                             sum(p.numel() for p in model.parameters()), "x".join(map(str, shape)))))
+    path = user_cache_dir() / "precision.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), dict):
+        seconds = {p: time_train_step(model, shape, p) for p in ("fp32", "bf16")}
+        known = known if isinstance(known, dict) else {}
+        known[key] = seconds
+        try:  # a cache that cannot be written only means measuring again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    seconds = known[key]
+    choice = "bf16" if seconds["fp32"] >= BF16_GAIN * seconds["bf16"] else "fp32"
+    if log:
+        log(f"precision auto: a training step measured {1000 * seconds['fp32']:.0f} ms in fp32, "
+            f"{1000 * seconds['bf16']:.0f} ms in bf16 on this CPU: {choice}")
+    return choice
+
+
+def resolve_precision(precision: str, device: torch.device, train: torch.nn.Module | None = None,
+                      shape: tuple[int, ...] | None = None, log=None) -> str:
+    """auto -> bf16 where the hardware supports it natively, else fp32. Given the model to be
+    trained and its batch shape, on a CPU with native bf16 but no AMX (AVX-512 BF16), auto measures
+    a training step in both and takes the faster (measured there, 2 threads: the study's models and
+    ResNet-18 train 1.5-2.3x faster in bf16, MobileNetV3-Small 0.51x, EfficientNet-B0 1.04x;
+    ``bench/precision_speed.py``); without the shape, the depthwise models train in fp32 there. With
+    AMX, bf16; scoring is faster in bf16 for every model measured (1.2-2.5x)."""
     if precision == "auto":
         if not bf16_supported(device):
             return "fp32"
-        if train is not None and device.type == "cpu" and depthwise(train) and not cpu_has_amx():
-            return "fp32"
-        return "bf16"
+        if train is None or device.type != "cpu" or cpu_has_amx():
+            return "bf16"
+        if shape is not None:
+            return measured_train_precision(train, shape, log)
+        return "fp32" if depthwise(train) else "bf16"
     if precision == "bf16" and not bf16_supported(device):
         raise BloodcellError(f"--precision bf16 is not supported on this {device.type} "
                              "(no native bf16); use --precision fp32")

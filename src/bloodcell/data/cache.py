@@ -21,17 +21,14 @@ from bloodcell.data import synthetic
 from bloodcell.data.images import RESIZE_MODES, describe_error, load_image
 from bloodcell.data.records import Item
 from bloodcell.runfiles import check_out_dir, write_json
-from bloodcell.runtime import check_stop, pid_alive, worker_map
+from bloodcell.runtime import check_stop, pid_alive, user_cache_dir, worker_map
 
 CACHE_FORMAT = 1
 
 
 def default_cache_dir() -> Path:
     """The user's cache folder: $BLOODCELL_CACHE, else $XDG_CACHE_HOME/bloodcell, else ~/.cache/bloodcell."""
-    if os.environ.get("BLOODCELL_CACHE"):
-        return Path(os.environ["BLOODCELL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bloodcell"
+    return user_cache_dir()
 
 
 def cache_folder(cache_dir: str | os.PathLike | None) -> Path:

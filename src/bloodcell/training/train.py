@@ -170,9 +170,10 @@ def _model(world: World, cfg: TrainConfig, ds: Dataset, device, hardware_precisi
     """The model (its rebuild arguments), the precision it trains in, and its pretrained recipe."""
     recipe = pretrained_recipe(cfg)
     model, kw = distributed.node_first(world, lambda: build_model(cfg, ds.classes), ordered=False)
-    precision = resolve_precision(cfg.precision, device, model)
-    why = (" (auto: bf16 autocast trains depthwise convolutions no faster than fp32 on this CPU)"
-           if precision != hardware_precision else "")
+    # auto measures one training step each way on this CPU (not across ranks, which must agree)
+    shape = None if world.active else (min(cfg.batch_size, len(ds.splits["train"])), 3, cfg.image_size, cfg.image_size)
+    precision = resolve_precision(cfg.precision, device, model, shape, log=log)
+    why = " (auto: bf16 measured no faster than fp32 on this CPU)" if precision != hardware_precision else ""
     log(f"model: {cfg.model}, {sum(p.numel() for p in model.parameters()):,} parameters, {precision}{why}")
     if recipe:
         _log_recipe(recipe, cfg, log)
