@@ -7,13 +7,16 @@ is held out in turn: `bloodcell crosslab` trains a model on the others (bench/cr
 protocol, resumable: finished folds are kept), and on the held-out lab's test split (split as a run
 of that lab alone would be) this scores the model as trained (K = 0), adapted without labels to
 the lab's train images (K = 0, adapted), and fine-tuned by bloodcell.studies.finetune on K labelled
-cells per class of its train split, chosen two ways: at random (one image per cell group, as
-`--labels-per-class`), and as a person working through `bloodcell review` would label them (the
-adapted model's review order: least sure first, classes and fields taking turns; the first K x
-classes cells, one per group, whatever their true classes). Each fine-tune keeps the adapted start
-unless the labelled cells' own cross-validation shows a gain; nothing of the test split chooses
-anything. Prints a Markdown table (mean ± sd over seeds; in brackets how many seeds kept the
-fine-tune) and writes OUT/label_curve.json.
+cells per class of its train split, chosen three ways: at random (one image per cell group, as
+`--labels-per-class`); "review", as a person working through `bloodcell review` would label them
+(the adapted model's review order: least sure first, classes and fields taking turns; the first K x
+classes cells, one per group, whatever their true classes); and "balanced", the same person keeping
+a cell only while its true class has fewer than K (at most K per class; the table gives how many
+cells were looked at for them). The fine-tune weighs each labelled class alike in its loss. Each
+fine-tune keeps the adapted start unless the labelled cells' own cross-validation shows a gain;
+nothing of the test split chooses anything. Prints a Markdown table (mean ± sd over seeds; in
+brackets how many seeds kept the fine-tune, and for "balanced" the cells looked at) and writes
+OUT/label_curve.json and OUT/label_curve.png (the curves: accuracy against K, each lab a panel).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from bloodcell.studies.compare import load_protocol
 from bloodcell.studies.finetune import Recipe, adapted, probs_of, safe_finetune
 from bloodcell.studies.lab_out import crosslab
 
-HOW = ("random", "review")
+HOW = ("random", "review", "balanced")
 
 
 def review_rows(probs: np.ndarray, split, classes: list[str], n: int) -> np.ndarray:
@@ -54,6 +57,27 @@ def review_rows(probs: np.ndarray, split, classes: list[str], n: int) -> np.ndar
             if len(rows) == n:
                 break
     return np.array(sorted(rows), dtype=np.int64)
+
+
+def balanced_rows(probs: np.ndarray, split, classes: list[str], k: int) -> tuple[np.ndarray, int]:
+    """A person working down the review order who labels each cell and keeps it only while its
+    (true) class has fewer than ``k`` kept: the rows kept (at most ``k`` of each class, one image
+    per group) and how many cells were looked at to get them."""
+    cells = [Cell(id=split.paths[i], label=classes[int(p.argmax())], prob=float(p.max()), field=str(split.groups[i]))
+             for i, p in enumerate(probs)]
+    rows, seen, have, looked = [], set(), np.zeros(len(classes), int), 0
+    for i in review_order(cells):
+        if split.groups[i] in seen:
+            continue
+        seen.add(split.groups[i])
+        looked += 1
+        c = int(split.labels[i])
+        if have[c] < k:
+            have[c] += 1
+            rows.append(i)
+            if (have >= k).all():
+                break
+    return np.array(sorted(rows), dtype=np.int64), looked
 
 
 def lab_curve(fold_dir: Path, lab: str, protocol: dict, ks: tuple[int, ...], seed: int, log) -> dict:
@@ -76,8 +100,13 @@ def lab_curve(fold_dir: Path, lab: str, protocol: dict, ks: tuple[int, ...], see
     for k in ks:
         out["k"][str(k)] = {}
         for how in HOW:
-            rows = (np.flatnonzero(np.isin(pool.paths, few_labels(ds, k, seed, ("train",)).splits["train"].paths))
-                    if how == "random" else review_rows(order_probs, pool, classes, k * len(classes)))
+            looked = None
+            if how == "random":
+                rows = np.flatnonzero(np.isin(pool.paths, few_labels(ds, k, seed, ("train",)).splits["train"].paths))
+            elif how == "review":
+                rows = review_rows(order_probs, pool, classes, k * len(classes))
+            else:
+                rows, looked = balanced_rows(order_probs, pool, classes, k)
             run = fold_dir / f"finetune-{how}-k{k}"
             if (run / "DONE").exists():
                 m = read_json(run / "metrics.json")
@@ -87,7 +116,7 @@ def lab_curve(fold_dir: Path, lab: str, protocol: dict, ks: tuple[int, ...], see
                                   config=cfg.to_dict(), overwrite=True, log=lambda _: None)
             cv = m["finetune"]["cv"]
             out["k"][str(k)][how] = {"accuracy": m["test"]["accuracy"], "kept": m["run"]["kept"],
-                                     "cells": m["run"]["labelled_cells"]["train"],
+                                     "cells": m["run"]["labelled_cells"]["train"], "looked_at": looked or len(rows),
                                      "cv": {key: cv.get(key) for key in ("start", "finetune", "gain", "gain_se")}}
             log(f"  {fold_dir.name} K={k} {how}: test {m['test']['accuracy']:.4f} ({m['run']['kept']} kept; cells "
                 + ", ".join(f"{c} {n}" for c, n in m["run"]["labelled_cells"]["train"].items()) + ")")
@@ -105,9 +134,37 @@ def table(curves: list[dict], ks: tuple[int, ...]) -> str:
             for how in HOW:
                 got = [c[lab]["k"][str(k)][how] for c in curves]
                 kept = sum(g["kept"] == "finetune" for g in got)
-                cells.append(f"{mean_sd([g['accuracy'] for g in got])} ({kept}/{len(got)})")
+                looked = f"; {np.mean([g.get('looked_at', 0) for g in got]):.0f} seen" if how == "balanced" else ""
+                cells.append(f"{mean_sd([g['accuracy'] for g in got])} ({kept}/{len(got)}{looked})")
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot(curves: list[dict], ks: tuple[int, ...], path: Path) -> None:
+    """Accuracy on each held-out lab's test split against K (mean and spread over seeds), a line per
+    way of choosing the cells, the adapted start dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labs = list(curves[0])
+    fig, axes = plt.subplots(1, len(labs), figsize=(3.2 * len(labs), 3.0), sharey=True, squeeze=False)
+    for ax, lab in zip(axes[0], labs, strict=True):
+        start = np.array([c[lab]["adapted"] for c in curves]) * 100
+        ax.axhline(start.mean(), color="grey", ls="--", lw=1, label="K = 0, adapted")
+        for how in HOW:
+            acc = np.array([[c[lab]["k"][str(k)][how]["accuracy"] for k in ks] for c in curves]) * 100
+            ax.errorbar(ks, acc.mean(0), yerr=acc.std(0), marker="o", ms=3, capsize=2, label=how)
+        ax.set_title(Path(lab).name[:22], fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("labelled cells per class (K)")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -145,6 +202,7 @@ def main() -> None:
     print("held-out lab's test split: accuracy, then with K labelled cells per class chosen at random or in "
           "review order (in brackets: the seeds whose labels showed the fine-tune better, so kept it)\n")
     print(table(curves, ks))
+    plot(curves, ks, Path(args.out) / "label_curve.png")
     print(f"\nwrote {Path(args.out) / 'label_curve.json'}")
 
 

@@ -210,3 +210,13 @@ def test_a_review_s_labels_csv_fine_tunes_as_it_is(tmp_path, run, capsys) -> Non
     rec = json.loads((out / "finetune.json").read_text())
     assert sum(rec["cells"].values()) == 12 and rec["kept"] in ("start", "finetune")
     capsys.readouterr()
+
+
+def test_a_lopsided_set_of_labels_weighs_each_class_alike():
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    w = ft.balancing_weights(np.array([0, 0, 0, 1]), model)
+    assert torch.allclose(w, torch.tensor([4 / 6, 2.0, 1.0]))  # class 2 unlabelled: no term to weigh
+    counts = np.array([3, 1])
+    assert np.isclose((w[:2].numpy() * counts)[0], (w[:2].numpy() * counts)[1])  # each class's total alike

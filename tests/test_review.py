@@ -273,6 +273,8 @@ def test_a_person_clicks_a_cell_presses_a_number_and_sees_and_saves_it(browser, 
         assert page.locator("#diff tr[data-label='LYMPHOCYTE'] td.corr b").inner_text() == "3"
         assert page.locator("#diff tr[data-label='LYMPHOCYTE'] td.pre b").inner_text() == "4"
         assert "reviewed 1 of 12" in page.locator("#progress").inner_text()
+        assert page.locator("#diff tr[data-label='MONOCYTE'] td.lab b").inner_text() == "1"  # labelled so far
+        assert page.locator("#diff tr[data-label='LYMPHOCYTE'] td.lab b").inner_text() == "0"
         print(f"\nkey press to labels.csv written: {1000 * latency:.1f} ms")
         assert latency < 1.0
 

@@ -83,6 +83,7 @@ class Recipe:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     augment: str = "light"  # flips and quarter turns: a cell's class does not change with them
+    class_weights: bool = True  # each class weighs alike in the loss, however few of its cells were labelled
     seed: int = 0
 
 
@@ -114,6 +115,18 @@ def learnable(model: nn.Module, learns: str) -> list[nn.Parameter]:
     return params
 
 
+def balancing_weights(labels: np.ndarray, model: nn.Module) -> torch.Tensor:
+    """Loss weights per class of the model's output that make each labelled class weigh alike: a
+    review's labels come lopsided (the cells it shows first are of the classes the start is least
+    sure of). A class with no labelled cell keeps weight 1 (it has no loss term to weigh)."""
+    n_out = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_out).astype(np.float64)
+    present = counts > 0
+    w = np.ones(n_out)
+    w[present] = counts[present].sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
 def tune(start: nn.Module, cells: Split, recipe: Recipe, device, mean, std) -> nn.Module:
     """A copy of ``start`` fine-tuned on ``cells`` as the recipe says; batch-norm statistics kept
     (the layers in eval mode), dropout on. ``start`` is left as it was."""
@@ -127,6 +140,7 @@ def tune(start: nn.Module, cells: Split, recipe: Recipe, device, mean, std) -> n
                          seed=recipe.seed, device=device, mean=mean, std=std)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, recipe.epochs * len(loader)))
+    weight = balancing_weights(cells.labels, model).to(device) if recipe.class_weights else None
     torch.manual_seed(recipe.seed)
     for epoch in range(recipe.epochs):
         loader.set_epoch(epoch)
@@ -136,7 +150,8 @@ def tune(start: nn.Module, cells: Split, recipe: Recipe, device, mean, std) -> n
                 m.eval()  # the adapted statistics, not each small batch's
         for x, y in loader:
             check_stop()
-            loss = F.cross_entropy(model(x.to(device)).float(), y.to(device), label_smoothing=recipe.label_smoothing)
+            loss = F.cross_entropy(model(x.to(device)).float(), y.to(device), weight=weight,
+                                   label_smoothing=recipe.label_smoothing)
             if not torch.isfinite(loss):
                 raise BloodcellError(f"fine-tune: the loss became {loss.item()}; try a lower --lr")
             opt.zero_grad(set_to_none=True)
