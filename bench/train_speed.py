@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import shutil
 import statistics
@@ -111,13 +112,20 @@ def matmul_gflops(n: int, dtype: torch.dtype, seconds: float, repeats: int) -> f
     return best
 
 
-def measure_peak(n: int, seconds: float, repeats: int) -> dict[str, float]:
-    """Dense matmul peak in GFLOP/s, fp32 and bf16 (bf16 timings interleaved with fp32 ones)."""
-    peak = {"fp32": 0.0, "bf16": 0.0}
+def measure_peak(n: int, seconds: float, repeats: int, bf16: bool = True) -> dict[str, float]:
+    """Dense matmul peak in GFLOP/s, fp32 and bf16 (bf16 timings interleaved with fp32 ones); bf16
+    is NaN on a CPU without native bf16 (emulated, it takes minutes and is no one's peak)."""
+    peak = {"fp32": 0.0, "bf16": 0.0 if bf16 else float("nan")}
     for _ in range(repeats):
         for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            peak[name] = max(peak[name], matmul_gflops(n, dt, seconds, 1))
+            if name == "fp32" or bf16:
+                peak[name] = max(peak[name], matmul_gflops(n, dt, seconds, 1))
     return peak
+
+
+def pct(rate: float, peak: float) -> str:
+    """``rate`` as a share of ``peak`` ("-" where that peak was not measured)."""
+    return "-" if math.isnan(peak) else f"{100 * rate / peak:.1f} %"
 
 
 def train_flops_per_image(name: str, size: int, classes: int, batch: int = 4) -> tuple[float, float]:
@@ -311,8 +319,8 @@ def render(rows: list[dict], caches: list[dict], peak: dict, info: dict, args, p
             f"{r['ratio']:.2f}x",
             f"{g:.3f}",
             f"{ref_rate:,.1f} / {bc_rate:,.1f}",
-            f"{100 * ref_rate / peak['fp32']:.1f} % / {100 * bc_rate / peak['fp32']:.1f} %",
-            f"{100 * ref_rate / peak['bf16']:.1f} % / {100 * bc_rate / peak['bf16']:.1f} %",
+            f"{pct(ref_rate, peak['fp32'])} / {pct(bc_rate, peak['fp32'])}",
+            f"{pct(ref_rate, peak['bf16'])} / {pct(bc_rate, peak['bf16'])}",
         ])
     headers = ["config (model@px)", "reference img/s", "bloodcell img/s", "ratio", "GFLOP/img (train)",
                "achieved GFLOP/s (ref / bc)", "% of fp32 peak (ref / bc)", "% of bf16 peak (ref / bc)"]
@@ -351,17 +359,17 @@ earlier order (conv, BN, ReLU, max-pool; `pool_first=False`) ran interleaved wit
         conv_s = k["convolution"] + k["matmul"]
         conv_rate = r["train_gflop_per_img"] * BATCH / conv_s if conv_s > 0 else 0.0
         kind_rows.append([r["config"], f"{1e3 * total:.0f}"] + [f"{100 * k[n] / total:.0f} %" for n in kind_names]
-                         + [f"{conv_rate:,.0f} ({100 * conv_rate / peak['bf16']:.0f} %)"])
+                         + [f"{conv_rate:,.0f} ({pct(conv_rate, peak[precision])})"])
     breakdown_md = "" if not kind_rows else f"""
 ## Where bloodcell's step spends its time
 
 Five profiled steps per configuration (torch.profiler, self CPU time of the ATen ops, grouped by \
 kind; "other" includes what no op accounts for: Python, the loader's reads and augmentation, the \
 profiler's own cost). The last column is the FLOP rate of the convolutions and matrix products \
-alone, in the time they take (GFLOP/s, share of the bf16 peak): the ceiling of the whole step's \
+alone, in the time they take (GFLOP/s, share of the peak of bloodcell's precision): the ceiling of the whole step's \
 rate if everything else took no time.
 
-{md_table(["config", "ms/step (profiled)"] + kind_names + ["conv + matmul GFLOP/s (of bf16 peak)"], kind_rows)}
+{md_table(["config", "ms/step (profiled)"] + kind_names + ["conv + matmul GFLOP/s (of its precision's peak)"], kind_rows)}
 """
     cache_rows = [[f"{c['image_size']} px", f"{c['images']:,}", f"{c['seconds']:.1f}",
                    f"{c['img_s']:,.0f}"] for c in caches]
@@ -383,7 +391,7 @@ Both use {info['torch_threads']} torch threads in the main process.
 GFLOP/img counts one forward + backward (FlopCounterMode; convolutions and matrix products, a \
 multiply-add = 2 FLOPs). Dense matmul peak of this machine (torch.mm {args.peak_size}x{args.peak_size}, \
 {info['torch_threads']} threads, best of several): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 \
-{peak['bf16']:,.0f} GFLOP/s. The reference runs in fp32, bloodcell in {precision}: compare each with \
+{peak['bf16']:,.0f} GFLOP/s (nan: not native here, not measured). The reference runs in fp32, bloodcell in {precision}: compare each with \
 its own precision's peak.
 {order_md}{breakdown_md}{compile_md}
 ## Decoded cache build (bloodcell.data.load_dataset, cold, {subset})
@@ -442,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine_info()
     print(f"{info['cpu']}: {threads} threads, bloodcell precision {precision}, torch {torch.__version__}")
 
-    peak_args = (args.peak_size, 0.1, 2) if args.quick else (args.peak_size, 0.5, 5)
+    peak_args = (args.peak_size, 0.1, 2, precision == "bf16") if args.quick else (args.peak_size, 0.5, 5, precision == "bf16")
     peak = measure_peak(*peak_args)
     print(f"matmul peak ({args.peak_size}^3): fp32 {peak['fp32']:,.0f} GFLOP/s, bf16 {peak['bf16']:,.0f} GFLOP/s")
 
