@@ -247,3 +247,26 @@ def test_group_norm_uses_each_images_own_statistics() -> None:
     bn = get_model("cnn4x32", num_classes=4, image_size=32, dropout=0.0).train()
     with torch.no_grad():
         assert not torch.allclose(bn(x)[:1], bn(x[:1].repeat(6, 1, 1, 1))[:1])
+
+
+def test_lab_stain_norm_gives_every_image_the_reference_colour_statistics() -> None:
+    """Reinhard's transfer: two renderings of one image under different lamps (a gain per cone
+    channel, von Kries) come out alike, at the reference l-alpha-beta statistics, colour kept."""
+    from bloodcell.models.registry import LAB_REFERENCE_MEAN, LOG_LMS_TO_LAB, RGB_TO_LMS, reinhard
+
+    torch.manual_seed(0)
+    base = torch.rand(2, 3, 32, 32) * 0.3 + 0.35
+    gain = torch.diag(torch.tensor([0.9, 1.0, 1.08]))
+    cast = torch.einsum("ij,njhw->nihw", torch.linalg.inv(RGB_TO_LMS) @ gain @ RGB_TO_LMS, base)
+    assert 0 <= cast.min() and cast.max() <= 1
+    a, b = reinhard(base), reinhard(cast)
+    assert a.shape == base.shape and torch.isfinite(a).all() and (a >= 0).all() and (a <= 1).all()
+    torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # a gain in LMS is a shift in log LMS
+    lab = torch.einsum("ij,njhw->nihw", LOG_LMS_TO_LAB, torch.einsum("ij,njhw->nihw", RGB_TO_LMS, a).log10())
+    torch.testing.assert_close(lab.mean((2, 3)), torch.tensor([LAB_REFERENCE_MEAN] * 2), atol=0.02, rtol=0)
+    assert (a[:, 0] - a[:, 2]).abs().mean() > 0.01  # colour kept, not grey
+    net = get_model("cnn4x32", num_classes=4, image_size=32, stain_norm="lab").eval()
+    from bloodcell.catalog import MEAN, STD
+    m, s = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(net((base - m) / s), net((cast - m) / s), atol=0.05, rtol=0.05)

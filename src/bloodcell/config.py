@@ -22,7 +22,7 @@ from bloodcell.errors import ConfigError
 CHOICES = {
     "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "onecycle", "constant"),
     "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda"),
-    "norm": ("batch", "group", "none"), "stem": ("auto", "small", "imagenet"), "stain_norm": ("none", "image", "gray"), "augment": ("none", "light", "strong"),
+    "norm": ("batch", "group", "none"), "stem": ("auto", "small", "imagenet"), "stain_norm": ("none", "image", "gray", "lab"), "augment": ("none", "light", "strong"),
     "mix": ("none", "mixup", "cutmix"),
     "resize": ("squash", "crop", "pad", "cell", "cellfit"),
     "group_by": ("auto", "similar", "name", "file"),
@@ -160,7 +160,8 @@ class TrainConfig:
         "stain normalisation, a first layer of the model (so evaluate, predict, serve and export "
         "apply it too): image = each image's colour channels shifted and scaled to mean 0 and spread "
         "1, removing a lab's stain and lighting cast; gray = the same on the grey level, colour "
-        "dropped; none = off")
+        "dropped; lab = Reinhard's colour transfer: each image's l-alpha-beta channels (Ruderman's "
+        "perceptual space) given fixed reference statistics (PBC's mean), colour kept; none = off")
     weights: str | None = opt(None, "model",
         "a local state_dict file to start the model from (never downloaded); with --pretrained, the "
         "pretrained weights themselves, instead of the cache")
