@@ -58,7 +58,23 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             metavar = "LIST" if typing.get_origin(tp) is tuple else f.name.upper()
             if f.name in CHOICES:
                 metavar = "{" + ",".join(CHOICES[f.name]) + "}"
-            g.add_argument(flag, default=None, metavar=metavar, help=help_.strip())
+            number = tp in (int, float, int | None, float | None)
+            g.add_argument(flag, default=None, metavar=metavar, help=help_.strip(),
+                           **({"type": not_empty(rng)} if number else {}))
+
+
+def not_empty(rng: Range | None):
+    """The argparse type of a numeric config flag: any text but an empty one (``--fold=`` is a slip,
+    not "every fold"); the value and its range (``.range``) are checked with the config
+    (check_given), where a YAML file's values are too."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("an empty value: give a number")
+        return text
+
+    parse.range = rng
+    return parse
 
 
 def given(args: argparse.Namespace, cls) -> dict:
