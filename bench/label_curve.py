@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""python bench/label_curve.py [--seeds 0,1,2] [--ks 5,10,25,50] [--set key=value ...] [--labs A,B,...] [--out DIR]
+"""python bench/label_curve.py [--seeds 0,1,2] [--ks 5,10,25,50] [--set key=value ...] [--labs A,B,...] [--out DIR] [--replot]
 
 How many cells must a new lab label, with the fine-tune that never ends below its start? Each lab
 of BLOODCELL_TEST_DATA (Kaggle blood-cells, the PBC share, Tecom, CellaVision; their shared classes)
@@ -156,9 +156,10 @@ def plot(curves: list[dict], ks: tuple[int, ...], path: Path) -> None:
         for how in HOW:
             acc = np.array([[c[lab]["k"][str(k)][how]["accuracy"] for k in ks] for c in curves]) * 100
             ax.errorbar(ks, acc.mean(0), yerr=acc.std(0), marker="o", ms=3, capsize=2, label=how)
-        ax.set_title(Path(lab).name[:22], fontsize=9)
+        ax.set_title(Path(lab).name.split("_")[0], fontsize=9)
         ax.set_xscale("log")
         ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.set_xlabel("labelled cells per class (K)")
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
@@ -177,7 +178,12 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys on top of the preset")
     ap.add_argument("--labs", default="", help="comma-separated data sources instead of the four labs")
     ap.add_argument("--out", default="bench/out/label_curve")
+    ap.add_argument("--replot", action="store_true", help="redraw OUT/label_curve.png from OUT/label_curve.json")
     args = ap.parse_args()
+    if args.replot:
+        saved = read_json(Path(args.out) / "label_curve.json")
+        plot(saved["curves"], tuple(saved["ks"]), Path(args.out) / "label_curve.png")
+        return
     ks = tuple(int(k) for k in args.ks.split(",") if k)
     labs = [s for s in args.labs.split(",") if s] or [str(p) for p in LABS]
     shared, _, _ = load_protocol(None, None if args.preset == "none" else args.preset)
