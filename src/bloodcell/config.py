@@ -161,7 +161,7 @@ class TrainConfig:
         "apply it too): image = each image's colour channels shifted and scaled to mean 0 and spread "
         "1, removing a lab's stain and lighting cast; gray = the same on the grey level, colour "
         "dropped; lab = Reinhard's colour transfer: each image's l-alpha-beta channels (Ruderman's "
-        "perceptual space) given fixed reference statistics (PBC's mean), colour kept; none = off")
+        "perceptual space) given fixed reference statistics (Raabin-WBC's cells), colour kept; none = off")
     weights: str | None = opt(None, "model",
         "a local state_dict file to start the model from (never downloaded); with --pretrained, the "
         "pretrained weights themselves, instead of the cache")
