@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import json
 import os
 import platform
 import signal
@@ -27,6 +26,7 @@ import torchvision
 from bloodcell import __version__
 from bloodcell.cpu import check_threads, physical_cores  # noqa: F401 - re-exported
 from bloodcell.errors import BloodcellError, ConfigError
+from bloodcell.runfiles import read_json, write_json
 
 
 def resolve_device(device: str) -> torch.device:
@@ -108,21 +108,18 @@ def measured_train_precision(model: torch.nn.Module, shape: tuple[int, ...], log
                              sum(p.numel() for p in model.parameters()), "x".join(map(str, shape)))))
     path = user_cache_dir() / "precision.json"
     try:
-        known = json.loads(path.read_text())
+        known = read_json(path)
     except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict) or not isinstance(known.get(key), dict):
-        seconds = {p: time_train_step(model, shape, p) for p in ("fp32", "bf16")}
-        known = known if isinstance(known, dict) else {}
-        known[key] = seconds
+        known = None
+    known = known if isinstance(known, dict) else {}
+    seconds = known.get(key)
+    if not isinstance(seconds, dict):
+        seconds = known[key] = {p: time_train_step(model, shape, p) for p in ("fp32", "bf16")}
         try:  # a cache that cannot be written only means measuring again next time
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, path)
+            write_json(path, known)
         except OSError:
             pass
-    seconds = known[key]
     choice = "bf16" if seconds["fp32"] >= BF16_GAIN * seconds["bf16"] else "fp32"
     if log:
         log(f"precision auto: a training step measured {1000 * seconds['fp32']:.0f} ms in fp32, "
