@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 from pathlib import Path
 
@@ -44,32 +45,29 @@ from bloodcell.studies.lab_out import crosslab
 HOW = ("random", "review", "balanced")
 
 
-def review_rows(probs: np.ndarray, split, classes: list[str], n: int) -> np.ndarray:
-    """The first ``n`` cells of the split in review order (by the model's probabilities), one image
-    per group (a cell's copies are one cell to a person)."""
+def in_review_order(probs: np.ndarray, split, classes: list[str]):
+    """The split's rows as a person meets them in review order (by the model's probabilities), one
+    image per group (a cell's copies are one cell to a person)."""
     cells = [Cell(id=split.paths[i], label=classes[int(p.argmax())], prob=float(p.max()), field=str(split.groups[i]))
              for i, p in enumerate(probs)]
-    rows, seen = [], set()
+    seen = set()
     for i in review_order(cells):
         if split.groups[i] not in seen:
             seen.add(split.groups[i])
-            rows.append(i)
-            if len(rows) == n:
-                break
-    return np.array(sorted(rows), dtype=np.int64)
+            yield i
+
+
+def review_rows(probs: np.ndarray, split, classes: list[str], n: int) -> np.ndarray:
+    """The first ``n`` cells of the split in review order."""
+    return np.array(sorted(itertools.islice(in_review_order(probs, split, classes), n)), dtype=np.int64)
 
 
 def balanced_rows(probs: np.ndarray, split, classes: list[str], k: int) -> tuple[np.ndarray, int]:
     """A person working down the review order who labels each cell and keeps it only while its
     (true) class has fewer than ``k`` kept: the rows kept (at most ``k`` of each class, one image
     per group) and how many cells were looked at to get them."""
-    cells = [Cell(id=split.paths[i], label=classes[int(p.argmax())], prob=float(p.max()), field=str(split.groups[i]))
-             for i, p in enumerate(probs)]
-    rows, seen, have, looked = [], set(), np.zeros(len(classes), int), 0
-    for i in review_order(cells):
-        if split.groups[i] in seen:
-            continue
-        seen.add(split.groups[i])
+    rows, have, looked = [], np.zeros(len(classes), int), 0
+    for i in in_review_order(probs, split, classes):
         looked += 1
         c = int(split.labels[i])
         if have[c] < k:
