@@ -15,13 +15,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from screenshot_serve import ARGS  # Chromium's headless flags, as the serve screenshot takes them
+
 from bloodcell.cli import main as cli
 from bloodcell.models.builtin import builtin_dir
 from bloodcell.serve.app import serving
 from bloodcell.serve.review import create_review_app
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 
 def main(argv: list[str] | None = None) -> Path:
