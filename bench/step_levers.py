@@ -4,7 +4,8 @@
 The training-step levers RESULTS quotes for a CPU, measured on random inputs (the model's step alone:
 forward, backward, AdamW), best of 3 rounds, in the precision given (fp32 unless --bf16):
 - channels-last against NCHW, for vgg3, cnn4x64 and resnet18;
-- ResNet-18's stems at that size (small: one 3x3 conv, no max-pool; imagenet: torchvision's);
+- ResNet-18's stems at that size (small: one 3x3 conv, no max-pool; imagenet: torchvision's), with
+  each one's training FLOPs per image (FlopCounterMode, forward + backward);
 - the `strong` augmentation of one batch, from the uint8 cache's layout to a normalised float batch.
 Run it under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` to time the kernels a CPU with AVX2
 alone runs.
@@ -17,6 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from bloodcell.data.transforms import augment, normalize, to_float
 from bloodcell.models.registry import get_model
@@ -65,8 +67,10 @@ def main() -> None:
         print(f"{name}: channels-last {rates[True]:.0f} img/s, NCHW {rates[False]:.0f} img/s")
     for stem in (True, False):
         model = get_model("resnet18", 4, image_size=args.size, small_stem=stem)
-        print(f"resnet18, {'small' if stem else 'imagenet'} stem: "
-              f"{step_rate(model, args.size, args.batch, True, prec):.0f} img/s")
+        with FlopCounterMode(display=False) as flops:
+            model(torch.randn(2, 3, args.size, args.size)).sum().backward()
+        print(f"resnet18, {'small' if stem else 'imagenet'} stem: {flops.get_total_flops() / 2e9:.2f} GFLOP a "
+              f"training image, {step_rate(model, args.size, args.batch, True, prec):.0f} img/s")
     x8 = torch.randint(0, 255, (args.batch, args.size, args.size, 3), dtype=torch.uint8)
     g = torch.Generator().manual_seed(0)
     best = float("inf")
