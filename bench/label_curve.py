@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--replot", action="store_true", help="redraw OUT/label_curve.png from OUT/label_curve.json")
     args = ap.parse_args()
     if args.replot:
+        if not (Path(args.out) / "label_curve.json").is_file():
+            raise SystemExit(f"{Path(args.out) / 'label_curve.json'} not found: run the curve first")
         saved = read_json(Path(args.out) / "label_curve.json")
         plot(saved["curves"], tuple(saved["ks"]), Path(args.out) / "label_curve.png")
         return
