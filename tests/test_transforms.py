@@ -164,3 +164,22 @@ def test_random_gray_turns_the_drawn_share_grey_and_joins_augment():
     a = augment(x, "none", torch.Generator().manual_seed(3), stain_jitter=0.1, gray=0.5)
     b = augment(x, "none", torch.Generator().manual_seed(3), stain_jitter=0.1, gray=0.5)
     assert torch.equal(a, b) and not torch.equal(a, x) and 0 <= a.min() and a.max() <= 1
+
+
+def test_zoom_magnifies_each_image_by_its_own_factor_within_the_range():
+    """A centred disk comes out larger in some images and smaller in others, its area scaled by the
+    drawn magnification squared, within (1 / (1 + z))^2 .. (1 + z)^2; zoom=0 is the preset alone."""
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    disk = (((yy - 31.5) ** 2 + (xx - 31.5) ** 2) < 12 ** 2).float()
+    x = disk.expand(200, 3, 64, 64).clone()
+    z = 0.5
+    out = augment(x, "none", torch.Generator().manual_seed(0), zoom=z)
+    ratio = (out[:, 0] > 0.5).float().sum((1, 2)) / disk.sum()
+    assert ratio.min() >= (1 / (1 + z)) ** 2 * 0.9 and ratio.max() <= (1 + z) ** 2 * 1.1
+    assert (ratio < 0.8).sum() > 20 and (ratio > 1.25).sum() > 20  # both ways, about as often
+    assert torch.equal(augment(x, "none", torch.Generator(), zoom=0.0), x)
+    plain = augment(x[:8], "strong", torch.Generator().manual_seed(5))
+    torch.testing.assert_close(augment(x[:8], "strong", torch.Generator().manual_seed(5), zoom=0.0), plain)
+    wide = augment(x, "strong", torch.Generator().manual_seed(1), zoom=z)
+    area = (wide.mean(1) > 0.5).float().sum((1, 2)) / disk.sum()
+    assert area.max() > 1.5 and area.min() < 0.6  # strong's own 0.9-1.1 could not do either

@@ -206,6 +206,10 @@ class TrainConfig:
         "0.05 light, 0.2 strong)", range=(0, 1))
     gray: float = opt(0.0, "augmentation",
         "share of the training images turned grey, drawn per image (0: off)", range=(0, 1))
+    zoom: float = opt(0.0, "augmentation",
+        "also magnify each training image by its own factor from 1/(1+this) to 1+this, as another "
+        "microscope's objective or camera would (0: off; strong's affine already draws 0.9-1.1)",
+        range=(0, 1))
     mix: str = opt("none", "augmentation",
         "blend pairs of training images and their labels: mixup = a weighted average of two images; "
         "cutmix = a box of one pasted into the other; none = off")

@@ -23,7 +23,7 @@ class BatchLoader:
     def __init__(self, split, batch_size: int, shuffle: bool = False, augment: str = "none",
                  seed: int = 0, drop_last: bool = False, device: str | torch.device = "cpu", blur: float = 0.0,
                  mix: str = "none", mix_alpha: float = 1.0, num_classes: int = 0, stain_jitter: float = 0.0,
-                 gray: float = 0.0, rank: int = 0, world: int = 1, mean=MEAN, std=STD):
+                 gray: float = 0.0, zoom: float = 0.0, rank: int = 0, world: int = 1, mean=MEAN, std=STD):
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         if not 0 <= rank < world:
@@ -37,7 +37,7 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.augment, self.blur = batch_size, shuffle, augment, blur
         self.seed, self.drop_last, self.device = seed, drop_last, torch.device(device)
         self.mix, self.mix_alpha, self.num_classes = mix, mix_alpha, num_classes
-        self.stain_jitter, self.gray = stain_jitter, gray
+        self.stain_jitter, self.gray, self.zoom = stain_jitter, gray, zoom
         self.mean, self.std = tuple(mean), tuple(std)  # the model's normalisation (pretrained: the weights')
         if mix != "none" and num_classes < 2:
             raise ValueError("mix needs num_classes")
@@ -70,7 +70,7 @@ class BatchLoader:
             x = torch.from_numpy(np.ascontiguousarray(self.images[srt][pos]))
             y = torch.from_numpy(self.labels[idx].astype(np.int64))
             x = to_float(x.to(self.device, non_blocking=True))
-            x = augment(x, self.augment, g, self.blur, self.stain_jitter, self.gray)
+            x = augment(x, self.augment, g, self.blur, self.stain_jitter, self.gray, self.zoom)
             y = y.to(self.device, non_blocking=True)
             if self.mix != "none":  # soft targets N x C
                 x, y = mix_batch(x, y, self.num_classes, self.mix, self.mix_alpha, g)

@@ -9,7 +9,8 @@ Presets (``augment``):
 On top of any preset, ``stain_jitter`` (training config) jitters each image's stains in the
 haematoxylin-eosin-DAB space of colour deconvolution (``hed_jitter``, Tellez et al. 2018: each stain's
 optical density scaled by 1 +- sigma and shifted by +- sigma, drawn per image), ``gray`` turns a share
-of the images grey (``random_gray``), and ``blur`` (training config) blurs each image by a Gaussian of its own random
+of the images grey (``random_gray``), ``zoom`` (training config) magnifies each image by its own
+factor, as another microscope's objective would (``random_zoom``; inside ``strong``'s affine), and ``blur`` (training config) blurs each image by a Gaussian of its own random
 width, as another microscope's focus and resolution would (``gaussian_blur``).
 ``mix`` (training config) then blends pairs of images and their labels: ``mixup`` (a weighted
 average of two images) or ``cutmix`` (a box of one pasted into the other), the label mix in
@@ -75,11 +76,13 @@ def dihedral_matrices(d: torch.Tensor) -> torch.Tensor:
 
 
 def affine_thetas(n: int, g: torch.Generator, degrees: float = 180.0, scale=(0.9, 1.1),
-                  shift: float = 0.08) -> torch.Tensor:
+                  shift: float = 0.08, geometric: bool = False) -> torch.Tensor:
     """N x 2 x 3 sampling matrices (``F.affine_grid``'s theta) of a random rotation (any angle),
-    scale and shift per image."""
+    scale and shift per image. The scale is drawn uniformly in ``scale``, or, ``geometric``,
+    uniformly in its logarithm (as likely halved as doubled)."""
     ang = (torch.rand(n, generator=g) * 2 - 1) * math.radians(degrees)
-    s = scale[0] + torch.rand(n, generator=g) * (scale[1] - scale[0])
+    u = torch.rand(n, generator=g)
+    s = scale[0] * (scale[1] / scale[0]) ** u if geometric else scale[0] + u * (scale[1] - scale[0])
     t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift * 2
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
     return torch.stack([torch.stack([cos, -sin, t[:, 0]], 1), torch.stack([sin, cos, t[:, 1]], 1)], 1)
@@ -117,13 +120,19 @@ def color_map(x: torch.Tensor, mat: torch.Tensor, off: torch.Tensor, clamp: bool
     return out.clamp_(0, 1) if clamp else out
 
 
-def strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def zoom_range(zoom: float) -> tuple[float, float]:
+    """The magnifications a ``zoom`` of z draws from: 1 / (1 + z) to 1 + z."""
+    return 1 / (1 + zoom), 1 + zoom
+
+
+def strong(x: torch.Tensor, g: torch.Generator, zoom: float = 0.0) -> torch.Tensor:
     """The ``strong`` preset in two passes over the pixels: the flips, 90-degree rotation and
     random affine composed into one sampling matrix per image (one ``grid_sample``, reflection
-    padding), then colour and stain jitter as one colour map per image."""
+    padding), then colour and stain jitter as one colour map per image. ``zoom`` > 0 widens the
+    affine's scale from 0.9-1.1 to ``zoom_range(zoom)``, drawn geometrically."""
     n = x.shape[0]
     d = draw_dihedral(n, g, x.shape[2] == x.shape[3])
-    theta = affine_thetas(n, g)
+    theta = affine_thetas(n, g) if zoom <= 0 else affine_thetas(n, g, scale=zoom_range(zoom), geometric=True)
     dm = dihedral_matrices(d)  # sampling the flipped image at p samples the image at D p
     grid = F.affine_grid((dm @ theta).to(x.device, x.dtype), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -189,15 +198,26 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, h, ch, w).permute(0, 2, 1, 3).contiguous(memory_format=torch.channels_last)
 
 
+def random_zoom(x: torch.Tensor, g: torch.Generator, zoom: float) -> torch.Tensor:
+    """Each image magnified by its own factor, drawn geometrically from ``zoom_range(zoom)`` (as
+    another microscope's objective or camera would), about its centre; reflection padding."""
+    theta = affine_thetas(x.shape[0], g, degrees=0.0, scale=zoom_range(zoom), shift=0.0, geometric=True)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def augment(x: torch.Tensor, preset: str, g: torch.Generator, blur: float = 0.0, stain_jitter: float = 0.0,
-            gray: float = 0.0) -> torch.Tensor:
+            gray: float = 0.0, zoom: float = 0.0) -> torch.Tensor:
     """Apply an augmentation preset to a float [0, 1] N x 3 x H x W batch, then, where asked, HED
     stain jitter of strength ``stain_jitter``, grey with probability ``gray``, and a Gaussian blur of
-    standard deviation drawn per image from [0, blur] pixels."""
+    standard deviation drawn per image from [0, blur] pixels. ``zoom`` magnifies each image by a
+    factor from 1 / (1 + zoom) to 1 + zoom: inside ``strong``'s affine (no extra pass), else on its own."""
     if preset not in AUGMENT_PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; known: {', '.join(AUGMENT_PRESETS)}")
     if preset != "none":
-        x = strong(x, g) if preset == "strong" else flips_rot90(x, g)
+        x = strong(x, g, zoom) if preset == "strong" else flips_rot90(x, g)
+    if zoom > 0 and preset != "strong":
+        x = random_zoom(x, g, zoom)
     if stain_jitter > 0:
         x = hed_jitter(x, g, stain_jitter)
     if gray > 0:

@@ -46,6 +46,7 @@ from bloodcell.training.engine import (
     FitState,
     Step,
     TrainingDiverged,
+    class_balance,
     evaluate,
     fit,
     make_optimizer,
@@ -320,7 +321,7 @@ def _loaders(cfg: TrainConfig, ds: Dataset, device, world: World, mean, std) -> 
     train_loader = BatchLoader(ds.splits["train"], cfg.batch_size, shuffle=True, augment=cfg.augment,
                                seed=cfg.seed, drop_last=len(ds.splits["train"]) > cfg.batch_size, device=device,
                                blur=cfg.blur, mix=cfg.mix, mix_alpha=cfg.mix_alpha, num_classes=len(ds.classes),
-                               stain_jitter=cfg.stain_jitter, gray=cfg.gray, rank=world.rank, world=world.size,
+                               stain_jitter=cfg.stain_jitter, gray=cfg.gray, zoom=cfg.zoom, rank=world.rank, world=world.size,
                                mean=mean, std=std)
     val_loader = BatchLoader(ds.splits["val"], max(cfg.batch_size, 256), device=device, rank=world.rank,
                              world=world.size, mean=mean, std=std)
@@ -331,8 +332,7 @@ def _class_weights(cfg: TrainConfig, ds: Dataset, device) -> torch.Tensor | None
     """--class-weights: the loss weighted by inverse class frequency in train; else None."""
     if not cfg.class_weights:
         return None
-    counts = np.bincount(ds.splits["train"].labels, minlength=len(ds.classes)).astype(float)
-    return torch.tensor(counts.sum() / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    return class_balance(ds.splits["train"].labels, len(ds.classes)).to(device)
 
 
 def _read_last(out: Path, kw: dict) -> dict | None:
