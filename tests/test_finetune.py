@@ -126,6 +126,35 @@ def test_a_class_no_labelled_cell_shows_keeps_the_start() -> None:
     assert kept == "start" and "no labelled cell of eosinophil" in why
 
 
+def test_labels_chosen_least_sure_first_vouch_only_for_the_doubtful_cells() -> None:
+    """The lab's images the start is surer of than of any labelled cell are beyond the labels'
+    reach; a fine-tune that changes many of their answers is not kept though its cross-validated
+    gain is clear, one that leaves them be is; labels that reach every image change nothing."""
+    from bloodcell.studies.finetune import reach
+
+    def probs(top):  # two classes; class 0 with probability ``top``
+        top = np.asarray(top, float)
+        return np.stack([top, 1 - top], 1)
+
+    images = probs(np.linspace(0.5, 0.99, 100))
+    cells = probs([0.55, 0.6, 0.7])  # the labels a review shows first: the doubtful ones
+    flips = images[:, ::-1].copy()  # a fine-tune that turns every answer around
+    r = reach(images, cells, flips)
+    assert r["threshold"] == pytest.approx(0.7) and r["beyond"] == pytest.approx(0.59, abs=0.01)
+    assert r["changed"] == 1.0 and r["images"] == 100
+    cv = {"n": 40, "folds": 5, "start": {"balanced_accuracy": 0.5}, "finetune": {"balanced_accuracy": 0.8}, "gain": 0.3,
+          "gain_se": 0.05}
+    assert choose(cv, 1.0)[0] == "finetune"
+    kept, why = choose({**cv, "reach": r}, 1.0)
+    assert kept == "start" and "surer than any labelled cell" in why and "changes 100.0 %" in why
+    calm = images.copy()
+    calm[-3:] = calm[-3:, ::-1]  # it changes 3 of the 59 sure answers
+    kept, why = choose({**cv, "reach": reach(images, cells, calm)}, 1.0)
+    assert kept == "finetune" and "changes 5.1 %" in why
+    everywhere = reach(images, probs([0.5, 0.99]), flips)
+    assert everywhere["beyond"] == 0 and choose({**cv, "reach": everywhere}, 1.0)[0] == "finetune"
+
+
 class Tripwire:
     """A split's images that may be read only once the choice is on disk."""
 
@@ -209,6 +238,21 @@ def test_a_review_s_labels_csv_fine_tunes_as_it_is(tmp_path, run, capsys) -> Non
                  "--quiet", "--threads", "1"]) == 0
     rec = json.loads((out / "finetune.json").read_text())
     assert sum(rec["cells"].values()) == 12 and rec["kept"] in ("start", "finetune")
+    assert rec["adapted_on"]["images"] == 12  # a loose labels.csv: the start is adapted on its cells
+    # in a count folder (cells.csv beside it), the start is adapted on every cell the count found
+    more = generate(8, 48, seed=8)[0]
+    for i, im in enumerate(more):
+        Image.fromarray(im).save(tmp_path / f"u{i}.png")
+    with open(tmp_path / "cells.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide", "image", "label", "prob", "crop"] + [f"p_{c}" for c in CLASSES])
+        for name in [f"c{i}.png" for i in range(12)] + [f"u{i}.png" for i in range(8)]:
+            w.writerow(["s", "field", CLASSES[0], 1.0, name] + [1.0] + [0.0] * (len(CLASSES) - 1))
+    assert main(["train", "--init-from", str(run), "--data", str(tmp_path / "labels.csv"), "--out",
+                 str(tmp_path / "ft2"), "--quiet", "--threads", "1"]) == 0
+    rec = json.loads((tmp_path / "ft2" / "finetune.json").read_text())
+    assert rec["adapted_on"]["images"] == 20 and "cells.csv" in rec["adapted_on"]["what"]
+    assert sum(rec["cells"].values()) == 12
     capsys.readouterr()
 
 
@@ -220,3 +264,14 @@ def test_a_lopsided_set_of_labels_weighs_each_class_alike():
     assert torch.allclose(w, torch.tensor([4 / 6, 2.0, 1.0]))  # class 2 unlabelled: no term to weigh
     counts = np.array([3, 1])
     assert np.isclose((w[:2].numpy() * counts)[0], (w[:2].numpy() * counts)[1])  # each class's total alike
+
+
+def test_class_weights_of_a_train_split_count_an_absent_class_once():
+    """--class-weights (every class, an absent one counted as one cell) and the fine-tune's weights
+    (present classes only) come from one helper and agree where every class has labels."""
+    from bloodcell.training.engine import class_balance
+
+    w = class_balance(np.array([0, 0, 0, 1]), 3)
+    assert torch.allclose(w, torch.tensor([4 / 9, 4 / 3, 4 / 3]))
+    full = np.array([0, 0, 0, 1, 2, 2])
+    assert torch.allclose(class_balance(full, 3), class_balance(full, 3, present_only=True))

@@ -79,6 +79,29 @@ def unlabelled_folder(data: str, image_size: int, resize: str, log=print) -> Spl
     return Split(np.stack(images), np.zeros(n, dtype=np.int64), np.arange(n), paths)
 
 
+def counted_cells(table: str, image_size: int, resize: str, log=print) -> Split | None:
+    """Every white cell of the count a review's label table sits in (``DIR/labels.csv`` beside
+    ``DIR/cells.csv``, which ``bloodcell count --out DIR`` wrote), decoded as the model's run would,
+    labels not read; None where ``table`` is not a CSV beside a cells.csv. An unreadable crop is
+    skipped with a line."""
+    from bloodcell.inference.review import read_cells  # a count folder's reader (no torch)
+
+    folder = Path(table).parent
+    if Path(table).suffix.lower() != ".csv" or not (folder / "cells.csv").is_file():
+        return None
+    images, paths = [], []
+    for c in read_cells(folder).cells:
+        try:
+            images.append(decode_image(str(folder / c.id), image_size, resize))
+            paths.append(str(folder / c.id))
+        except ImageError as e:
+            log(f"adapt: skipped {c.id}: {e}")
+    if not images:
+        return None
+    n = len(images)
+    return Split(np.stack(images), np.zeros(n, dtype=np.int64), np.arange(n), paths)
+
+
 def images_of(ds, split: str) -> Split:
     """The images of one split of the data set, or of all of them ("all"), labels not kept."""
     if split != "all" and split not in ds.splits:

@@ -10,7 +10,8 @@ val splits together are the labelled cells). Twenty cells can make a model worse
 better, so:
 
 1. The start is RUN's model adapted to the lab (``bloodcell adapt``'s batch-norm re-estimation on
-   the labelled cells' images, or on ``adapt_data``'s); it already is what adapt would give the lab.
+   ``adapt_data``'s images; for a review's labels.csv in a count folder, on every cell the count
+   found; else on the labelled cells'); it already is what adapt would give the lab.
 2. The fine-tune is conservative (``Recipe``): the classifier and the normalisation layers' scale
    and shift learn, the adapted batch-norm statistics stay (a batch of sixteen cells is a worse
    estimate of them than every image adapted on), a few short epochs at a low rate.
@@ -18,8 +19,12 @@ better, so:
    over them (whole groups per fold, so the cells of one field stay together), the start and the
    fine-tune each scored on every held-out fold. The fine-tune is kept only if its accuracy there
    beats the start's by more than ``margin`` standard errors of the gain (the error counted over
-   groups); otherwise the run says so in one line and keeps the start. The test split is never
-   read before the choice is written.
+   groups); otherwise the run says so in one line and keeps the start. Labels a review chose
+   least sure first vouch for the doubtful cells only: where the start was adapted on the lab's
+   images (``adapt_on``), the images it is surer of than of any labelled cell are the ones no
+   label speaks for, and every answer the fine-tune changes there counts against it (``reach``,
+   ``choose``). No label but the labelled cells' is read; the test split is never read before the
+   choice is written.
 4. The run folder (``best.pt``, ``config.yaml``, ``finetune.json``, ``metrics.json``,
    ``predictions_test.csv``, ``DONE``) records the cells learnt from per class, both models'
    cross-validated figures and which was kept; ``metrics.json``'s ``test`` scores the kept model on
@@ -64,8 +69,14 @@ from bloodcell.runfiles import (
     write_yaml,
 )
 from bloodcell.runtime import check_stop, resolve_device, set_threads
-from bloodcell.studies.adapt import NORM_LAYERS, images_of, reestimate_bn, unlabelled_folder
-from bloodcell.training.engine import predict_probs
+from bloodcell.studies.adapt import (
+    NORM_LAYERS,
+    counted_cells,
+    images_of,
+    reestimate_bn,
+    unlabelled_folder,
+)
+from bloodcell.training.engine import class_balance, predict_probs
 
 SMALL = 50  # labelled cells per class up to which train --init-from takes this path
 LEARNS = ("head", "norm", "all")
@@ -120,11 +131,7 @@ def balancing_weights(labels: np.ndarray, model: nn.Module) -> torch.Tensor:
     review's labels come lopsided (the cells it shows first are of the classes the start is least
     sure of). A class with no labelled cell keeps weight 1 (it has no loss term to weigh)."""
     n_out = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_out).astype(np.float64)
-    present = counts > 0
-    w = np.ones(n_out)
-    w[present] = counts[present].sum() / (present.sum() * counts[present])
-    return torch.tensor(w, dtype=torch.float32)
+    return class_balance(labels, n_out, present_only=True)
 
 
 def tune(start: nn.Module, cells: Split, recipe: Recipe, device, mean, std) -> nn.Module:
@@ -234,9 +241,23 @@ def cross_validate(start: nn.Module, cells: Split, classes: list[str], recipe: R
             "finetune": scores(p_tuned), "gain": gain, "gain_se": se}
 
 
+def reach(p_images: np.ndarray, p_cells: np.ndarray, p_tuned: np.ndarray) -> dict:
+    """How far the labelled cells vouch for the lab's images: the share of the images (start's
+    probabilities ``p_images``) that the start is surer of than of any labelled cell (``p_cells``),
+    and the share of those whose answer the fine-tune (``p_tuned``, on the images) changes."""
+    threshold = float(p_cells.max(1).max())
+    beyond = p_images.max(1) > threshold
+    changed = (p_tuned.argmax(1) != p_images.argmax(1))[beyond]
+    return {"images": len(p_images), "threshold": threshold, "beyond": float(beyond.mean()),
+            "changed": float(changed.mean()) if len(changed) else 0.0}
+
+
 def choose(cv: dict, margin: float) -> tuple[str, str]:
     """'finetune' or 'start', and why in one line: the fine-tune only where its cross-validated
-    gain is positive and more than ``margin`` standard errors."""
+    gain is positive and more than ``margin`` standard errors, and, where ``cv['reach']`` says some of
+    the lab's images are surer than any labelled cell (labels chosen least sure first vouch for the
+    doubtful cells only), still so when every answer the fine-tune changes on those is counted as an
+    error: (1 - u) gain - u changed > margin x se x (1 - u), u their share."""
     if "gain" not in cv:
         return "start", f"fine-tune not tried: {cv['reason']} to cross-validate on; the adapted start is kept"
     if cv.get("unlabelled_classes"):
@@ -247,10 +268,19 @@ def choose(cv: dict, margin: float) -> tuple[str, str]:
     gain, se = cv["gain"], cv["gain_se"]
     said = (f"on the {cv['n']} labelled cells ({cv['folds']}-fold, by group; each class weighed alike) the fine-tune reads "
             f"{100 * b:.1f} % against the adapted start's {100 * a:.1f} % (gain {100 * gain:+.1f} ± {100 * se:.1f})")
-    if gain > 0 and gain > margin * se + 1e-9:  # one cell more of n is 1/n ± 1/n: not enough
-        return "finetune", said + ": the fine-tune is kept"
-    why = "not positive" if gain <= 0 else f"within {margin:g} standard error{'s' * (margin != 1)}"
-    return "start", said + f"; the gain is {why}, so the labels cannot show it is better: the adapted start is kept"
+    if not (gain > 0 and gain > margin * se + 1e-9):  # one cell more of n is 1/n ± 1/n: not enough
+        why = "not positive" if gain <= 0 else f"within {margin:g} standard error{'s' * (margin != 1)}"
+        return "start", said + f"; the gain is {why}, so the labels cannot show it is better: the adapted start is kept"
+    reach = cv.get("reach")
+    if reach and reach["beyond"] > 0:
+        u, f = reach["beyond"], reach["changed"]
+        net = (1 - u) * gain - u * f
+        said += (f"; {100 * u:.1f} % of the lab's {reach['images']:,} images are surer than any labelled cell (start's "
+                 f"probability above {reach['threshold']:.2f}), and the fine-tune changes {100 * f:.1f} % of their "
+                 f"answers: counted as errors, the gain on the lab is {100 * net:+.1f}")
+        if not net > margin * se * (1 - u) + 1e-9:
+            return "start", said + ", so the labels cannot show it is better there: the adapted start is kept"
+    return "finetune", said + ": the fine-tune is kept"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,12 +319,18 @@ def safe_finetune(start_run: str | Path, cells: Split, classes: list[str], out: 
 
     # the choice, on the labelled cells alone; a class the start reads on the lab's images but no
     # labelled cell shows cannot be vouched for (a fine-tune without it learns to never say it)
-    share = np.bincount(probs_of(model, images, dev, mean, std).argmax(1), minlength=len(classes)) / len(images)
+    p_images = probs_of(model, images, dev, mean, std)
+    share = np.bincount(p_images.argmax(1), minlength=len(classes)) / len(images)
     cv = cross_validate(model, cells, classes, recipe, folds, dev, mean, std, log=log)
     cv["unlabelled_classes"] = [c for i, c in enumerate(classes) if counts[c] == 0 and share[i] >= SEEN]
+    tuned = None
+    if choose(cv, margin)[0] == "finetune" and adapt_on is not None:
+        # what the labels cannot see: the lab's images surer than any labelled cell
+        tuned = tune(model, cells, recipe, dev, mean, std)
+        cv["reach"] = reach(p_images, probs_of(model, cells, dev, mean, std), probs_of(tuned, images, dev, mean, std))
     kept, why = choose(cv, margin)
     log(f"fine-tune: {why}")
-    final = tune(model, cells, recipe, dev, mean, std) if kept == "finetune" else model
+    final = model if kept == "start" else tuned if tuned is not None else tune(model, cells, recipe, dev, mean, std)
     record = {"source_run": str(start_run), "source_checkpoint": meta["path"], "cells": counts,
               "labelled_cells": len(cells), "adapted_on": {"images": len(images),
                                                            "what": adapt_name or "the labelled cells"},
@@ -375,14 +411,17 @@ def finetune(cfg: TrainConfig, out: str | Path, *, given: Iterable[str] | None =
         log(f"fine-tune: more than {SMALL} labelled cells of a class ({max(counts.values())}): a full training "
             "run from the model, validated on the val split" + (" (--adapt-data not used)" if adapt_data else ""))
         return train(cfg, out, overwrite=overwrite, log=log, progress=progress)
-    adapt_on = None
+    adapt_on, adapt_name = None, adapt_data or ""
     if adapt_data:
         adapt_on = unlabelled_folder(adapt_data, lab.image_size, lab.resize, log)
         if adapt_on is None:  # a labelled layout: its images, every split, labels not read
             adapt_on = images_of(config_dataset(make_config(TrainConfig, lab.to_dict(), {"data": adapt_data,
                                                                                          "labels_per_class": 0})),
                                  "all")
+    elif isinstance(cfg.data, str):  # a review's labels.csv in a count folder: every cell it counted
+        adapt_on = counted_cells(cfg.data, lab.image_size, lab.resize, log)
+        adapt_name = f"{Path(cfg.data).parent / 'cells.csv'} (every cell counted)" if adapt_on is not None else ""
     config = {**lab.to_dict(), "classes": list(meta["classes"])}
     return safe_finetune(cfg.init_from, cells, list(meta["classes"]), out, recipe=recipe_of(cfg, given, learns),
-                         adapt_on=adapt_on, adapt_name=adapt_data or "", test=ds.splits.get("test"), folds=folds,
+                         adapt_on=adapt_on, adapt_name=adapt_name, test=ds.splits.get("test"), folds=folds,
                          margin=margin, device=cfg.device, config=config, overwrite=overwrite, log=log)

@@ -123,6 +123,22 @@ def train_one_epoch(model: torch.nn.Module, loader, step: Step, progress: tqdm |
             "seconds": secs, "images_per_s": seen / secs if secs > 0 else 0.0}
 
 
+def class_balance(labels, n_classes: int, present_only: bool = False) -> torch.Tensor:
+    """Loss weights per class, inverse to its count among ``labels``, so that each class weighs alike
+    in the loss: count.sum() / (k x count). Over every class (k = n_classes; a class with no label
+    counted as one, as ``--class-weights`` does on a train split), or ``present_only`` (k = the
+    classes with a label; a class with none keeps weight 1: a few labelled cells of a new lab
+    often miss a class, which then only meets the loss through label smoothing)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    if not present_only:
+        w = counts.sum() / (n_classes * np.maximum(counts, 1))
+    else:
+        present = counts > 0
+        w = np.ones(n_classes)
+        w[present] = counts[present].sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
                   channels_last: bool = True, tta: bool = False,
