@@ -110,6 +110,21 @@ def test_review_order_bands_rise_and_certain_cells_share_the_last_band() -> None
     assert sorted(review_order(cells)) == list(range(300)) and bands == sorted(bands)
 
 
+def test_the_random_order_is_a_seeded_shuffle_of_sure_and_unsure_cells_alike() -> None:
+    rng = random.Random(2)
+    cells = [Cell(f"c{i}", rng.choice("AB"), rng.random(), field=rng.choice("xyz")) for i in range(200)]
+    first = [cells[i].id for i in review_order(cells, order="random")]
+    assert sorted(first) == sorted(c.id for c in cells)
+    assert [cells[i].id for i in review_order(cells, order="random", seed=0)] == first  # the seed fixes it
+    assert [cells[i].id for i in review_order(cells, order="random", seed=1)] != first
+    shuffled = rng.sample(cells, len(cells))
+    assert [shuffled[i].id for i in review_order(shuffled, order="random")] == first  # not the input's order
+    head = [next(c for c in cells if c.id == i).prob for i in first[:50]]
+    assert min(head) < 0.2 and max(head) > 0.8  # the first cells shown span sure and unsure
+    with pytest.raises(ValueError, match="unknown review order"):
+        review_order(cells, order="surest")
+
+
 # --- the API ----------------------------------------------------------------------------------------
 
 
@@ -137,6 +152,9 @@ def test_a_correction_is_in_labels_csv_when_the_answer_comes_and_a_new_page_show
     again = {c["id"]: c["decision"] for c in TestClient(create_review_app(folder)).get("/api/cells").json()["cells"]}
     assert again[first["id"]] == to and again[other] == "not_wbc"
     assert sum(v is not None for v in again.values()) == 2
+    shuffled = TestClient(create_review_app(folder, order="random", seed=3)).get("/api/cells").json()
+    assert shuffled["order"] == "random" and [c["id"] for c in shuffled["cells"]] != [c["id"] for c in data["cells"]]
+    assert {c["id"]: c["decision"] for c in shuffled["cells"]} == again  # the same decisions, another order
     assert client.post("/api/label", json={"cell": first["id"], "label": None}).status_code == 200  # taken back
     assert label_table(folder / "labels.csv") == []
 

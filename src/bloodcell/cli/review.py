@@ -15,6 +15,7 @@ import threading
 import time
 
 from bloodcell.cli.flags import bounded
+from bloodcell.inference.review import ORDERS
 
 
 def cmd_review(args) -> int:
@@ -23,6 +24,13 @@ def cmd_review(args) -> int:
     Images with a predict CSV instead:
         bloodcell predict RUN cells/ --format csv > cells/preds.csv
         bloodcell review cells/ --predictions cells/preds.csv
+
+    Order (--order): unsure (the default) shows each class's least sure cells first, the classes and
+    fields taking turns: each correction fixes a doubtful answer. random shows them shuffled: labels
+    that are a fair sample of the lab, sure cells included. The fine-tune after it
+    ('train --init-from RUN --data DIR/labels.csv --adapt-data DIR') keeps the model it started from
+    unless the labels show a gain, and labels of the least sure cells cannot vouch for the cells surer
+    than any of them: what it changes there counts against it.
 
     Keys: 1..N move the selected cell to that class, 0 or x: not a white cell, u: unsure, Enter: right
     as shown, Backspace: take back, arrows: select. Every key is written at once to DIR/labels.csv (the
@@ -35,7 +43,7 @@ def cmd_review(args) -> int:
     from bloodcell.serve.app import is_loopback
     from bloodcell.serve.review import LABELS_FILE, create_review_app
 
-    app = create_review_app(args.dir, predictions=args.predictions)
+    app = create_review_app(args.dir, predictions=args.predictions, order=args.order, seed=args.seed)
     found = app.state.found
     for line in found.skipped[:3]:
         print(f"bloodcell: warning: {line} (left out)", file=sys.stderr)
@@ -91,6 +99,10 @@ def add_parsers(sub) -> None:
                    "or a folder of images with --predictions")
     p.add_argument("--predictions", metavar="FILE",
                    help="a 'bloodcell predict --format csv' file whose images lie under DIR (instead of cells.csv)")
+    p.add_argument("--order", choices=ORDERS, default="unsure",
+                   help="which cells come first in each class: unsure = least sure first (default); random = "
+                        "a seeded shuffle, a fair sample of the lab's cells")
+    p.add_argument("--seed", type=bounded(int, 0, 2**31 - 1), default=0, help="the random order's seed (default 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port (default 8000; 0: a free one)")
     p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")

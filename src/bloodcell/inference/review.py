@@ -9,12 +9,14 @@ that folder names it (data.tables reads paths relative to the table's folder).
 
 ``review_order(cells)`` is the order a review goes through them: least sure first, spread over the
 classes and over the fields, so that the first screenful is neither one class's doubts nor one bad
-field's.
+field's (``unsure``, the default); or ``random`` (a seeded shuffle): labels that are a fair sample
+of the lab's cells, sure ones included, so a fine-tune's check on them reaches every cell.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 from collections import defaultdict
@@ -28,6 +30,7 @@ from bloodcell.errors import BloodcellError
 NOT_WBC, UNSURE = "not_wbc", "unsure"
 NOT_CLASSES = (NOT_WBC, UNSURE)
 BAND = 0.1  # review_order's probability band: cells this close in probability count as equally sure
+ORDERS = ("unsure", "random")
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,10 @@ def _read_predictions(root: Path, table: Path) -> Cells:
     return out
 
 
-def review_order(cells: Sequence[Cell], band: float = BAND) -> list[int]:
+def review_order(cells: Sequence[Cell], band: float = BAND, order: str = "unsure", seed: int = 0) -> list[int]:
     """The indices of ``cells`` in the order a review shows them: least sure first, spread over the
-    classes and the fields.
+    classes and the fields (``order`` "unsure"), or shuffled by ``seed`` ("random": each cell's place
+    is a hash of the seed and its name, so it does not depend on the input's order either).
 
     Cells within ``band`` of each other (prob 0.30 to 0.39 with the default 0.1) count as equally
     sure. Within a band the classes take turns (the least sure cell of each class, then each class's
@@ -169,6 +173,13 @@ def review_order(cells: Sequence[Cell], band: float = BAND) -> list[int]:
     fills the screen while others wait. Ties go to the lower probability, then the cell's name: the
     order does not depend on the order of the input.
     """
+    if order not in ORDERS:
+        raise ValueError(f"unknown review order {order!r}; known: {', '.join(ORDERS)}")
+    if order == "random":
+        def place(i: int) -> bytes:
+            return hashlib.blake2b(f"{seed}/{cells[i].id}".encode(), digest_size=8).digest()
+        return sorted(range(len(cells)), key=place)
+
     def key(i: int) -> tuple:
         return cells[i].prob, cells[i].id
 

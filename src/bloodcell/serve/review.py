@@ -4,7 +4,7 @@ probability, and corrects the type with a key; every decision is written the mom
 ``create_review_app(folder)`` serves a folder ``bloodcell count --out`` wrote (or, with
 ``predictions``, a folder of images and the CSV ``bloodcell predict --format csv`` wrote about them;
 inference.review reads both). Routes: ``GET /`` (static/review.html), ``GET /api/cells`` (the classes
-and the cells in review order, each with its decision so far), ``POST /api/label`` (JSON
+and the cells in review order, least sure first or at random, each with its decision so far), ``POST /api/label`` (JSON
 ``{"cell": ID, "label": CLASS | "not_wbc" | "unsure" | null}``; null takes a decision back) and
 ``GET /crops/{ID}`` (a listed cell's image and nothing else: any other path is 404).
 
@@ -41,7 +41,15 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 
 from bloodcell.errors import BloodcellError
-from bloodcell.inference.review import NOT_CLASSES, NOT_WBC, UNSURE, Cells, read_cells, review_order
+from bloodcell.inference.review import (
+    NOT_CLASSES,
+    NOT_WBC,
+    ORDERS,
+    UNSURE,
+    Cells,
+    read_cells,
+    review_order,
+)
 from bloodcell.runfiles import write_csv
 
 REVIEW_FILE, LABELS_FILE = "review.csv", "labels.csv"
@@ -132,21 +140,25 @@ def json_body(request: Request) -> None:
         raise HTTPException(415, "send the decision as application/json")
 
 
-def cells_card(found: Cells, decisions: Decisions, root: Path) -> dict:
+def cells_card(found: Cells, decisions: Decisions, root: Path, order: str = "unsure", seed: int = 0) -> dict:
     """What GET /api/cells returns, cells in review order."""
     known = set(found.classes) | set(NOT_CLASSES)  # a decision of an earlier review with other classes: none
     cells = []
-    for rank, i in enumerate(review_order(found.cells)):
+    for rank, i in enumerate(review_order(found.cells, order=order, seed=seed)):
         c = found.cells[i]
         decision = decisions.label(c.id)
         cells.append({**asdict(c), "rank": rank, "decision": decision if decision in known else None})
     return {"folder": root.resolve().name, "source": Path(found.source).name, "classes": found.classes,
-            "marks": MARKS, "labels_file": LABELS_FILE, "review_file": REVIEW_FILE, "cells": cells}
+            "marks": MARKS, "labels_file": LABELS_FILE, "review_file": REVIEW_FILE, "order": order, "cells": cells}
 
 
-def create_review_app(folder: str | os.PathLike, predictions: str | os.PathLike | None = None) -> FastAPI:
-    """The review app of a count folder (or of images under ``folder`` with a predict CSV); a
-    BloodcellError (one line) where there is nothing to review or the folder cannot be written."""
+def create_review_app(folder: str | os.PathLike, predictions: str | os.PathLike | None = None,
+                      order: str = "unsure", seed: int = 0) -> FastAPI:
+    """The review app of a count folder (or of images under ``folder`` with a predict CSV), its cells
+    in ``order`` (inference.review.review_order); a BloodcellError (one line) where there is nothing
+    to review or the folder cannot be written."""
+    if order not in ORDERS:
+        raise BloodcellError(f"unknown review order {order!r}; known: {', '.join(ORDERS)}")
     root = Path(folder)
     found = read_cells(root, predictions)
     if not found.cells:
@@ -167,7 +179,7 @@ def create_review_app(folder: str | os.PathLike, predictions: str | os.PathLike 
     @app.get("/api/cells")
     def cells() -> dict:
         """The classes and every cell (review order), each with its decision so far."""
-        return cells_card(found, decisions, root)
+        return cells_card(found, decisions, root, order, seed)
 
     @app.post("/api/label", dependencies=[Depends(json_body)],
               responses={404: {"description": "no such cell"}, 415: {"description": "not JSON"},
