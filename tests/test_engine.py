@@ -147,3 +147,37 @@ def test_without_a_head_the_optimizer_is_as_before() -> None:
     opt = make_optimizer(model, "sgd", 0.1, 0.05, 0.9)
     assert [(g["lr"], g["weight_decay"], g["backbone"]) for g in opt.param_groups] == [
         (0.1, 0.05, False), (0.1, 0.0, False)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cnn4x32", "resnet18"])
+def test_scoring_in_onnx_runtime_gives_pytorch_s_probabilities(name) -> None:
+    """Many images on the CPU in fp32 are scored in ONNX Runtime (auto), a few or bf16 in PyTorch;
+    both give the same probabilities, TTA included."""
+    import numpy as np
+
+    from bloodcell.data import BatchLoader, Split
+    from bloodcell.training.engine import ONNX_MIN_IMAGES, onnx_scorer, predict_probs, scoring_backend
+
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=4, image_size=32)
+    with torch.no_grad():  # batch-norm statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    rng = np.random.default_rng(0)
+    n = 150
+    split = Split(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, n), np.arange(n),
+                  [f"{i}.png" for i in range(n)])
+    cpu = torch.device("cpu")
+    assert scoring_backend("auto", cpu, "fp32", n * 8) == ("onnx" if n * 8 >= ONNX_MIN_IMAGES else "torch")
+    assert scoring_backend("auto", cpu, "bf16", 10**6) == "torch" and scoring_backend("auto", cpu, "fp32", 10) == "torch"
+    assert onnx_scorer(model, 32) is not None  # it exports: "onnx" below is ONNX Runtime, not a fallback
+    for tta in (False, True):
+        loader = BatchLoader(split, 64)
+        fast, y1 = predict_probs(model, loader, cpu, tta=tta, backend="onnx")
+        slow, y2 = predict_probs(model, loader, cpu, tta=tta, backend="torch")
+        assert np.array_equal(y1, y2) and fast.shape == (n, 4)
+        np.testing.assert_allclose(fast, slow, atol=1e-5)
+        assert np.abs(fast - 0.25).max() > 0.01  # not a flat answer: the comparison can fail

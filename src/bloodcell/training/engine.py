@@ -139,25 +139,70 @@ def class_balance(labels, n_classes: int, present_only: bool = False) -> torch.T
     return torch.tensor(w, dtype=torch.float32)
 
 
+ONNX_MIN_IMAGES = 4096  # forward passes (images x views) from which scoring in ONNX Runtime repays its export
+
+
+def onnx_scorer(model: torch.nn.Module, image_size: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The model's logits through ONNX Runtime on the CPU (its own kernels: several times PyTorch's
+    eager fp32 on the study's small CNNs, bench/infer_speed.py), as a function of a normalised
+    float32 batch N x 3 x S x S; None where the model does not export (PyTorch scores it then)."""
+    import onnxruntime as ort  # lazy: only a CPU scoring of many images needs it
+
+    from bloodcell.models.onnx import onnx_graph
+
+    try:
+        graph = onnx_graph(model, image_size)
+    except Exception:  # noqa: BLE001 - any model the exporter cannot write is scored in PyTorch
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
+
+
+def scoring_backend(backend: str, device: torch.device, precision: str, images: int,
+                    world: World | None = None) -> str:
+    """auto -> "onnx" for fp32 on the CPU from ONNX_MIN_IMAGES forward passes (one process), else
+    "torch" (a GPU, bf16 autocast, a few images, or ranks that score their own blocks)."""
+    if backend != "auto":
+        return backend
+    fast = device.type == "cpu" and precision == "fp32" and world is None and images >= ONNX_MIN_IMAGES
+    return "onnx" if fast else "torch"
+
+
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32",
                   channels_last: bool = True, tta: bool = False,
-                  world: World | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  world: World | None = None, backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for every image of a loader (in order), with optional 8-view TTA. With
-    a world, the loader holds this rank's block and the result is every rank's, in order."""
+    a world, the loader holds this rank's block and the result is every rank's, in order. The
+    forward passes run in PyTorch, or in ONNX Runtime (``scoring_backend``: fp32 on the CPU over
+    many images), whose probabilities agree with PyTorch's to float32 rounding."""
     model.eval()
+    n = len(getattr(loader, "labels", ()))
+    use = scoring_backend(backend, torch.device(device), precision, n * (TTA_VIEWS if tta else 1), world)
+    scorer, first = None, True
     probs, labels = [], []
     for x, y in loader:
         if world is None:  # ranks' blocks may differ by a batch: they agree on stopping after it
             check_stop()
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if first and use == "onnx":
+            scorer = onnx_scorer(model, x.shape[-1]) if x.shape[2] == x.shape[3] else None
+        first = False
         views = range(TTA_VIEWS) if tta and x.shape[2] == x.shape[3] else range(1)
         p = 0
-        for k in views:
-            with autocast(device, precision):
-                p = p + torch.softmax(model(tta_view(x, k)).float(), 1)
+        if scorer is not None:
+            xn = x.cpu().float().numpy()
+            for k in views:
+                p = p + torch.softmax(torch.from_numpy(scorer(tta_view(torch.from_numpy(xn), k).numpy())).float(), 1)
+        else:
+            x = x.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for k in views:
+                with autocast(device, precision):
+                    p = p + torch.softmax(model(tta_view(x, k)).float(), 1)
         probs.append((p / len(views)).cpu().numpy())
         labels.append(y.cpu().numpy())
     probs_, labels_ = (np.concatenate(probs), np.concatenate(labels)) if probs else \
