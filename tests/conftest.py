@@ -241,7 +241,8 @@ def fill_torch_cache(name: str) -> dict:
 
     torch.manual_seed(1)
     builder = {"resnet18": torchvision.models.resnet18, "efficientnet_b0": torchvision.models.efficientnet_b0,
-               "mobilenet_v3_small": torchvision.models.mobilenet_v3_small}[name]
+               "mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
+               "mobilenet_v2": torchvision.models.mobilenet_v2}[name]
     state = builder(weights=None).state_dict()
     path = pre.cache_file(name)
     path.parent.mkdir(parents=True, exist_ok=True)

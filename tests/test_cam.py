@@ -37,7 +37,8 @@ FAST = ("cnn2x32", "cnn4x32", "cnn4x64", "vgg3")
 # The output of each registered model's last feature block: what its head pools and reads. A newly
 # registered model needs its entry here (the test fails without one).
 HEAD_READS = {"cnn2x32": "features", "cnn4x32": "features", "cnn4x64": "features", "vgg3": "features",
-              "resnet18": "layer4", "efficientnet_b0": "features", "mobilenet_v3_small": "features"}
+              "resnet18": "layer4", "efficientnet_b0": "features", "mobilenet_v3_small": "features",
+              "mobilenet_v2": "features"}
 
 
 def head_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,10 +52,15 @@ def head_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[tor
     pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)]
     hooks = [layer.register_forward_hook(lambda _m, _i, o: keep("layer", o))]
     hooks += [p.register_forward_hook(lambda _m, i, _o: keep("head", i[0])) for p in pools]
+    if not pools:  # a pool in the forward (torchvision's MobileNetV2): the classifier reads the map's mean
+        hooks.append(model.classifier.register_forward_hook(lambda _m, i, _o: keep("pooled", i[0])))
     with torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
+    if "pooled" in seen:
+        torch.testing.assert_close(seen["layer"].mean((2, 3)), seen["pooled"])
+        return seen["layer"], seen["layer"]
     return seen["layer"], seen["head"]
 
 

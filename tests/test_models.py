@@ -19,7 +19,7 @@ STUDY = ["cnn2x32", "cnn4x64", "cnn4x32", "vgg3"]
 
 def test_registry_lists_the_expected_models() -> None:
     names = list_models()
-    assert set(STUDY + ["resnet18", "efficientnet_b0", "mobilenet_v3_small"]) <= set(names)
+    assert set(STUDY + ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v2"]) <= set(names)
     for name in names:
         info = model_info(name)
         assert set(info) == {"name", "description", "min_image_size", "family", "options"}

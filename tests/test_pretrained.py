@@ -23,7 +23,7 @@ timm = pytest.importorskip("timm")
 LITE0 = "timm/tf_efficientnet_lite0"
 
 
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v2"])
 def test_torchvision_weights_come_from_the_torch_cache(torch_home, name):
     state = fill_torch_cache(name)
     model = get_model(name, num_classes=5, image_size=64, pretrained=True)

@@ -53,7 +53,8 @@ def test_ctrl_c_stops_at_the_next_batch_not_where_it_lands(tmp_path, terminal_si
 
 
 @pytest.mark.parametrize("name,expected", [("cnn4x32", False), ("resnet18", False),
-                                           ("mobilenet_v3_small", True), ("efficientnet_b0", True)])
+                                           ("mobilenet_v3_small", True), ("efficientnet_b0", True),
+                                           ("mobilenet_v2", True)])
 def test_depthwise_models_are_told_apart(name, expected) -> None:
     assert depthwise(get_model(name, 4, image_size=64)) is expected
 

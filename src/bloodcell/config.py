@@ -32,7 +32,7 @@ CHOICES = {
 # Choices and defaults of the commands around training, which their CLI flags show too.
 DEFAULT_MODELS = ("cnn2x32", "cnn4x64", "cnn4x32", "vgg3", "resnet18")  # compare's default list
 # The registered models --pretrained has weights for (torchvision's); any timm/<name> may have them too.
-PRETRAINED_BASELINES = ("resnet18", "efficientnet_b0", "mobilenet_v3_small")
+PRETRAINED_BASELINES = ("resnet18", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v2")
 BACKENDS = ("auto", "onnx", "torchscript", "torch")  # predict and serve: the inference engine
 EXPORT_FORMATS = ("onnx", "torchscript")
 MAX_UPLOAD_MB = 10.0  # serve: the largest image file accepted

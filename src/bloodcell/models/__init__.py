@@ -14,6 +14,7 @@ name                   family  min size  description
 ``resnet18``           modern  32        torchvision ResNet-18; CIFAR stem (3x3/1, no max-pool) <= 64 px
 ``efficientnet_b0``    modern  32        torchvision EfficientNet-B0
 ``mobilenet_v3_small`` modern  32        torchvision MobileNetV3-Small
+``mobilenet_v2``       modern  32        torchvision MobileNetV2
 =====================  ======  ========  ===============================================================
 
 The study's four ("study" family) follow the Kaggle blood-cell study: 3x3 convolutions (padding 1),

@@ -1,5 +1,5 @@
-"""The modern baselines (the "modern" family): torchvision's ResNet-18, EfficientNet-B0 and
-MobileNetV3-Small, randomly initialised unless ``get_model(..., pretrained=True)``."""
+"""The modern baselines (the "modern" family): torchvision's ResNet-18, EfficientNet-B0,
+MobileNetV3-Small and MobileNetV2, randomly initialised unless ``get_model(..., pretrained=True)``."""
 
 from __future__ import annotations
 
@@ -53,3 +53,10 @@ def mobilenet_v3_small(num_classes: int, image_size: int = 64, pretrained: bool 
                        norm: str = "batch") -> nn.Module:
     """MobileNetV3-Small (torchvision)."""
     return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, **baseline_norm(norm, pretrained))
+
+
+@register_model(family="modern")
+def mobilenet_v2(num_classes: int, image_size: int = 64, pretrained: bool = False,
+                 norm: str = "batch") -> nn.Module:
+    """MobileNetV2 (torchvision)."""
+    return tvm.mobilenet_v2(weights=None, num_classes=num_classes, **baseline_norm(norm, pretrained))

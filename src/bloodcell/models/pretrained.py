@@ -2,7 +2,7 @@
 
 Two sources, each through its library's own API and cache:
 
-- the torchvision baselines (``resnet18``, ``efficientnet_b0``, ``mobilenet_v3_small``) through
+- the torchvision baselines (``resnet18``, ``efficientnet_b0``, ``mobilenet_v3_small``, ``mobilenet_v2``) through
   torchvision's weights API (``ResNet18_Weights.IMAGENET1K_V1`` and the like): downloaded once into
   the torch cache, ``$TORCH_HOME/hub/checkpoints/<file>`` (``torch.hub.get_dir()``), and read from
   there ever after;
@@ -37,6 +37,7 @@ TORCHVISION_WEIGHTS = {
     "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
     "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
     "mobilenet_v3_small": "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
+    "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1",
 }
 assert tuple(TORCHVISION_WEIGHTS) == PRETRAINED_BASELINES
 TIMM_MISSING = "{name} needs the timm extra: pip install 'bloodcell[timm]'"
