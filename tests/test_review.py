@@ -275,6 +275,7 @@ def test_a_person_clicks_a_cell_presses_a_number_and_sees_and_saves_it(browser, 
         assert lymph.count() == 4
         shown = [float(t.split()[0]) for t in lymph.locator(".p").all_inner_texts()]
         assert shown == sorted(shown)  # least sure first
+        assert "12 cells, least sure first" in page.locator("#where").inner_text()
         mono_corrected = page.locator("#diff tr[data-label='MONOCYTE'] td.corr b")
         assert mono_corrected.inner_text() == "4"
 

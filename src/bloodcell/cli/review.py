@@ -28,9 +28,9 @@ def cmd_review(args) -> int:
     Order (--order): unsure (the default) shows each class's least sure cells first, the classes and
     fields taking turns: each correction fixes a doubtful answer. random shows them shuffled: labels
     that are a fair sample of the lab, sure cells included. The fine-tune after it
-    ('train --init-from RUN --data DIR/labels.csv --adapt-data DIR') keeps the model it started from
-    unless the labels show a gain, and labels of the least sure cells cannot vouch for the cells surer
-    than any of them: what it changes there counts against it.
+    ('train --init-from RUN --data DIR/labels.csv') starts from the model adapted to every cell the
+    count found and keeps it unless the labels show a gain; labels of the least sure cells cannot
+    vouch for the cells surer than any of them, so what it changes there counts against it.
 
     Keys: 1..N move the selected cell to that class, 0 or x: not a white cell, u: unsure, Enter: right
     as shown, Backspace: take back, arrows: select. Every key is written at once to DIR/labels.csv (the
