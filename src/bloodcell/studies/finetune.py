@@ -279,7 +279,8 @@ def choose(cv: dict, margin: float) -> tuple[str, str]:
                  f"probability above {reach['threshold']:.2f}), and the fine-tune changes {100 * f:.1f} % of their "
                  f"answers: counted as errors, the gain on the lab is {100 * net:+.1f}")
         if not net > margin * se * (1 - u) + 1e-9:
-            return "start", said + ", so the labels cannot show it is better there: the adapted start is kept"
+            return "start", said + (", so the labels cannot show it is better there: the adapted start is kept "
+                                     "(cells labelled in random order, bloodcell review --order random, reach them)")
     return "finetune", said + ": the fine-tune is kept"
 
 
