@@ -102,7 +102,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--order", choices=ORDERS, default="unsure",
                    help="which cells come first in each class: unsure = least sure first (default); random = "
                         "a seeded shuffle, a fair sample of the lab's cells")
-    p.add_argument("--seed", type=bounded(int, 0, 2**31 - 1), default=0, help="the random order's seed (default 0)")
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="the random order's seed (default 0)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port (default 8000; 0: a free one)")
     p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
