@@ -1,4 +1,5 @@
-"""CPU facts that need no torch (the lean ONNX server reads them too): physical_cores, usable_cpus."""
+"""CPU facts that need no torch (the lean ONNX server reads them too): physical_cores, usable_cpus;
+ort_options, the ONNX Runtime session settings every bloodcell session uses."""
 
 from __future__ import annotations
 
@@ -40,3 +41,16 @@ def check_threads(threads: int, flag: str = "--threads") -> int:
         raise ValueError(f"{flag} must be in [0, {n}]: this machine runs {n} threads at once "
                          f"(0: its {physical_cores()} physical cores); got {threads}")
     return threads
+
+
+def ort_options(threads: int):
+    """ONNX Runtime session options on the CPU: ``threads`` intra-op threads that sleep when idle."""
+    import onnxruntime as ort  # lazy: only a caller that runs ONNX Runtime needs it
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Idle ORT threads spin by default, taking the cores from decoding, HTTP and PyTorch; on a busy
+    # or shared CPU that costs more than it saves.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bloodcell.cpu import physical_cores
+from bloodcell.cpu import ort_options, physical_cores
 from bloodcell.errors import BloodcellError
 
 TTA_VIEWS = 8  # as data.transforms.TTA_VIEWS: the flips and transpositions of the square
@@ -34,17 +34,6 @@ def tta_view(x: np.ndarray, k: int) -> np.ndarray:
     if k & 4:
         x = x.transpose(0, 1, 3, 2)
     return x
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """ORT options for serving: ``threads`` intra-op threads that sleep when idle."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    # Idle ORT threads spin by default, taking the cores from decoding and HTTP; on a busy or
-    # shared CPU that costs more than it saves.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 def _value(text: str):
@@ -68,7 +57,7 @@ class OnnxPredictor:
             raise BloodcellError(f"no ONNX file at {path}")
         self.threads = threads if threads > 0 else physical_cores()
         try:
-            self.session = ort.InferenceSession(str(path), session_options(self.threads),
+            self.session = ort.InferenceSession(str(path), ort_options(self.threads),
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own types for every bad file
             raise BloodcellError(f"{path.name} is not a usable ONNX model: "

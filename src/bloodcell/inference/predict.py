@@ -23,6 +23,7 @@ import torch
 
 from bloodcell.catalog import IMAGE_EXTENSIONS
 from bloodcell.config import BACKENDS
+from bloodcell.cpu import ort_options
 from bloodcell.data.images import ImageError, decode_image, saved_image  # noqa: F401 - re-exported
 from bloodcell.data.transforms import TTA_VIEWS, normalize, to_float, tta_view
 from bloodcell.errors import BloodcellError
@@ -90,13 +91,7 @@ class Predictor:
     def _make_runner(self):
         example = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
         if self.backend == "onnx":
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
-            # Idle ORT threads spin by default, taking the cores from decoding, Grad-CAM and
-            # other requests; on a busy or shared CPU that costs more than it saves.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(onnx_bytes(self.model, self.image_size), opts,
+            session = ort.InferenceSession(onnx_bytes(self.model, self.image_size), ort_options(self.threads),
                                            providers=["CPUExecutionProvider"])
 
             def run(x: torch.Tensor) -> torch.Tensor:

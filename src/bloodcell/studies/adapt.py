@@ -35,6 +35,7 @@ from bloodcell.data.dataset import JoinedRows
 from bloodcell.data.images import ImageError, decode_image
 from bloodcell.data.layouts import IMAGE_EXTENSIONS, is_synthetic
 from bloodcell.errors import BloodcellError
+from bloodcell.inference.review import read_cells
 from bloodcell.models.checkpoint import (
     load_model,
     model_kwargs_of,
@@ -65,18 +66,11 @@ def unlabelled_folder(data: str, image_size: int, resize: str, log=print) -> Spl
     src = discover(data)
     if src.items or not any(p.kind == "unlabelled_images" for p in src.problems):
         return None
-    files = sorted(p for p in Path(data).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    images, paths = [], []
-    for f in files:
-        try:
-            images.append(decode_image(str(f), image_size, resize))
-            paths.append(str(f))
-        except ImageError as e:  # that file is skipped, and said
-            log(f"adapt: skipped {f}: {e}")
-    if not images:
+    found = decoded(sorted(p for p in Path(data).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS),
+                    image_size, resize, log)
+    if found is None:
         raise BloodcellError(f"no readable image in {data}")
-    n = len(images)
-    return Split(np.stack(images), np.zeros(n, dtype=np.int64), np.arange(n), paths)
+    return found
 
 
 def counted_cells(table: str, image_size: int, resize: str, log=print) -> Split | None:
@@ -84,18 +78,22 @@ def counted_cells(table: str, image_size: int, resize: str, log=print) -> Split 
     ``DIR/cells.csv``, which ``bloodcell count --out DIR`` wrote), decoded as the model's run would,
     labels not read; None where ``table`` is not a CSV beside a cells.csv. An unreadable crop is
     skipped with a line."""
-    from bloodcell.inference.review import read_cells  # a count folder's reader (no torch)
-
     folder = Path(table).parent
     if Path(table).suffix.lower() != ".csv" or not (folder / "cells.csv").is_file():
         return None
+    return decoded([folder / c.id for c in read_cells(folder).cells], image_size, resize, log)
+
+
+def decoded(files: list[Path], image_size: int, resize: str, log=print) -> Split | None:
+    """The files decoded as the model's run would (size, resize), labels all 0; None where none is
+    readable. An unreadable file is skipped, and said."""
     images, paths = [], []
-    for c in read_cells(folder).cells:
+    for f in files:
         try:
-            images.append(decode_image(str(folder / c.id), image_size, resize))
-            paths.append(str(folder / c.id))
+            images.append(decode_image(str(f), image_size, resize))
+            paths.append(str(f))
         except ImageError as e:
-            log(f"adapt: skipped {c.id}: {e}")
+            log(f"adapt: skipped {f}: {e}")
     if not images:
         return None
     n = len(images)

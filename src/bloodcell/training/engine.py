@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from bloodcell.cpu import ort_options
 from bloodcell.data.transforms import TTA_VIEWS, tta_view
 from bloodcell.errors import BloodcellError
 from bloodcell.runtime import autocast, check_stop
@@ -154,10 +155,7 @@ def onnx_scorer(model: torch.nn.Module, image_size: int) -> Callable[[np.ndarray
         graph = onnx_graph(model, image_size)
     except Exception:  # noqa: BLE001 - any model the exporter cannot write is scored in PyTorch
         return None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph, ort_options(torch.get_num_threads()), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"input": np.ascontiguousarray(x, np.float32)})[0]
 
 
@@ -193,9 +191,9 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, precisio
         views = range(TTA_VIEWS) if tta and x.shape[2] == x.shape[3] else range(1)
         p = 0
         if scorer is not None:
-            xn = x.cpu().float().numpy()
+            x = x.cpu().float()
             for k in views:
-                p = p + torch.softmax(torch.from_numpy(scorer(tta_view(torch.from_numpy(xn), k).numpy())).float(), 1)
+                p = p + torch.softmax(torch.from_numpy(scorer(tta_view(x, k).numpy())).float(), 1)
         else:
             x = x.to(device, non_blocking=True)
             if channels_last:
