@@ -331,7 +331,9 @@ def safe_finetune(start_run: str | Path, cells: Split, classes: list[str], out: 
         cv["reach"] = reach(p_images, probs_of(model, cells, dev, mean, std), probs_of(tuned, images, dev, mean, std))
     kept, why = choose(cv, margin)
     log(f"fine-tune: {why}")
-    final = model if kept == "start" else tuned if tuned is not None else tune(model, cells, recipe, dev, mean, std)
+    if kept == "finetune" and tuned is None:
+        tuned = tune(model, cells, recipe, dev, mean, std)
+    final = tuned if kept == "finetune" else model
     record = {"source_run": str(start_run), "source_checkpoint": meta["path"], "cells": counts,
               "labelled_cells": len(cells), "adapted_on": {"images": len(images),
                                                            "what": adapt_name or "the labelled cells"},
