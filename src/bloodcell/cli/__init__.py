@@ -27,6 +27,7 @@ from bloodcell.cli import (
     detector,
     evaluate,
     export,
+    gate,
     models,
     predict,
     report,
@@ -39,7 +40,7 @@ from bloodcell.cli.flags import names_as_bytes
 from bloodcell.errors import BloodcellError
 
 # The order of the commands in `bloodcell --help`.
-COMMANDS = (train, evaluate, adapt, data, models, compare, crosslab, report, tune, predict, count, review, detector,
+COMMANDS = (train, evaluate, adapt, gate, data, models, compare, crosslab, report, tune, predict, count, review, detector,
             export, serve)
 
 

@@ -42,6 +42,7 @@ from PIL import Image
 from torch import nn
 
 from bloodcell.data.images import to_rgb
+from bloodcell.models.gate import BRANCHES, ColourGate
 
 HEAD_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
@@ -96,6 +97,11 @@ class GradCAM:
     def __init__(self, model: nn.Module, example: torch.Tensor, layer: str | None = None):
         from captum.attr import LayerGradCam  # imported here: captum's import would slow start-up
 
+        self.gate = model.eval() if isinstance(model, ColourGate) and layer is None else None
+        if self.gate is not None:  # each image's map is taken in the branch that reads it
+            self.parts = {b: GradCAM(getattr(model, b), example) for b in BRANCHES}
+            self.layer_name = ", ".join(f"{b}.{part.layer_name}" for b, part in self.parts.items())
+            return
         self.model = _without_inplace(model).eval()
         if layer is None:
             self.layer_name, self.layer = target_layer(self.model, example)
@@ -108,6 +114,16 @@ class GradCAM:
         """Heat maps N x H x W (input size) for a normalised batch x, each scaled to [0, 1] by its
         maximum unless ``normalize=False`` (the raw map, >= 0); target class default: predicted."""
         x = x.detach()
+        if self.gate is not None:
+            with torch.no_grad():
+                use = self.gate.routes(x)
+            targets = None if target is None else torch.as_tensor(target).reshape(-1).expand(len(x))
+            heat = np.zeros((len(x), *x.shape[2:]), np.float32)
+            for branch, rows in zip(BRANCHES, (use, ~use), strict=True):
+                if rows.any():
+                    part = None if targets is None else targets[rows.cpu()].tolist()
+                    heat[rows.cpu().numpy()] = self.parts[branch](x[rows], part, normalize)
+            return heat
         if target is None:
             with torch.no_grad():
                 idx = self.model(x).argmax(1)

@@ -11,6 +11,7 @@ import torch
 
 from bloodcell.config import TrainConfig
 from bloodcell.errors import BloodcellError
+from bloodcell.models import gate
 from bloodcell.models.checkpoint import model_kwargs_of, read_checkpoint
 from bloodcell.models.pretrained import weights_info
 from bloodcell.models.registry import get_model, model_info
@@ -63,9 +64,13 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, 
                                  "older bloodcell's layer order), so its weights do not map onto "
                                  "today's: train it again")
         own = model.state_dict()
+        state = src["state_dict"]
+        if src["model"]["name"] == gate.NAME:  # a gated model: the branch that reads as this run will
+            branch = "grey." if cfg.stain_norm == "gray" else "colour."
+            state = {k.removeprefix(branch): v for k, v in state.items() if k.startswith(branch)}
         # A stain-normalised model keeps its weights under "net.": match names without it.
         bare = {k.removeprefix("net."): k for k in own}
-        take = {bare[k]: v for k, v in ((k.removeprefix("net."), v) for k, v in src["state_dict"].items())
+        take = {bare[k]: v for k, v in ((k.removeprefix("net."), v) for k, v in state.items())
                 if k in bare and own[bare[k]].shape == v.shape}
         if not take:
             raise BloodcellError(f"--init-from {cfg.init_from}: no weights fit model {cfg.model}")

@@ -13,6 +13,7 @@ import torch
 from bloodcell import __version__
 from bloodcell.catalog import MEAN, STD
 from bloodcell.errors import BloodcellError
+from bloodcell.models import gate
 from bloodcell.models.builtin import BUILTIN, builtin_path
 from bloodcell.models.registry import get_model, model_info
 from bloodcell.runfiles import atomic_write
@@ -92,6 +93,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def model_kwargs_of(ckpt: dict) -> dict:
     """The arguments that rebuild a checkpoint's model (``get_model(name, **them)``)."""
     name = ckpt["model"]["name"]
+    if name == gate.NAME:  # two models and a colour gate (models.gate): their own arguments
+        return dict(ckpt["model"]["kwargs"])
     kwargs = {k: v for k, v in ckpt["model"]["kwargs"].items() if k not in ("weights", "pretrained")}
     if "pool_first" in model_info(name)["options"] and "pool_first" not in kwargs:
         # Written before the study models pooled first, or by hand: the layer order whose
@@ -106,7 +109,9 @@ def model_kwargs_of(ckpt: dict) -> dict:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from a run folder or checkpoint file; returns (model in eval mode, meta)."""
     ckpt = read_checkpoint(path)
-    model = get_model(ckpt["model"]["name"], **model_kwargs_of(ckpt))
+    name = ckpt["model"]["name"]
+    build = gate.from_kwargs if name == gate.NAME else lambda **kw: get_model(name, **kw)
+    model = build(**model_kwargs_of(ckpt))
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler")}

@@ -70,11 +70,16 @@ LAB_REFERENCE_MEAN = (-0.4405, -0.0069, 0.0181)
 LAB_REFERENCE_STD = (0.2124, 0.0674, 0.0149)
 
 
+def lab_channels(rgb: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """N x 3 x H x W RGB in [0, 1] -> its l-alpha-beta channels (Ruderman et al.), N x 3 x H x W."""
+    lms = torch.einsum("ij,njhw->nihw", RGB_TO_LMS.to(rgb), rgb).clamp_min(eps).log10()
+    return torch.einsum("ij,njhw->nihw", LOG_LMS_TO_LAB.to(rgb), lms)
+
+
 def reinhard(rgb: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """Reinhard's colour transfer of N x 3 x H x W RGB in [0, 1]: each image's l-alpha-beta channels
     shifted and scaled to the reference mean and spread, back to RGB (clamped to [0, 1])."""
-    lms = torch.einsum("ij,njhw->nihw", RGB_TO_LMS.to(rgb), rgb).clamp_min(eps).log10()
-    lab = torch.einsum("ij,njhw->nihw", LOG_LMS_TO_LAB.to(rgb), lms)
+    lab = lab_channels(rgb, eps)
     mean = lab.mean((2, 3), keepdim=True)
     std = (lab - mean).pow(2).mean((2, 3), keepdim=True).sqrt()
     ref_mean = torch.tensor(LAB_REFERENCE_MEAN).to(rgb).view(1, 3, 1, 1)

@@ -120,7 +120,8 @@ def learnable(model: nn.Module, learns: str) -> list[nn.Parameter]:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise BloodcellError("the model has no linear classifier to fine-tune; use learns='all'")
-    params = list(linears[-1].parameters())
+    # The classifier: the last linear layer, and its like in another branch (a gated model's two).
+    params = [p for m in linears if m.out_features == linears[-1].out_features for p in m.parameters()]
     if learns == "norm":
         params += [p for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)]
     return params
