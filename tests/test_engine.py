@@ -157,7 +157,12 @@ def test_scoring_in_onnx_runtime_gives_pytorch_s_probabilities(name) -> None:
     import numpy as np
 
     from bloodcell.data import BatchLoader, Split
-    from bloodcell.training.engine import ONNX_MIN_IMAGES, onnx_scorer, predict_probs, scoring_backend
+    from bloodcell.training.engine import (
+        ONNX_MIN_IMAGES,
+        onnx_scorer,
+        predict_probs,
+        scoring_backend,
+    )
 
     torch.manual_seed(0)
     model = get_model(name, num_classes=4, image_size=32)
