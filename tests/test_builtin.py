@@ -8,13 +8,16 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import real_folder
 from PIL import Image
 
 from bloodcell.cli import main
+from bloodcell.data.images import decode_image
 from bloodcell.errors import BloodcellError
 from bloodcell.models import builtin
 from bloodcell.models.checkpoint import load_model
+from bloodcell.models.gate import ColourGate
 
 pytestmark = pytest.mark.skipif(not (builtin.builtin_dir() / "manifest.json").is_file(),
                                 reason="this install ships no built-in models")
@@ -75,6 +78,24 @@ def test_builtin_stands_wherever_a_run_does(tmp_path, capsys):
 
     client = TestClient(create_app("builtin", detector=str(builtin.builtin_path("detector")), threads=1))
     assert client.get("/model").json()["classes"] == load_model("builtin")[1]["classes"]
+
+
+def test_the_builtin_reads_its_own_labs_in_colour_and_a_lab_never_seen_in_grey_levels():
+    """The card's gate: Kaggle's and PBC's cells go to the colour branch, Tecom's (yellow ground, a
+    rapid stain) to the grey-level one."""
+    model, meta = load_model("builtin")
+    assert isinstance(model, ColourGate)
+    mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    labs = {"Kaggle": (real_folder("blood-cells", "dataset2-master", "images", "TEST"), 0.9, 1.0),
+            "PBC": (real_folder("pbc", "PBC_dataset_normal_DIB"), 0.9, 1.0),
+            "Tecom": (real_folder("other-labs", "tecom"), 0.0, 0.1)}
+    for name, (folder, lo, hi) in labs.items():
+        files = [p for c in meta["classes"] for d in folder.iterdir() if d.name.lower() == c
+                 for p in sorted(d.iterdir())[:10]]
+        x = torch.from_numpy(np.stack([decode_image(str(f), meta["image_size"], meta["resize"]) for f in files]))
+        x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        share = float(model.routes(x).float().mean())
+        assert lo <= share <= hi, (name, share)
 
 
 @pytest.mark.slow
