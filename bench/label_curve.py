@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""python bench/label_curve.py [--seeds 0,1,2] [--ks 5,10,25,50] [--set key=value ...] [--labs A,B,...] [--out DIR] [--replot]
+"""python bench/label_curve.py [--seeds 0,1,2] [--ks 5,10,25,50] [--set key=value ...] [--labs A,B,...] [--out DIR] [--start DIR] [--replot]
 
 How many cells must a new lab label, with the fine-tune that never ends below its start? Each lab
 of BLOODCELL_TEST_DATA (Kaggle blood-cells, the PBC share, Tecom, CellaVision; their shared classes)
@@ -17,6 +17,9 @@ fine-tune keeps the adapted start unless the labelled cells' own cross-validatio
 nothing of the test split chooses anything. Prints a Markdown table (mean ± sd over seeds; in
 brackets how many seeds kept the fine-tune, and for "balanced" the cells looked at) and writes
 OUT/label_curve.json and OUT/label_curve.png (the curves: accuracy against K, each lab a panel).
+With --start DIR, each fold's curve starts from DIR/seed<N>/<fold>/best.pt instead of the crosslab
+fold's model (bench/lolo_gate.py's gated models, say; the folds, splits and labels are the same),
+and the table, json and plot go to DIR.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config keys on top of the preset")
     ap.add_argument("--labs", default="", help="comma-separated data sources instead of the four labs")
     ap.add_argument("--out", default="bench/out/label_curve")
+    ap.add_argument("--start", default="", help="start each fold from DIR/seed<N>/<fold>/best.pt; results in DIR")
     ap.add_argument("--replot", action="store_true", help="redraw OUT/label_curve.png from OUT/label_curve.json")
     args = ap.parse_args()
     if args.replot:
@@ -197,8 +201,12 @@ def main() -> None:
         out = Path(args.out) / f"seed{seed}"
         res = crosslab({**shared, "seed": seed}, out, progress=False, report=False,
                        command=f"bench/label_curve.py seed {seed}", log=print)
-        curves.append({f["name"]: lab_curve(out / f["run_dir"], f["held_out"], res["protocol"], ks, seed, print)
+        start = Path(args.start) / f"seed{seed}" if args.start else out
+        curves.append({f["name"]: lab_curve(start / (Path(f["run_dir"]).name if args.start else f["run_dir"]),
+                                            f["held_out"], res["protocol"], ks, seed, print)
                        for f in res["folds"]})
+    if args.start:
+        args.out = args.start
     write_json(Path(args.out) / "label_curve.json", {"labs": labs, "classes": res["classes"], "seeds": seeds,
                                                       "ks": list(ks), "set": args.set, "preset": args.preset,
                                                       "model": args.model, "curves": curves,
