@@ -50,7 +50,10 @@ Any model can start with a stain normalisation, ``get_model(..., stain_norm="ima
 ``StainNorm`` layer standardises each image's colour channels (``image``) or its grey level
 (``gray``) before the first convolution, so a lab's stain and lighting cast is gone before the
 model sees the cells. Being part of the model, it travels in the checkpoint and the exported
-files, and predict, serve and evaluate apply it without knowing it is there.
+files, and predict, serve and evaluate apply it without knowing it is there. Two trained models of
+one task, one reading colour and one grey levels, join into one ``ColourGate`` (``models.gate``,
+`bloodcell gate`): each image is read by the colour model where its colours look like a training
+lab's, else by the grey-level one; its checkpoint names the model ``colourgate``.
 """
 
 from bloodcell.models import baselines, study  # noqa: F401 - fill the registry
