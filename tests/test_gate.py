@@ -17,6 +17,7 @@ from bloodcell.inference.export import export_model, run_exported
 from bloodcell.models.checkpoint import load_model, read_checkpoint
 from bloodcell.models.gate import ColourGate, fit_gate
 from bloodcell.models.registry import get_model
+from bloodcell.studies.finetune import learnable
 from bloodcell.studies.gate import join
 from bloodcell.training.train import train
 
@@ -125,6 +126,9 @@ def test_a_labelled_fine_tune_of_the_gated_run_keeps_the_gate(pair, labs, tmp_pa
                  "--threads", "1", "--out", str(tmp_path / "ft"), "--quiet"]) == 0
     model, _ = load_model(tmp_path / "ft")
     assert isinstance(model, ColourGate)
+    # what the fine-tune trains: each branch's classifier (and, with norm, every norm layer)
+    heads = [[m for m in b.modules() if isinstance(m, torch.nn.Linear)][-1] for b in (model.colour, model.grey)]
+    assert {id(p) for p in learnable(model, "head")} == {id(p) for h in heads for p in h.parameters()}
 
 
 def test_bad_pairs_get_one_line_and_lose_nothing(pair, labs, tmp_path, capsys) -> None:

@@ -58,6 +58,7 @@ from bloodcell.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from bloodcell.models.gate import ColourGate
 from bloodcell.runfiles import (
     check_out_dir,
     clear_run_dir,
@@ -117,11 +118,12 @@ def learnable(model: nn.Module, learns: str) -> list[nn.Parameter]:
     every normalisation layer's scale and shift, with ``all`` every parameter."""
     if learns == "all":
         return list(model.parameters())
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    # The classifier: the last linear layer (of each branch, in a gated model).
+    parts = [model.colour, model.grey] if isinstance(model, ColourGate) else [model]
+    heads = [[m for m in part.modules() if isinstance(m, nn.Linear)][-1:] for part in parts]
+    if not all(heads):
         raise BloodcellError("the model has no linear classifier to fine-tune; use learns='all'")
-    # The classifier: the last linear layer, and its like in another branch (a gated model's two).
-    params = [p for m in linears if m.out_features == linears[-1].out_features for p in m.parameters()]
+    params = [p for head in heads for p in head[0].parameters()]
     if learns == "norm":
         params += [p for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)]
     return params
