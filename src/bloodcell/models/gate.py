@@ -23,7 +23,7 @@ from torch import nn
 
 from bloodcell.catalog import MEAN, STD
 from bloodcell.errors import BloodcellError
-from bloodcell.models.registry import get_model, lab_channels
+from bloodcell.models.registry import get_model, lab_moments
 
 NAME = "colourgate"
 BRANCHES = ("colour", "grey")
@@ -35,10 +35,15 @@ RIDGE = 1e-6
 
 def descriptor(rgb: torch.Tensor) -> torch.Tensor:
     """N x 3 x H x W RGB in [0, 1] -> N x 6: each image's l-alpha-beta channel means and spreads."""
-    lab = lab_channels(rgb.float())
-    mean = lab.mean((2, 3))
-    spread = (lab - mean[:, :, None, None]).pow(2).mean((2, 3)).sqrt()
-    return torch.cat([mean, spread], 1)
+    _, mean, spread = lab_moments(rgb.float())
+    return torch.cat([mean.flatten(1), spread.flatten(1)], 1)
+
+
+def branch_state(state: dict, stain_norm: str) -> dict:
+    """A gated model's weights -> those of the branch that reads as ``stain_norm`` does (``gray``:
+    the grey-level one, any other: the colour one), under the branch's own names."""
+    branch = "grey." if stain_norm == "gray" else "colour."
+    return {k.removeprefix(branch): v for k, v in state.items() if k.startswith(branch)}
 
 
 class ColourGate(nn.Module):
@@ -61,7 +66,11 @@ class ColourGate(nn.Module):
         """Each image's squared Mahalanobis distance to the nearest training lab's colours."""
         mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-        d = descriptor((x.float() * std + mean).clamp(0, 1))[:, None, :] - self.centres[None]  # N x L x 6
+        return self.nearest(descriptor((x.float() * std + mean).clamp(0, 1)))
+
+    def nearest(self, desc: torch.Tensor) -> torch.Tensor:
+        """N x 6 descriptors -> each one's squared Mahalanobis distance to the nearest lab's centre."""
+        d = desc[:, None, :] - self.centres[None]  # N x L x 6
         return (torch.matmul(d.unsqueeze(2), self.precisions).squeeze(2) * d).sum(-1).amin(1)
 
     def routes(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,9 +108,7 @@ def fit_gate(colour: nn.Module, grey: nn.Module, images: dict[str, np.ndarray],
         cov = torch.cov(d.T.double()) + RIDGE * torch.eye(DESCRIPTOR, dtype=torch.double)
         gate.centres[i] = d.mean(0)
         gate.precisions[i] = torch.linalg.inv(cov).float()
-    norm = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    dist = {lab: gate.distance((torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255
-                                - norm[0]) / norm[1]) for lab, a in images.items()}
+    dist = {lab: gate.nearest(d) for lab, d in descs.items()}
     gate.threshold.fill_(float(torch.quantile(torch.cat(list(dist.values())), quantile)))
     routed = {lab: {"images": len(d), "to_colour": float((d <= gate.threshold).float().mean())}
               for lab, d in dist.items()}

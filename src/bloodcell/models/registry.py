@@ -76,12 +76,18 @@ def lab_channels(rgb: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     return torch.einsum("ij,njhw->nihw", LOG_LMS_TO_LAB.to(rgb), lms)
 
 
+def lab_moments(rgb: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reinhard's statistics of N x 3 x H x W RGB in [0, 1]: its l-alpha-beta channels, and each
+    image's per-channel mean and spread (N x 3 x 1 x 1 each)."""
+    lab = lab_channels(rgb, eps)
+    mean = lab.mean((2, 3), keepdim=True)
+    return lab, mean, (lab - mean).pow(2).mean((2, 3), keepdim=True).sqrt()
+
+
 def reinhard(rgb: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """Reinhard's colour transfer of N x 3 x H x W RGB in [0, 1]: each image's l-alpha-beta channels
     shifted and scaled to the reference mean and spread, back to RGB (clamped to [0, 1])."""
-    lab = lab_channels(rgb, eps)
-    mean = lab.mean((2, 3), keepdim=True)
-    std = (lab - mean).pow(2).mean((2, 3), keepdim=True).sqrt()
+    lab, mean, std = lab_moments(rgb, eps)
     ref_mean = torch.tensor(LAB_REFERENCE_MEAN).to(rgb).view(1, 3, 1, 1)
     ref_std = torch.tensor(LAB_REFERENCE_STD).to(rgb).view(1, 3, 1, 1)
     lab = (lab - mean) / (std + 1e-6) * ref_std + ref_mean
