@@ -66,8 +66,7 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> tuple[torch.nn.Module, 
         own = model.state_dict()
         state = src["state_dict"]
         if src["model"]["name"] == gate.NAME:  # a gated model: the branch that reads as this run will
-            branch = "grey." if cfg.stain_norm == "gray" else "colour."
-            state = {k.removeprefix(branch): v for k, v in state.items() if k.startswith(branch)}
+            state = gate.branch_state(state, cfg.stain_norm)
         # A stain-normalised model keeps its weights under "net.": match names without it.
         bare = {k.removeprefix("net."): k for k in own}
         take = {bare[k]: v for k, v in ((k.removeprefix("net."), v) for k, v in state.items())

@@ -58,7 +58,7 @@ from bloodcell.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from bloodcell.models.gate import ColourGate
+from bloodcell.models.gate import BRANCHES, ColourGate
 from bloodcell.runfiles import (
     check_out_dir,
     clear_run_dir,
@@ -119,7 +119,7 @@ def learnable(model: nn.Module, learns: str) -> list[nn.Parameter]:
     if learns == "all":
         return list(model.parameters())
     # The classifier: the last linear layer (of each branch, in a gated model).
-    parts = [model.colour, model.grey] if isinstance(model, ColourGate) else [model]
+    parts = [getattr(model, b) for b in BRANCHES] if isinstance(model, ColourGate) else [model]
     heads = [[m for m in part.modules() if isinstance(m, nn.Linear)][-1:] for part in parts]
     if not all(heads):
         raise BloodcellError("the model has no linear classifier to fine-tune; use learns='all'")
