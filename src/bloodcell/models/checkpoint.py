@@ -106,13 +106,19 @@ def model_kwargs_of(ckpt: dict) -> dict:
     return kwargs
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model from a run folder or checkpoint file; returns (model in eval mode, meta)."""
-    ckpt = read_checkpoint(path)
+def model_of(ckpt: dict) -> torch.nn.Module:
+    """A read checkpoint's model with its weights (a registered model, or a colour gate's pair)."""
     name = ckpt["model"]["name"]
     build = gate.from_kwargs if name == gate.NAME else lambda **kw: get_model(name, **kw)
     model = build(**model_kwargs_of(ckpt))
     model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from a run folder or checkpoint file; returns (model in eval mode, meta)."""
+    ckpt = read_checkpoint(path)
+    model = model_of(ckpt)
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler")}
     meta["path"] = str(resolve(path))

@@ -18,12 +18,7 @@ import numpy as np
 
 from bloodcell.data import source_names
 from bloodcell.errors import BloodcellError
-from bloodcell.models.checkpoint import (
-    load_model,
-    model_kwargs_of,
-    read_checkpoint,
-    save_checkpoint,
-)
+from bloodcell.models.checkpoint import model_kwargs_of, model_of, read_checkpoint, save_checkpoint
 from bloodcell.models.gate import NAME, QUANTILE, fit_gate
 from bloodcell.runfiles import (
     check_out_dir,
@@ -77,9 +72,7 @@ def join(colour_run: str | Path, grey_run: str | Path, out: str | Path, data: li
     names = source_names(ds)
     at = train.sources if train.sources is not None else np.zeros(len(train), int)
     images = {name: np.asarray(train.images[np.flatnonzero(at == i)]) for i, name in enumerate(names)}
-    model_c, _ = load_model(colour_run)
-    model_g, _ = load_model(grey_run)
-    gate, info = fit_gate(model_c, model_g, images, quantile)
+    gate, info = fit_gate(model_of(colour).eval(), model_of(grey).eval(), images, quantile)
     for name, r in info["labs"].items():
         log(f"gate: {name}: {r['images']:,} train images, {100 * r['to_colour']:.1f} % read in colour")
     kwargs = {"colour": {"name": colour["model"]["name"], "kwargs": model_kwargs_of(colour)},
