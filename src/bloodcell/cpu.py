@@ -1,5 +1,5 @@
 """CPU facts that need no torch (the lean ONNX server reads them too): physical_cores, usable_cpus;
-ort_options, the ONNX Runtime session settings every bloodcell session uses."""
+ort_options, the ONNX Runtime settings (threads, no spinning) that every use of it in bloodcell shares."""
 
 from __future__ import annotations
 
